@@ -1,0 +1,2 @@
+"""pdmer: personalized dynamic music emotion recognition (DSAML)."""
+__version__ = "0.1.0"

@@ -1,0 +1,299 @@
+"""Typed experiment configuration.
+
+An experiment is one YAML file in ``experiments/`` merged onto the dataclass defaults
+below, then dotted ``key=value`` overrides. OmegaConf structured configs do the typing:
+an unknown key or a value of the wrong type is an error that names the key.
+
+The run folder is ``runs/<experiment>-<hash>`` where the hash covers everything that can
+change a result; device, threads, logging and output paths stay out of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded benchmark: procedural songs rated by simulated listeners."""
+
+    seed: int = 0
+    n_clips: int = 120  # 45 s clips, DEAM-like
+    clip_s: float = 45.0
+    n_long: int = 12  # longer songs for the long-song path
+    long_min_s: float = 120.0
+    long_max_s: float = 240.0
+    label_start_s: float = 15.0  # as DEAM: ratings start 15 s into the song
+    n_listeners: int = 60
+    min_songs_per_listener: int = 20
+    max_songs_per_listener: int = 40
+    # How much of a listener's personal parameters carries over from one song to the next:
+    # 0 = a new random listener for every song, 1 = the same parameters on every song.
+    carryover: float = 0.5
+    # Scale of each personal parameter family (1 = the defaults, calibrated to DEAM).
+    offset_scale: float = 1.0
+    weight_scale: float = 1.0
+    noise_scale: float = 1.0
+
+
+@dataclass
+class SplitConfig:
+    """Listener-disjoint train / validation / test split."""
+
+    val_listeners: float = 0.15  # fraction (<1) or count (>=1)
+    test_listeners: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | generic
+    root: str = ""  # generic: dataset folder; synthetic: cache folder ("" = data/synthetic-<hash>)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    min_songs_per_listener: int = 2  # a task needs a support song and at least one query song
+
+
+@dataclass
+class FeatureConfig:
+    """Dual-scale inputs per 0.5 s step (dsaml.md, 'Inputs')."""
+
+    sample_rate: int = 44100
+    step_s: float = 0.5
+    n_fft: int = 2646
+    hop_length: int = 441
+    n_mels: int = 128
+    patch_frames: int = 51
+    log_eps: float = 1e-6
+    global_encoder: str = "descriptor"  # descriptor | embeddings
+    global_window_s: float = 30.0
+    embeddings_dir: str = ""  # global_encoder=embeddings: one <song_id>.npy per song
+    cache_dir: str = ""  # "" = <repo>/cache/features
+
+
+@dataclass
+class ModelConfig:
+    """DSAML sizes; ``size: paper`` sets the authors' sizes (see ``PAPER_MODEL``)."""
+
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    ff: int = 256
+    dropout: float = 0.1
+    lstm_hidden: int = 64
+    head_hidden: int = 64
+    local_window: int = 5  # steps each side, local band mask
+    global_window: int = 30  # steps each side, global band mask
+    use_local_branch: bool = True  # spectrogram CNN; False = global embedding only
+    use_local_attention: bool = True
+    use_global_attention: bool = True
+
+
+PAPER_MODEL = dict(hidden=1024, layers=3, heads=16, ff=2048, dropout=0.1, lstm_hidden=256, head_hidden=256)
+
+
+@dataclass
+class MetaConfig:
+    """MAML over per-listener tasks (PDMER)."""
+
+    inner_lr: float = 5e-3
+    inner_steps: int = 5
+    first_order: bool = True
+    tasks_per_batch: int = 8
+    query_songs: int = 4  # per task, drawn with replacement if the listener has fewer
+    task_sampling: str = "listener"  # listener | random (ablation: tasks mix listeners)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 300  # outer (meta-)iterations, or optimiser steps for DMER
+    outer_lr: float = 1e-3
+    batch_songs: int = 15  # DMER batch
+    seq_len: int = 60  # steps per training sequence (30 s)
+    attention_loss: bool = True  # diagonal attention loss (dsaml.md, 'Loss')
+    attention_loss_weight: float = 1.0
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    val_listeners_max: int = 12  # validation listeners scored at each evaluation
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    support_songs: int = 1  # k-shot
+    hop: int = 30  # sliding-window hop in steps for songs longer than seq_len
+    plot: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    """Does not change results; excluded from the run hash."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # 0 = torch default
+    out_dir: str = "runs"
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "pdmer.synthetic.dsaml"
+    problem: str = "pdmer"  # pdmer (meta-learning) | dmer (plain training)
+    size: str = "small"  # small | paper
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+CHOICES = {
+    "problem": ("pdmer", "dmer"),
+    "size": ("small", "paper"),
+    "data.source": ("synthetic", "generic"),
+    "features.global_encoder": ("descriptor", "embeddings"),
+    "meta.task_sampling": ("listener", "random"),
+}
+
+
+def resolve_experiment(name_or_path: str) -> Path:
+    """Map ``pdmer.synthetic.dsaml`` or a path to an existing YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(q.stem for q in EXPERIMENTS_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown experiment {name_or_path!r}; known: {', '.join(known)}")
+
+
+def load_config(experiment: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults <- experiment YAML <- dotted overrides, validated.
+
+    Args:
+        experiment: experiment name (file stem in ``experiments/``) or path to a YAML file;
+            None keeps the defaults.
+        overrides: ``["train.iterations=10", "model.hidden=64"]``.
+
+    Returns:
+        ExperimentConfig: a plain dataclass instance (not an OmegaConf node).
+
+    Raises:
+        ConfigError: unknown key, wrong type, malformed override or invalid choice.
+    """
+    base = OmegaConf.structured(ExperimentConfig)
+    layers = []
+    where = "defaults"
+    try:
+        if experiment is not None:
+            path = resolve_experiment(experiment)
+            where = str(path)
+            file_cfg = OmegaConf.load(path)
+            if "name" not in file_cfg:
+                file_cfg.name = path.stem
+            layers.append(file_cfg)
+        cfg = OmegaConf.merge(base, *layers)
+        where = "overrides"
+        for ov in overrides or []:
+            if "=" not in ov:
+                raise ConfigError(f"override {ov!r} is not of the form key=value")
+            key = ov.split("=", 1)[0]
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                raise ConfigError(f"unknown config key {key!r} in override {ov!r}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{where}: invalid config key {key!r}: {msg}") from None
+    out: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if out.size == "paper":
+        # paper sizes apply unless a file or override set the key explicitly
+        explicit = set(_explicit_keys(layers, overrides or [], "model"))
+        for k, v in PAPER_MODEL.items():
+            if k not in explicit:
+                setattr(out.model, k, v)
+    validate(out)
+    return out
+
+
+def _explicit_keys(layers, overrides: list[str], section: str) -> list[str]:
+    keys = []
+    for layer in layers:
+        sec = layer.get(section) if hasattr(layer, "get") else None
+        if sec is not None:
+            keys.extend(str(k) for k in sec.keys())
+    for ov in overrides:
+        k = ov.split("=", 1)[0]
+        if k.startswith(section + "."):
+            keys.append(k[len(section) + 1 :])
+    return keys
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    m = cfg.model
+    if m.hidden % m.heads:
+        raise ConfigError(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads}")
+    if not (m.use_local_attention or m.use_global_attention):
+        raise ConfigError("model.use_local_attention and model.use_global_attention cannot both be false")
+    if not 0.0 <= cfg.data.synthetic.carryover <= 1.0:
+        raise ConfigError(f"data.synthetic.carryover={cfg.data.synthetic.carryover} must be in [0, 1]")
+    for key in ("meta.inner_steps", "meta.tasks_per_batch", "meta.query_songs", "train.seq_len", "train.batch_songs"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1")
+    if cfg.train.iterations < 0:
+        raise ConfigError("train.iterations must be >= 0")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """Short hash of everything that can change a result (not runtime, not the name)."""
+    d = to_dict(cfg)
+    d.pop("runtime")
+    d.pop("name")
+    blob = json.dumps(d, sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:8]
+
+
+def from_dict(d: dict) -> ExperimentConfig:
+    """Rebuild a config saved in a run folder (strict: unknown keys are errors)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(d))
+    except OmegaConfBaseException as e:
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"saved config: invalid key {getattr(e, 'full_key', None)!r}: {msg}") from None
+    out = OmegaConf.to_object(cfg)
+    validate(out)
+    return out
