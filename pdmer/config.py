@@ -43,6 +43,9 @@ class SyntheticConfig:
     # How much of a listener's personal parameters carries over from one song to the next:
     # 0 = a new random listener for every song, 1 = the same parameters on every song.
     carryover: float = 0.5
+    # The same for the listener's mean offsets (arousal, valence). Real listeners' mean offset
+    # from the others correlates only weakly between two pieces (r < 0.1), hence the low default.
+    offset_carryover: float = 0.1
     # Scale of each personal parameter family (1 = the defaults, calibrated to DEAM).
     offset_scale: float = 1.0
     weight_scale: float = 1.0
@@ -97,12 +100,18 @@ class ModelConfig:
     head_hidden: int = 64
     local_window: int = 5  # steps each side, local band mask
     global_window: int = 30  # steps each side, global band mask
+    # average-pool the 51 x 128 patch by (time, freq) before the CNN: the CNN is memory-bound
+    # on the CPU, and 2 x 2 makes the small model 4x cheaper; the paper size uses 1 x 1
+    local_pool_time: int = 2
+    local_pool_freq: int = 2
     use_local_branch: bool = True  # spectrogram CNN; False = global embedding only
     use_local_attention: bool = True
     use_global_attention: bool = True
 
 
-PAPER_MODEL = dict(hidden=1024, layers=3, heads=16, ff=2048, dropout=0.1, lstm_hidden=256, head_hidden=256)
+PAPER_MODEL = dict(
+    hidden=1024, layers=3, heads=16, ff=2048, dropout=0.1, lstm_hidden=256, head_hidden=256, local_pool_time=1, local_pool_freq=1
+)
 
 
 @dataclass

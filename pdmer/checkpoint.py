@@ -1,0 +1,69 @@
+"""Model checkpoints as safetensors (never pickle), written atomically."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model or config it is loaded into."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_weights(path: Path, model: nn.Module, meta: dict | None = None) -> None:
+    """Save ``model.state_dict()`` (parameters and buffers) to ``path``; ``meta`` goes in the header."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"pdmer": json.dumps(meta or {})})
+    os.replace(tmp, path)
+
+
+def read_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("pdmer", "{}"))
+
+
+def load_weights(path: Path, model: nn.Module, expect: dict | None = None) -> dict:
+    """Load weights saved by :func:`save_weights` into ``model`` (strict).
+
+    Args:
+        expect: header entries that must match (e.g. ``{"config_hash": ...}``).
+
+    Returns:
+        the header metadata.
+
+    Raises:
+        CheckpointError: a header entry or the tensor names/shapes do not match.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    for k, v in (expect or {}).items():
+        if meta.get(k) != v:
+            raise CheckpointError(f"{path}: {k} is {meta.get(k)!r}, expected {v!r}")
+    state = load_file(str(path), device=str(next(model.parameters()).device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit the model: {e}") from None
+    return meta

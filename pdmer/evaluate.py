@@ -1,0 +1,223 @@
+"""Inference by sliding windows, and the PDMER evaluation protocol.
+
+Protocol (per listener of the evaluated split): support = ``support_songs`` songs they
+rated (chosen once, deterministically), query = all their other songs, whole curves.
+Reported conditions:
+
+- ``generic``: the model without adaptation (one curve for every listener);
+- ``personalized``: the model after the inner loop on the support song(s);
+- ``consensus``: the population's averaged curve, when the dataset knows it (the best a
+  listener-blind prediction of the ratings could aim at);
+- ``oracle``: the listener's own noise-free curve, when known (synthetic data): the best
+  score any model could reach against their noisy ratings.
+
+Metrics are computed per (listener, query song), then averaged.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pdmer.data.types import Curve, Dataset
+from pdmer.meta.maml import Params, adapt, call, split_state
+from pdmer.meta.tasks import make_batch
+from pdmer.metrics import average, song_metrics
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = ("generic", "personalized", "consensus", "oracle")
+
+
+def window_starts(n: int, length: int, hop: int) -> list[int]:
+    """Starts of windows of ``length`` covering ``range(n)``; the last one ends at n."""
+    if n <= length:
+        return [0]
+    starts = list(range(0, n - length + 1, hop))
+    if starts[-1] != n - length:
+        starts.append(n - length)
+    return starts
+
+
+@torch.no_grad()
+def predict_steps(
+    model: nn.Module,
+    feats,
+    start: int,
+    stop: int,
+    seq_len: int,
+    hop: int,
+    params: Params | None = None,
+    batch_windows: int = 32,
+) -> np.ndarray:
+    """Predict steps ``[start, stop)`` of one song.
+
+    Songs longer than ``seq_len`` are cut into windows of ``seq_len`` steps every ``hop``
+    steps (the last window aligned to the end); each step's prediction is the mean over the
+    windows that contain it, for arousal and valence alike. A span that fits in one window
+    is predicted in one pass. Memory depends on ``seq_len`` and ``batch_windows``, not on
+    the song's length.
+
+    Args:
+        model: a DSAML model (put in eval mode by the caller).
+        feats: SongFeatures of the song.
+        params: adapted parameters to swap in (None = the model's own).
+
+    Returns:
+        (stop - start, 2) float32 array, columns (arousal, valence).
+    """
+    n = stop - start
+    length = min(seq_len, n)
+    device = next(model.parameters()).device
+    _, buffers = split_state(model)
+    total = torch.zeros(n, 2, dtype=torch.float64)
+    count = torch.zeros(n, 1, dtype=torch.float64)
+    starts = window_starts(n, length, hop)
+    for i in range(0, len(starts), batch_windows):
+        chunk = starts[i : i + batch_windows]
+        local = torch.stack([feats.local[start + s : start + s + length] for s in chunk]).to(device)  # (W, L, 51, 128)
+        glob = torch.stack([feats.global_[start + s : start + s + length] for s in chunk]).to(device)  # (W, L, G)
+        out = model(local, glob) if params is None else call(model, params, buffers, local, glob)
+        pred = out.pred.double().cpu()  # (W, L, 2)
+        for j, s in enumerate(chunk):
+            total[s : s + length] += pred[j]
+            count[s : s + length] += 1
+    return (total / count).float().numpy()
+
+
+def predict_curve(model, feats, curve: Curve, seq_len: int, hop: int, params: Params | None = None) -> np.ndarray:
+    return predict_steps(model, feats, curve.start_step, curve.end_step, seq_len, hop, params)
+
+
+def choose_support(curves: list[Curve], k: int, seed: int, listener: str) -> list[int]:
+    """Indices of the support curves of a listener: fixed by (seed, listener id)."""
+    rng = np.random.default_rng([seed, zlib.crc32(listener.encode())])
+    return sorted(rng.choice(len(curves), size=k, replace=False).tolist())
+
+
+def support_batch(curves: list[Curve], features: dict, seq_len: int, device) -> list[tuple]:
+    """The support sequences: the first ``seq_len`` steps of each support curve (30 s, as the paper's protocol)."""
+    return [make_batch([(c, 0, min(seq_len, c.n_steps))], features, device) for c in curves]
+
+
+def support_loss_fn(loss_fn):
+    """Sum a task loss over several support sequences (they may differ in length)."""
+
+    def f(model, params, buffers, batches):
+        return sum(loss_fn(model, params, buffers, b) for b in batches) / len(batches)
+
+    return f
+
+
+@dataclass
+class ListenerResult:
+    listener: str
+    support: list[str]
+    per_song: dict[str, dict[str, dict[str, float]]]  # condition -> song -> metrics
+    curves: dict[str, dict[str, np.ndarray]]  # condition -> song -> (T, 2), incl. "ratings"
+
+
+def evaluate_listener(
+    model: nn.Module,
+    dataset: Dataset,
+    features: dict,
+    listener: str,
+    curves: list[Curve],
+    loss_fn,
+    inner_steps: int,
+    inner_lr: float,
+    seq_len: int,
+    hop: int,
+    support_songs: int = 1,
+    seed: int = 0,
+    keep_curves: bool = False,
+) -> ListenerResult:
+    """Score one listener: support song(s) -> adapted model; every other song is a query."""
+    idx = choose_support(curves, support_songs, seed, listener)
+    support = [curves[i] for i in idx]
+    queries = [c for i, c in enumerate(curves) if i not in idx]
+    device = next(model.parameters()).device
+    model.eval()
+    params, _ = adapt(model, support_batch(support, features, seq_len, device), support_loss_fn(loss_fn), inner_steps, inner_lr)
+    per_song: dict[str, dict] = {c: {} for c in CONDITIONS}
+    kept: dict[str, dict] = {c: {} for c in (*CONDITIONS, "ratings")}
+    for q in queries:
+        f = features[q.song_id]
+        preds = {
+            "generic": predict_curve(model, f, q, seq_len, hop),
+            "personalized": predict_curve(model, f, q, seq_len, hop, params),
+        }
+        if dataset.consensus and q.song_id in dataset.consensus:
+            preds["consensus"] = _aligned(dataset.consensus[q.song_id], q)
+        if dataset.oracle and (listener, q.song_id) in dataset.oracle:
+            preds["oracle"] = _aligned(dataset.oracle[(listener, q.song_id)], q)
+        for cond, p in preds.items():
+            per_song[cond][q.song_id] = song_metrics(p, q.values)
+            if keep_curves:
+                kept[cond][q.song_id] = p
+        if keep_curves:
+            kept["ratings"][q.song_id] = q.values
+    return ListenerResult(listener, [c.song_id for c in support], per_song, kept)
+
+
+def _aligned(reference: Curve, target: Curve) -> np.ndarray:
+    """``reference``'s values on ``target``'s steps (they must cover them)."""
+    off = target.start_step - reference.start_step
+    if off < 0 or off + target.n_steps > reference.n_steps:
+        raise ValueError(f"reference curve of {reference.song_id!r} does not cover the rated steps")
+    return reference.values[off : off + target.n_steps]
+
+
+def summarize(results: list[ListenerResult]) -> dict[str, dict[str, float]]:
+    """Average metrics per condition over every (listener, query song)."""
+    out = {}
+    for cond in CONDITIONS:
+        songs = [m for r in results for m in r.per_song[cond].values()]
+        if songs:
+            out[cond] = average(songs)
+    return out
+
+
+def format_table(summary: dict[str, dict[str, float]], title: str = "") -> str:
+    """A Markdown table: one row per condition."""
+    cols = ["ccc_mean", "ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence"]
+    head = "| condition | " + " | ".join(c.replace("_", " ") for c in cols) + " | songs |"
+    lines = [f"**{title}**", ""] if title else []
+    lines += [head, "|" + "---|" * (len(cols) + 2)]
+    for cond, m in summary.items():
+        cells = " | ".join(f"{m[c]:.3f}" for c in cols)
+        lines.append(f"| {cond} | {cells} | {m['n_songs']} |")
+    return "\n".join(lines)
+
+
+def plot_listener(result: ListenerResult, path, song_id: str | None = None) -> str:
+    """PNG of one listener's query song: ratings, generic, personalized (and oracle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    song_id = song_id or sorted(result.curves["ratings"])[0]
+    ratings = result.curves["ratings"][song_id]
+    t = np.arange(len(ratings)) * 0.5
+    fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    styles = {"ratings": ("k", "-", 1.6), "generic": ("tab:blue", "-", 1.2), "personalized": ("tab:red", "-", 1.4), "oracle": ("tab:green", "--", 1.0)}
+    for c, label in enumerate(("arousal", "valence")):
+        ax = axes[c]
+        for cond, (color, ls, lw) in styles.items():
+            curves = result.curves.get(cond, {})
+            if song_id in curves:
+                ax.plot(t, curves[song_id][:, c], color=color, ls=ls, lw=lw, label=cond)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"listener {result.listener}, query song {song_id} (support: {', '.join(result.support)})")
+    axes[1].set_xlabel("seconds from the first rating")
+    axes[0].legend(loc="upper right", fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return song_id

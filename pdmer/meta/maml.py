@@ -1,0 +1,122 @@
+"""MAML written on ``torch.func`` (functional_call + autograd.grad), first- and second-order.
+
+Semantics follow learn2learn's ``MAML(first_order=...)``: the inner loop takes
+``inner_steps`` plain SGD steps ``theta_i <- theta_i - inner_lr * grad`` on the support
+set; the query loss at the adapted parameters is differentiated w.r.t. the initial
+parameters. Second-order keeps the graph of the inner gradients (``create_graph=True``);
+first-order treats them as constants, so the meta-gradient is the query gradient at the
+adapted parameters.
+
+Nothing here calls ``.item()``: inner losses are returned as a tensor so the caller can
+sync once per meta-batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Params = dict[str, Tensor]
+# loss(model, params, buffers, batch) -> scalar tensor
+TaskLoss = Callable[[nn.Module, Params, Params, tuple], Tensor]
+
+
+def split_state(model: nn.Module) -> tuple[Params, Params]:
+    """The model's trainable parameters (as live leaves) and its buffers."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    return params, buffers
+
+
+def call(model: nn.Module, params: Params, buffers: Params, *args, **kwargs):
+    """``model(*args)`` with ``params`` and ``buffers`` swapped in."""
+    return functional_call(model, (params, buffers), args, kwargs)
+
+
+def inner_loop(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    support: tuple,
+    loss_fn: TaskLoss,
+    steps: int,
+    lr: float,
+    first_order: bool,
+) -> tuple[Params, Tensor]:
+    """Adapt ``params`` to one task's support set.
+
+    Args:
+        model: the network (its own parameters are not modified).
+        params: starting parameters; must require grad.
+        buffers: buffers (BatchNorm running statistics), passed through.
+        support: the support batch handed to ``loss_fn``.
+        loss_fn: task loss.
+        steps: number of SGD steps.
+        lr: inner learning rate.
+        first_order: if False, keep the graph of each inner gradient (second-order MAML).
+
+    Returns:
+        (adapted params, (steps,) detached inner losses before each step).
+    """
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model, params, buffers, support)
+        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=not first_order, allow_unused=True)
+        params = {k: (p if g is None else p - lr * g) for (k, p), g in zip(params.items(), grads)}
+        losses.append(loss.detach())
+    if not losses:
+        return params, torch.zeros(0)
+    return params, torch.stack(losses)
+
+
+def adapt(
+    model: nn.Module,
+    support: tuple,
+    loss_fn: TaskLoss,
+    steps: int,
+    lr: float,
+) -> tuple[Params, Tensor]:
+    """Test-time adaptation: start from the model's weights, no meta-gradient kept.
+
+    The returned parameters are detached; the model itself is left untouched.
+    """
+    params, buffers = split_state(model)
+    start = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    with torch.enable_grad():
+        adapted, losses = inner_loop(model, start, buffers, support, loss_fn, steps, lr, first_order=True)
+    return {k: p.detach() for k, p in adapted.items()}, losses
+
+
+def meta_step(
+    model: nn.Module,
+    tasks: list[tuple[tuple, tuple]],
+    loss_fn: TaskLoss,
+    steps: int,
+    lr: float,
+    first_order: bool,
+) -> dict[str, Tensor]:
+    """Accumulate the meta-gradient of a meta-batch into ``model``'s ``.grad`` fields.
+
+    Each task's query loss is backpropagated as soon as it is computed (its graph is
+    freed at once) and scaled by 1 / n_tasks, so ``.grad`` holds the task average.
+    The caller zeroes gradients before and steps the optimiser after.
+
+    Args:
+        tasks: list of (support batch, query batch).
+
+    Returns:
+        {"query_loss": scalar, "inner_losses": (steps,)} averaged over tasks, detached.
+    """
+    params, buffers = split_state(model)
+    n = len(tasks)
+    query_total: Tensor | float = 0.0
+    inner_total: Tensor | float = 0.0
+    for support, query in tasks:
+        adapted, inner = inner_loop(model, params, buffers, support, loss_fn, steps, lr, first_order)
+        loss = loss_fn(model, adapted, buffers, query)
+        (loss / n).backward()
+        query_total = query_total + loss.detach()  # stays on the device: no host sync per task
+        inner_total = inner_total + inner
+    return {"query_loss": query_total / n, "inner_losses": inner_total / n}

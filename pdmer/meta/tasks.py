@@ -1,0 +1,111 @@
+"""Training sequences and MAML tasks built from per-listener curves and cached features.
+
+A *sequence* is a crop of ``seq_len`` steps of one listener's curve of one song; its
+inputs are the song's feature steps at the same indices. A *task* (PDMER) is one
+listener: support = one song, query = ``query_songs`` other songs of that listener
+(drawn with replacement when the listener has fewer).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pdmer.data.types import Curve, DataError
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[Tensor, Tensor, Tensor]  # local (B, L, 51, 128), global (B, L, G), target (B, L, 2)
+
+
+def check_alignment(curves: list[Curve], features: dict) -> None:
+    """Every curve must lie inside its song's feature steps (labels never outrun the audio)."""
+    problems = []
+    for c in curves:
+        f = features.get(c.song_id)
+        if f is None:
+            problems.append(f"song {c.song_id!r} (annotator {c.annotator_id!r}): no features (audio missing?)")
+        elif c.start_step < 0 or c.end_step > f.n_steps:
+            problems.append(
+                f"song {c.song_id!r} (annotator {c.annotator_id!r}): ratings cover {c.start_step * 0.5:.1f}-{c.end_step * 0.5:.1f} s "
+                f"but the audio has {f.n_steps * 0.5:.1f} s"
+            )
+    if problems:
+        raise DataError("ratings do not fit the audio:\n  " + "\n  ".join(problems))
+
+
+def make_batch(crops: list[tuple[Curve, int, int]], features: dict, device: torch.device | str = "cpu") -> Batch:
+    """Stack crops ``(curve, offset, length)`` (offset relative to the curve start) into a batch."""
+    local, glob, target = [], [], []
+    for curve, offset, length in crops:
+        f = features[curve.song_id]
+        s = curve.start_step + offset
+        local.append(f.local[s : s + length])
+        glob.append(f.global_[s : s + length])
+        target.append(torch.from_numpy(curve.values[offset : offset + length]))
+    return (
+        torch.stack(local).to(device, non_blocking=True),  # (B, L, 51, 128)
+        torch.stack(glob).to(device, non_blocking=True),  # (B, L, G)
+        torch.stack(target).to(device, non_blocking=True),  # (B, L, 2)
+    )
+
+
+@dataclass
+class TaskSampler:
+    """Draws DMER batches and PDMER tasks from training listeners' curves.
+
+    Args:
+        curves: listener id -> their curves (training listeners only).
+        features: song id -> SongFeatures.
+        seq_len: steps per sequence; curves shorter than this are left out of training.
+        rng: numpy Generator (the sampler's only source of randomness).
+    """
+
+    curves: dict[str, list[Curve]]
+    features: dict
+    seq_len: int
+    rng: np.random.Generator
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self) -> None:
+        kept = {a: [c for c in cs if c.n_steps >= self.seq_len] for a, cs in self.curves.items()}
+        short = sum(len(cs) for cs in self.curves.values()) - sum(len(cs) for cs in kept.values())
+        if short:
+            log.warning("%d training curves shorter than seq_len=%d steps are left out of training", short, self.seq_len)
+        self.curves = {a: cs for a, cs in kept.items() if len(cs) >= 2}
+        if not self.curves:
+            raise DataError(f"no training listener has 2 or more curves of at least {self.seq_len} steps")
+        self.listeners = sorted(self.curves)
+        self.all_curves = [c for a in self.listeners for c in self.curves[a]]
+
+    def crop(self, curve: Curve) -> tuple[Curve, int, int]:
+        offset = int(self.rng.integers(0, curve.n_steps - self.seq_len + 1))
+        return curve, offset, self.seq_len
+
+    def dmer_batch(self, batch_songs: int) -> Batch:
+        idx = self.rng.choice(len(self.all_curves), size=batch_songs, replace=len(self.all_curves) < batch_songs)
+        return make_batch([self.crop(self.all_curves[i]) for i in idx], self.features, self.device)
+
+    def task(self, query_songs: int, by_listener: bool = True) -> tuple[Batch, Batch]:
+        """One task: (support batch of 1 sequence, query batch of ``query_songs`` sequences).
+
+        ``by_listener=False`` is the "random tasks" ablation: support and query curves are
+        drawn from the whole pool, regardless of who rated them.
+        """
+        if by_listener:
+            a = self.listeners[int(self.rng.integers(len(self.listeners)))]
+            pool = self.curves[a]
+            s = int(self.rng.integers(len(pool)))
+            others = [c for i, c in enumerate(pool) if i != s]
+            q = self.rng.choice(len(others), size=query_songs, replace=len(others) < query_songs)
+            support, query = [pool[s]], [others[i] for i in q]
+        else:
+            idx = self.rng.choice(len(self.all_curves), size=query_songs + 1, replace=False)
+            support, query = [self.all_curves[idx[0]]], [self.all_curves[i] for i in idx[1:]]
+        return (
+            make_batch([self.crop(c) for c in support], self.features, self.device),
+            make_batch([self.crop(c) for c in query], self.features, self.device),
+        )

@@ -1,0 +1,87 @@
+"""Per-song metrics (RMSE, PCC, CCC for arousal and valence) and the DSAML training loss.
+
+Metrics are computed per song (per sequence) and then averaged over songs, never pooled
+over frames (dsaml.md, 'Loss and metrics').
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pdmer.data.types import LABELS
+
+METRICS = ("rmse", "pcc", "ccc")
+
+
+def song_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Metrics of one song.
+
+    Args:
+        pred, target: (T, 2) arrays, columns (arousal, valence).
+
+    Returns:
+        ``{"rmse_arousal": ..., "pcc_arousal": ..., "ccc_arousal": ..., ... valence}``.
+        PCC is NaN when either curve is constant (undefined); CCC stays defined.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != 2:
+        raise ValueError(f"pred {pred.shape} and target {target.shape} must both be (T, 2)")
+    out = {}
+    for c, label in enumerate(LABELS):
+        p, t = pred[:, c], target[:, c]
+        out[f"rmse_{label}"] = float(np.sqrt(np.mean((p - t) ** 2)))
+        sp, st = p.std(), t.std()
+        cov = np.mean((p - p.mean()) * (t - t.mean()))
+        out[f"pcc_{label}"] = float(cov / (sp * st)) if sp > 0 and st > 0 else float("nan")
+        denom = sp**2 + st**2 + (p.mean() - t.mean()) ** 2
+        out[f"ccc_{label}"] = float(2 * cov / denom) if denom > 0 else float("nan")
+    return out
+
+
+def average(per_song: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over songs of each metric (NaNs skipped), plus ``ccc_mean`` and the song count."""
+    if not per_song:
+        return {}
+    keys = per_song[0].keys()
+    out = {k: float(np.nanmean([m[k] for m in per_song])) if any(np.isfinite(m[k]) for m in per_song) else float("nan") for k in keys}
+    out["ccc_mean"] = (out["ccc_arousal"] + out["ccc_valence"]) / 2
+    out["n_songs"] = len(per_song)
+    return out
+
+
+def batch_terms(pred: Tensor, target: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
+    """Differentiable per-sequence RMSE, PCC, CCC.
+
+    Args:
+        pred, target: (B, T, 2).
+
+    Returns:
+        dict of (B, 2) tensors, keys "rmse", "pcc", "ccc".
+    """
+    pm, tm = pred.mean(1, keepdim=True), target.mean(1, keepdim=True)
+    pc, tc = pred - pm, target - tm  # (B, T, 2)
+    cov = (pc * tc).mean(1)  # (B, 2)
+    pv, tv = (pc**2).mean(1), (tc**2).mean(1)  # (B, 2)
+    rmse = ((pred - target) ** 2).mean(1).add(eps).sqrt()
+    pcc = cov / (pv.sqrt() * tv.sqrt() + eps)
+    ccc = 2 * cov / (pv + tv + (pm - tm).squeeze(1) ** 2 + eps)
+    return {"rmse": rmse, "pcc": pcc, "ccc": ccc}
+
+
+def emotion_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """1 - mean(CCC, PCC, 1 - RMSE) over arousal and valence, per sequence, averaged over the batch."""
+    t = batch_terms(pred, target)
+    score = (t["ccc"] + t["pcc"] + (1 - t["rmse"])) / 3  # (B, 2)
+    return 1 - score.mean()
+
+
+def attention_loss(attn_local: Tensor | None, attn_global: Tensor | None, local_target: float = 0.9, global_target: float = 0.1) -> Tensor:
+    """MSE of the batch-averaged last-layer attention diagonals against 0.9 (local) and 0.1 (global)."""
+    loss = torch.zeros(())
+    if attn_local is not None:
+        loss = loss.to(attn_local) + ((attn_local.mean(0).diagonal() - local_target) ** 2).mean()
+    if attn_global is not None:
+        loss = loss.to(attn_global) + ((attn_global.mean(0).diagonal() - global_target) ** 2).mean()
+    return loss

@@ -1,0 +1,234 @@
+"""The DSAML network: dual-scale features -> dual-scale attention transformer -> BiLSTM head.
+
+Follows ``docs/dsaml.md`` ("Model"). All sizes come from :class:`pdmer.config.ModelConfig`;
+``size: paper`` gives the authors' 1024-wide, 3-layer, 16-head model (about 30 M parameters).
+
+Attention is written out explicitly (no ``scaled_dot_product_attention``): MAML's
+second-order gradients need double backward, which SDPA lacks on the CPU, and the
+diagonal attention loss needs the maps anyway.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pdmer.config import ModelConfig
+
+PATCH_FRAMES, PATCH_BANDS = 51, 128
+MASK_VALUE = -1e4  # added to masked attention scores (BERT's convention)
+
+
+@dataclass
+class Output:
+    """Model output.
+
+    Attributes:
+        pred: (B, T, 2) arousal, valence.
+        attn_local: (B, T, T) last-layer attention of the local pass, averaged over heads
+            (None when local attention is ablated).
+        attn_global: (B, T, T) same for the global pass.
+    """
+
+    pred: Tensor
+    attn_local: Tensor | None
+    attn_global: Tensor | None
+
+
+class SpectrogramCNN(nn.Module):
+    """Local branch: one 51 x 128 log-Mel patch -> 476 values (dsaml.md, 'Model' 1).
+
+    With ``pool=(pt, pf)`` the patch is first average-pooled by pt frames x pf bands
+    (the small size's speed trade-off); (1, 1) is the paper's network.
+    """
+
+    def __init__(self, pool: tuple[int, int] = (1, 1)) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool) if pool != (1, 1) else nn.Identity()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, kernel_size=(3, 1), padding=(2, 1)),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2, padding=1),
+            nn.Conv2d(8, 16, kernel_size=3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2, padding=1),
+            nn.Conv2d(16, 1, kernel_size=1),
+        )
+        with torch.no_grad():
+            self.out_dim = self.forward(torch.zeros(2, PATCH_FRAMES, PATCH_BANDS)).shape[1]
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """(N, 51, 128) -> (N, out_dim); out_dim = 476 (14 x 34) without pooling."""
+        x = self.net(self.pool(patches.unsqueeze(1)))  # (N, 1, 14, 34) without pooling
+        return x.flatten(1)  # (N, out_dim)
+
+
+def band_mask(T: int, window: int, device: torch.device | str | None = None) -> Tensor:
+    """Additive (T, T) mask: 0 where |i - j| <= window, MASK_VALUE elsewhere."""
+    idx = torch.arange(T, device=device)
+    far = (idx[:, None] - idx[None, :]).abs() > window
+    return torch.zeros(T, T, device=device).masked_fill(far, MASK_VALUE)
+
+
+class RelativeSelfAttention(nn.Module):
+    """Multi-head self-attention with BERT's "relative_key" position scores.
+
+    score(i, j) = (q_i . k_j + q_i . r_{clip(i - j)}) / sqrt(d_head), where r is a learned
+    table over distances clipped to [-max_distance, max_distance].
+    """
+
+    def __init__(self, hidden: int, heads: int, dropout: float, max_distance: int) -> None:
+        super().__init__()
+        self.heads, self.d_head = heads, hidden // heads
+        self.max_distance = max_distance
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.distance_embedding = nn.Embedding(2 * max_distance + 1, self.d_head)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, distance_index: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, T, H), mask: (T, T) additive, distance_index: (T, T) long -> (B, T, H), (B, heads, T, T)."""
+        B, T, H = x.shape
+        q = self.query(x).view(B, T, self.heads, self.d_head).transpose(1, 2)  # (B, h, T, d)
+        k = self.key(x).view(B, T, self.heads, self.d_head).transpose(1, 2)  # (B, h, T, d)
+        v = self.value(x).view(B, T, self.heads, self.d_head).transpose(1, 2)  # (B, h, T, d)
+        rel = self.distance_embedding(distance_index)  # (T, T, d)
+        scores = q @ k.transpose(-1, -2)  # (B, h, T, T)
+        scores = scores + torch.einsum("bhid,ijd->bhij", q, rel)
+        scores = scores / math.sqrt(self.d_head) + mask
+        probs = scores.softmax(dim=-1)  # (B, h, T, T)
+        ctx = self.dropout(probs) @ v  # (B, h, T, d)
+        ctx = ctx.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        return ctx, probs
+
+
+class EncoderLayer(nn.Module):
+    """BERT-style post-LayerNorm transformer layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention = RelativeSelfAttention(cfg.hidden, cfg.heads, cfg.dropout, cfg.global_window)
+        self.attn_out = nn.Linear(cfg.hidden, cfg.hidden)
+        self.attn_norm = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.ff_in = nn.Linear(cfg.hidden, cfg.ff)
+        self.ff_out = nn.Linear(cfg.ff, cfg.hidden)
+        self.ff_norm = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, distance_index: Tensor) -> tuple[Tensor, Tensor]:
+        ctx, probs = self.attention(x, mask, distance_index)
+        x = self.attn_norm(x + self.dropout(self.attn_out(ctx)))
+        x = self.ff_norm(x + self.dropout(self.ff_out(F.gelu(self.ff_in(x)))))
+        return x, probs
+
+
+class DualScaleEncoder(nn.Module):
+    """One encoder, run once with the local band mask and once with the global one.
+
+    Band masks and the distance-index table are cached per (T, device), so they are
+    built once per sequence length rather than at every forward.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+        self._cache: dict[tuple[int, str], tuple[Tensor, Tensor, Tensor]] = {}
+
+    def tables(self, T: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        key = (T, str(device))
+        if key not in self._cache:
+            idx = torch.arange(T, device=device)
+            dist = (idx[:, None] - idx[None, :]).clamp(-self.cfg.global_window, self.cfg.global_window)
+            dist = dist + self.cfg.global_window  # (T, T) in [0, 2 * global_window]
+            self._cache[key] = (
+                band_mask(T, self.cfg.local_window, device),
+                band_mask(T, self.cfg.global_window, device),
+                dist,
+            )
+        return self._cache[key]
+
+    def run(self, x: Tensor, mask: Tensor, dist: Tensor) -> tuple[Tensor, Tensor]:
+        probs = None
+        for layer in self.layers:
+            x, probs = layer(x, mask, dist)
+        return x, probs.mean(dim=1)  # (B, T, H), last-layer map averaged over heads (B, T, T)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        local_mask, global_mask, dist = self.tables(x.shape[1], x.device)
+        out = 0.0
+        attn_local = attn_global = None
+        if self.cfg.use_local_attention:
+            y, attn_local = self.run(x, local_mask, dist)
+            out = out + y
+        if self.cfg.use_global_attention:
+            y, attn_global = self.run(x, global_mask, dist)
+            out = out + y
+        return torch.sigmoid(out), attn_local, attn_global
+
+
+class DSAML(nn.Module):
+    """Dual-scale attention model for dynamic music emotion recognition.
+
+    Args:
+        cfg: model sizes and ablation switches.
+        global_dim: width of the global-scale input (descriptor or user embeddings).
+
+    Shapes:
+        local: (B, T, 51, 128) log-Mel patches (any float dtype); global_: (B, T, G).
+        Output.pred: (B, T, 2) = (arousal, valence) per step.
+    """
+
+    def __init__(self, cfg: ModelConfig, global_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.global_dim = global_dim
+        H = cfg.hidden
+        # input standardisation, fitted on training songs (see `fit_input_stats`) and saved with the weights
+        self.register_buffer("local_mean", torch.zeros(()))
+        self.register_buffer("local_std", torch.ones(()))
+        self.register_buffer("global_mean", torch.zeros(global_dim))
+        self.register_buffer("global_std", torch.ones(global_dim))
+        if cfg.use_local_branch:
+            self.cnn = SpectrogramCNN((cfg.local_pool_time, cfg.local_pool_freq))
+            self.local_proj = nn.Linear(self.cnn.out_dim, H)
+        self.global_proj = nn.Linear(global_dim, H)
+        self.fusion = nn.Linear(H, H)
+        self.encoder = DualScaleEncoder(cfg)
+        self.lstm = nn.LSTM(H, cfg.lstm_hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Sequential(
+            nn.Linear(2 * cfg.lstm_hidden, cfg.head_hidden),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.head_hidden, 2),
+        )
+
+    @torch.no_grad()
+    def fit_input_stats(self, local: Tensor, global_: Tensor) -> None:
+        """Set the input standardisation from training data: local (N, 51, 128), global_ (N, G)."""
+        self.local_mean.copy_(local.float().mean())
+        self.local_std.copy_(local.float().std().clamp_min(1e-3))
+        self.global_mean.copy_(global_.float().mean(0))
+        self.global_std.copy_(global_.float().std(0).clamp_min(1e-3))
+
+    def forward(self, local: Tensor, global_: Tensor) -> Output:
+        B, T = global_.shape[:2]
+        g = (global_.to(self.global_mean.dtype) - self.global_mean) / self.global_std
+        z = self.global_proj(g)  # (B, T, H)
+        if self.cfg.use_local_branch:
+            x = (local.to(self.local_mean.dtype) - self.local_mean) / self.local_std
+            x = self.cnn(x.reshape(B * T, PATCH_FRAMES, PATCH_BANDS))  # (B*T, cnn.out_dim)
+            z = z + self.local_proj(x).view(B, T, -1)  # (B, T, H)
+        z = self.fusion(torch.sigmoid(z))  # (B, T, H)
+        h, attn_local, attn_global = self.encoder(z)
+        h, _ = self.lstm(h)  # (B, T, 2 * lstm_hidden)
+        return Output(self.head(h), attn_local, attn_global)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,228 @@
+"""Training (plain DMER or MAML meta-training for PDMER), model selection and evaluation.
+
+Model selection uses validation listeners only; test listeners are scored once, at the
+end, with the selected checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pdmer.checkpoint import atomic_write_text, load_weights, save_weights
+from pdmer.config import ExperimentConfig, config_hash
+from pdmer.data.loading import curves_of, load_dataset, split_listeners
+from pdmer.data.types import Dataset
+from pdmer.evaluate import ListenerResult, evaluate_listener, format_table, plot_listener, summarize
+from pdmer.meta.maml import call, meta_step
+from pdmer.meta.tasks import TaskSampler, check_alignment
+from pdmer.metrics import attention_loss, emotion_loss
+from pdmer.models.dsaml import DSAML, count_parameters
+from pdmer.runs import REPO, add_file_log, prepare_run_dir, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """Everything a run needs besides the model weights."""
+
+    cfg: ExperimentConfig
+    device: torch.device
+    dataset: Dataset
+    splits: dict[str, list[str]]
+    features: dict
+
+
+def make_loss_fn(cfg: ExperimentConfig):
+    """The DSAML loss as a MAML task loss ``(model, params, buffers, batch) -> scalar``."""
+    use_attn, w = cfg.train.attention_loss, cfg.train.attention_loss_weight
+
+    def loss_fn(model, params, buffers, batch):
+        local, glob, target = batch
+        out = call(model, params, buffers, local, glob)
+        loss = emotion_loss(out.pred, target)
+        if use_attn:
+            loss = loss + w * attention_loss(out.attn_local, out.attn_global)
+        return loss
+
+    return loss_fn
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def load_features(cfg: ExperimentConfig, dataset: Dataset, progress: bool = True) -> dict:
+    from pdmer.features import extract_many
+
+    cache = Path(cfg.features.cache_dir) if cfg.features.cache_dir else REPO / "cache" / "features"
+    return extract_many(list(dataset.songs.values()), cfg.features, cache, progress=progress)
+
+
+def build_context(cfg: ExperimentConfig) -> Context:
+    device = resolve_device(cfg.runtime.device)
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
+    dataset = load_dataset(cfg.data)
+    splits = split_listeners(dataset, cfg.data)
+    features = load_features(cfg, dataset, cfg.runtime.progress)
+    check_alignment(dataset.curves, features)
+    return Context(cfg, device, dataset, splits, features)
+
+
+def build_model(ctx: Context) -> DSAML:
+    g_dim = next(iter(ctx.features.values())).global_.shape[1]
+    model = DSAML(ctx.cfg.model, g_dim)
+    train_songs = sorted({c.song_id for a in ctx.splits["train"] for c in curves_of(ctx.dataset, [a])[a]})
+    local = torch.cat([ctx.features[s].local[::7] for s in train_songs])  # subsample steps: the statistics only
+    glob = torch.cat([ctx.features[s].global_ for s in train_songs])
+    model.fit_input_stats(local, glob)
+    return model.to(ctx.device)
+
+
+def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None = None, keep_curves: bool = False) -> tuple[dict, list[ListenerResult]]:
+    """Score every listener of ``split`` (at most ``limit``); see :mod:`pdmer.evaluate`."""
+    cfg = ctx.cfg
+    listeners = ctx.splits[split][:limit] if limit else ctx.splits[split]
+    by = curves_of(ctx.dataset, listeners)
+    loss_fn = make_loss_fn(cfg)
+    results = [
+        evaluate_listener(
+            model, ctx.dataset, ctx.features, a, by[a], loss_fn, cfg.meta.inner_steps, cfg.meta.inner_lr,
+            cfg.train.seq_len, cfg.eval.hop, cfg.eval.support_songs, cfg.train.seed, keep_curves,
+        )
+        for a in listeners
+        if len(by[a]) > cfg.eval.support_songs
+    ]
+    return summarize(results), results
+
+
+def selection_metric(cfg: ExperimentConfig) -> tuple[str, str]:
+    return ("personalized" if cfg.problem == "pdmer" else "generic"), "ccc_mean"
+
+
+def train(cfg: ExperimentConfig, force: bool = False) -> Path:
+    """Train, select on validation listeners, evaluate on test listeners; returns the run folder."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    seed_everything(cfg.train.seed)
+    t0 = time.time()
+    ctx = build_context(cfg)
+    run = prepare_run_dir(cfg, ctx.device)
+    handler = add_file_log(run)
+    atomic_write_text(run / "splits.json", json.dumps({"kind": "listener-disjoint", "seed": cfg.data.split.seed, **ctx.splits}, indent=2))
+    model = build_model(ctx)
+    log.info("run %s: %s model, %d parameters, device %s", run.name, cfg.size, count_parameters(model), ctx.device)
+    sampler = TaskSampler(curves_of(ctx.dataset, ctx.splits["train"]), ctx.features, cfg.train.seq_len, np.random.default_rng(cfg.train.seed), ctx.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.outer_lr)
+    loss_fn = make_loss_fn(cfg)
+    writer = SummaryWriter(str(run / "tb"))
+    cond, metric = selection_metric(cfg)
+    best = {"iteration": -1, "value": -float("inf")}
+    meta = {"config_hash": config_hash(cfg), "experiment": cfg.name, "global_dim": model.global_dim}
+
+    def validate(it: int) -> None:
+        summary, _ = evaluate_split(model, ctx, "val", cfg.train.val_listeners_max)
+        for c, m in summary.items():
+            for k in ("ccc_mean", "ccc_arousal", "ccc_valence", "rmse_arousal", "rmse_valence"):
+                writer.add_scalar(f"val/{c}_{k}", m[k], it)
+        value = summary[cond][metric]
+        if value > best["value"]:
+            best.update(iteration=it, value=value)
+            save_weights(run / "checkpoints" / "best.safetensors", model, {**meta, "iteration": it, f"val_{cond}_{metric}": value})
+        log.info("iteration %d: val %s %s = %.4f (best %.4f at %d)", it, cond, metric, value, best["value"], best["iteration"])
+        model.train()
+
+    bar = tqdm(range(1, cfg.train.iterations + 1), desc=f"{cfg.problem} {cfg.name}", disable=not cfg.runtime.progress or None, dynamic_ncols=True)
+    model.train()
+    for it in bar:
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.problem == "pdmer":
+            tasks = [sampler.task(cfg.meta.query_songs, cfg.meta.task_sampling == "listener") for _ in range(cfg.meta.tasks_per_batch)]
+            stats = meta_step(model, tasks, loss_fn, cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.first_order)
+            loss = stats["query_loss"]
+            inner = stats["inner_losses"].cpu()  # one host sync per meta-batch
+            writer.add_scalar("train/inner_loss_first", inner[0].item(), it)
+            writer.add_scalar("train/inner_loss_last", inner[-1].item(), it)
+        else:
+            batch = sampler.dmer_batch(cfg.train.batch_songs)
+            loss = loss_fn(model, dict(model.named_parameters()), dict(model.named_buffers()), batch)
+            loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else torch.zeros(())
+        optimizer.step()
+        loss_value = float(loss)
+        writer.add_scalar("train/loss", loss_value, it)
+        writer.add_scalar("train/grad_norm", float(grad_norm), it)
+        bar.set_postfix(loss=f"{loss_value:.3f}", best=f"{best['value']:.3f}")
+        if not np.isfinite(loss_value):
+            raise FloatingPointError(f"training loss became {loss_value} at iteration {it}; lower train.outer_lr or meta.inner_lr")
+        if it % cfg.train.eval_every == 0 or it == cfg.train.iterations:
+            validate(it)
+    if best["iteration"] < 0:  # iterations == 0: evaluate the initial model
+        validate(0)
+    save_weights(run / "checkpoints" / "last.safetensors", model, {**meta, "iteration": cfg.train.iterations})
+    load_weights(run / "checkpoints" / "best.safetensors", model, {"config_hash": meta["config_hash"]})
+    results = evaluate_and_report(model, ctx, run, writer, train_seconds=time.time() - t0, best=best)
+    writer.close()
+    logging.getLogger("pdmer").removeHandler(handler)
+    return run
+
+
+def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) -> dict:
+    """Score test listeners once, write results.json / results.md / curves.png."""
+    cfg = ctx.cfg
+    t0 = time.time()
+    test, per_listener = evaluate_split(model, ctx, "test", keep_curves=True)
+    cond, metric = selection_metric(cfg)
+    results = {
+        "experiment": cfg.name,
+        "config_hash": config_hash(cfg),
+        "problem": cfg.problem,
+        "data": ctx.dataset.name,
+        "label_scale": ctx.dataset.scale,
+        "selection": {"split": "val", "condition": cond, "metric": metric},
+        "listeners": {k: len(v) for k, v in ctx.splits.items()},
+        "support_songs": cfg.eval.support_songs,
+        "test": test,
+        "gain_ccc_mean": test["personalized"]["ccc_mean"] - test["generic"]["ccc_mean"],
+        "per_listener": {
+            r.listener: {"support": r.support, **{c: {s: m for s, m in r.per_song[c].items()} for c in ("generic", "personalized")}}
+            for r in per_listener
+        },
+        "eval_seconds": time.time() - t0,
+        **extra,
+    }
+    if writer is not None:
+        for c, m in test.items():
+            for k in ("ccc_mean", "ccc_arousal", "ccc_valence"):
+                writer.add_scalar(f"test/{c}_{k}", m[k], 0)
+    atomic_write_text(run / "results.json", json.dumps(results, indent=2, default=float))
+    table = format_table(test, f"{cfg.name}: test listeners ({results['listeners']['test']}), one-shot ({cfg.eval.support_songs} support song)")
+    atomic_write_text(run / "results.md", table + "\n")
+    if cfg.eval.plot and per_listener:
+        r = max(per_listener, key=lambda r: len(r.per_song["personalized"]))
+        plot_listener(r, run / "curves.png")
+    return results
+
+
+def evaluate_run(run: Path, split: str = "test") -> dict:
+    """Re-evaluate a finished run's best checkpoint (``python run.py evaluate RUN_DIR``)."""
+    from pdmer.runs import load_run_config
+
+    cfg = load_run_config(run)
+    ctx = build_context(cfg)
+    model = build_model(ctx)
+    load_weights(Path(run) / "checkpoints" / "best.safetensors", model, {"config_hash": config_hash(cfg)})
+    if split == "test":
+        return evaluate_and_report(model, ctx, Path(run))
+    summary, _ = evaluate_split(model, ctx, split)
+    return {"experiment": cfg.name, split: summary}

@@ -1,0 +1,63 @@
+"""DSAML shapes, band masks checked through gradients, ablation switches."""
+import pytest
+import torch
+
+from pdmer.config import ModelConfig, load_config
+from pdmer.models.dsaml import DSAML, DualScaleEncoder, SpectrogramCNN, count_parameters
+
+G = 6
+
+
+def tiny(**kw):
+    base = dict(hidden=16, layers=2, heads=2, ff=16, dropout=0.0, lstm_hidden=4, head_hidden=8, local_window=2, global_window=4)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_cnn_output_size_matches_paper():
+    assert SpectrogramCNN().out_dim == 476  # 14 x 34 (dsaml.md)
+    assert SpectrogramCNN((2, 2)).out_dim < 476
+
+
+@pytest.mark.parametrize("T", [1, 7, 60])
+def test_forward_shapes(T):
+    torch.manual_seed(0)
+    m = DSAML(tiny(), G).eval()
+    out = m(torch.randn(3, T, 51, 128).half(), torch.randn(3, T, G))
+    assert out.pred.shape == (3, T, 2)
+    assert out.attn_local.shape == out.attn_global.shape == (3, T, T)
+    torch.testing.assert_close(out.attn_local.sum(-1), torch.ones(3, T))
+
+
+@pytest.mark.parametrize("which,window", [("local", 2), ("global", 4)])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_band_mask_through_gradients(which, window, layers):
+    """An encoder output step must not depend on inputs farther than layers * window."""
+    torch.manual_seed(0)
+    cfg = tiny(layers=layers, use_local_attention=which == "local", use_global_attention=which == "global")
+    enc = DualScaleEncoder(cfg).eval()
+    T, t = 25, 12
+    x = torch.randn(1, T, cfg.hidden, requires_grad=True)
+    out, _, _ = enc(x)
+    (grad,) = torch.autograd.grad(out[0, t].sum(), x)
+    dep = grad[0].abs().sum(-1) > 0  # (T,) which input steps influence step t
+    reach = layers * window
+    idx = torch.arange(T)
+    assert not dep[(idx - t).abs() > reach].any(), "output depends on inputs outside the band"
+    assert dep[(idx - t).abs() <= reach].all(), "output ignores inputs inside the band"
+
+
+def test_ablation_switches():
+    torch.manual_seed(0)
+    x = (torch.randn(2, 10, 51, 128), torch.randn(2, 10, G))
+    out = DSAML(tiny(use_local_attention=False), G).eval()(*x)
+    assert out.attn_local is None and out.attn_global is not None
+    m = DSAML(tiny(use_local_branch=False), G).eval()
+    assert not hasattr(m, "cnn")
+    assert m(*x).pred.shape == (2, 10, 2)
+
+
+def test_paper_size_is_about_30M_parameters():
+    cfg = load_config(None, ["size=paper"])
+    n = count_parameters(DSAML(cfg.model, 1024))
+    assert 28e6 < n < 33e6
