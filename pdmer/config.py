@@ -264,8 +264,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads}")
     if not (m.use_local_attention or m.use_global_attention):
         raise ConfigError("model.use_local_attention and model.use_global_attention cannot both be false")
-    if not 0.0 <= cfg.data.synthetic.carryover <= 1.0:
-        raise ConfigError(f"data.synthetic.carryover={cfg.data.synthetic.carryover} must be in [0, 1]")
+    for key in ("data.synthetic.carryover", "data.synthetic.offset_carryover"):
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be in [0, 1]")
     for key in ("meta.inner_steps", "meta.tasks_per_batch", "meta.query_songs", "train.seq_len", "train.batch_songs"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1")
