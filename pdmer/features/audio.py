@@ -7,6 +7,7 @@ problem is a :class:`~pdmer.data.types.DataError` whose message names the file.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,43 @@ def audio_duration(path: str | Path) -> float:
         raise DataError(f"{path}: cannot read audio header ({e})") from None
 
 
+RESAMPLE_CHUNK = 1 << 21  # input samples per resampling chunk (about 48 s at 44.1 kHz)
+READ_BLOCK = 1 << 20  # frames per decoding block
+
+
 def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     """Resample a mono float32 waveform with torchaudio's windowed-sinc resampler.
+
+    Long inputs are processed in chunks that overlap by far more than the filter's support,
+    which gives the numbers of one call without its large intermediate buffers.
 
     Shapes:
         wave: (n,) -> (ceil(n * new_sr / orig_sr),)
     """
-    if int(orig_sr) == int(new_sr):
-        return np.ascontiguousarray(wave, dtype=np.float32)
+    orig_sr, new_sr = int(orig_sr), int(new_sr)
+    x = np.ascontiguousarray(wave, dtype=np.float32)
+    if orig_sr == new_sr:
+        return x
+    g = math.gcd(orig_sr, new_sr)
+    o, m = orig_sr // g, new_sr // g  # output block of m samples per o input samples
+    n = len(x)
+    if n <= RESAMPLE_CHUNK:
+        with torch.no_grad():
+            return torchaudio.functional.resample(torch.from_numpy(x), orig_sr, new_sr).numpy()
+    target = -(-n * m // o)  # ceil
+    margin = o * -(-1024 // o)  # input samples, a multiple of o, >> the filter half-width (~6 / cutoff)
+    step = o * max(1, RESAMPLE_CHUNK // o)
+    out = np.empty(target, dtype=np.float32)
     with torch.no_grad():
-        out = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), int(orig_sr), int(new_sr))
-    return out.numpy()
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            a, b = max(0, s - margin), min(n, e + margin)  # a is a multiple of o: output grids align
+            y = torchaudio.functional.resample(torch.from_numpy(x[a:b]), orig_sr, new_sr).numpy()
+            j0 = s // o * m
+            j1 = target if e == n else e // o * m
+            off = (s - a) // o * m
+            out[j0:j1] = y[off : off + (j1 - j0)]
+    return out
 
 
 def check_waveform(wave: np.ndarray, name: str) -> np.ndarray:
@@ -105,9 +132,25 @@ def load_audio(path: str | Path, sample_rate: int = 44100) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: audio file not found")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            # decode block by block, mixing to mono as we go: no (n, channels) copy of a long song
+            buf = np.empty(max(int(f.frames), 0), dtype=np.float32)  # header length (an estimate for MP3)
+            pos, extra = 0, []
+            for block in f.blocks(blocksize=READ_BLOCK, dtype="float32", always_2d=True):  # (b, channels)
+                if not np.isfinite(block).all():
+                    raise DataError(f"{path}: audio contains NaN or infinite samples")
+                mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+                k = min(len(mono), len(buf) - pos)
+                buf[pos : pos + k] = mono[:k]
+                pos += k
+                if k < len(mono):
+                    extra.append(mono[k:].copy())
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: cannot decode audio, corrupt or unsupported format ({e})") from None
+    data = np.concatenate([buf[:pos], *extra]) if extra else buf[:pos]
     wave = check_waveform(data, str(path))
     if sr != sample_rate:
         log.debug("%s: resampling %d Hz -> %d Hz", path, sr, sample_rate)

@@ -69,7 +69,7 @@ from pdmer.config import FeatureConfig
 from pdmer.features.audio import resample
 from pdmer.features.local import frames_per_step, log_mel, n_steps_for, step_samples
 
-DESCRIPTOR_VERSION = "1"  # bump when the numbers change: part of the cache key
+DESCRIPTOR_VERSION = "2"  # bump when the numbers change: part of the cache key
 
 DESC_SAMPLE_RATE = 22050  # CQT rate (or the song's rate when lower)
 CQT_FRAMES_PER_STEP = 25  # 20 ms hop at 0.5 s steps
@@ -81,7 +81,7 @@ MEL_POOL_BANDS = 32
 ONSET_LAG_S = 0.02  # spectral-flux lag
 PEAK_HALF_S = 0.03  # an onset is a local maximum within +-30 ms ...
 PEAK_MEAN_HALF_S = 0.5  # ... above the +-0.5 s moving mean of the envelope ...
-PEAK_DELTA = 0.05  # ... by at least this (ln-power units)
+PEAK_DELTA = 0.3  # ... by at least this (ln-power units; stationary noise stays within ~0.1)
 TEMPO_MIN_BPM, TEMPO_MAX_BPM = 40.0, 200.0
 TEMPO_PRIOR_BPM, TEMPO_PRIOR_OCT = 120.0, 1.0
 EPS = 1e-8
@@ -240,8 +240,12 @@ def frame_features(wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | 
     centroid = np.log2(centroid / 1000.0)
     flatness = L.mean(axis=1) - np.log(np.exp(L).mean(axis=1))  # ln(geo mean / arith mean) of P + eps
 
-    blocks = np.asarray(wave[: n_steps * step_samples(cfg)], dtype=np.float64).reshape(F, cfg.hop_length)  # (F, hop)
-    rms_db = 10.0 * np.log10((blocks**2).mean(axis=1) + 1e-10)
+    blocks = np.asarray(wave[: n_steps * step_samples(cfg)]).reshape(F, cfg.hop_length)  # (F, hop) view
+    ms = np.empty(F)
+    for a in range(0, F, 6000):  # chunks: no float64 copy of a long song
+        b = blocks[a : a + 6000].astype(np.float64)
+        ms[a : a + 6000] = (b * b).mean(axis=1)
+    rms_db = 10.0 * np.log10(ms + 1e-10)
 
     # onsets: local maxima of the envelope, clearly above its local mean
     half = max(1, int(round(PEAK_HALF_S / hop_s)))

@@ -71,7 +71,7 @@ def load_embeddings(directory: str | Path, song_id: str, n_steps: int) -> np.nda
     if arr.ndim == 1:
         arr = np.broadcast_to(arr[None, :], (n_steps, arr.shape[0]))  # (D,) -> (n_steps, D)
     elif arr.shape[0] != n_steps:
-        raise DataError(f"{path}: {arr.shape[0]} embedding rows but the song has {n_steps} steps of {0.5} s")
+        raise DataError(f"{path}: {arr.shape[0]} embedding rows but the song has {n_steps} steps; expected shape ({n_steps}, D) or (D,)")
     if not np.isfinite(arr).all():
         raise DataError(f"{path}: embedding contains NaN or infinite values")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return np.array(arr, dtype=np.float32, order="C", copy=True)  # writable, detached from the file
