@@ -121,14 +121,14 @@ class MetaConfig:
     inner_lr: float = 5e-3
     inner_steps: int = 5
     first_order: bool = True
-    tasks_per_batch: int = 8
+    tasks_per_batch: int = 4
     query_songs: int = 4  # per task, drawn with replacement if the listener has fewer
     task_sampling: str = "listener"  # listener | random (ablation: tasks mix listeners)
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 300  # outer (meta-)iterations, or optimiser steps for DMER
+    iterations: int = 400  # outer (meta-)iterations, or optimiser steps for DMER
     outer_lr: float = 1e-3
     batch_songs: int = 15  # DMER batch
     seq_len: int = 60  # steps per training sequence (30 s)

@@ -67,7 +67,7 @@ from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 SAMPLE_RATE = 44100
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONSENSUS_ID = "consensus"
@@ -79,8 +79,8 @@ N_FACTORS = len(FACTORS)
 POP_WEIGHTS = np.array(
     [
         # tempo loud  bright mode  cons  register
-        [0.55, 0.40, 0.30, 0.05, 0.05, 0.10],  # arousal
-        [0.08, -0.05, 0.05, 0.40, 0.30, 0.18],  # valence
+        [0.60, 0.45, 0.20, 0.05, 0.05, 0.00],  # arousal
+        [0.08, -0.05, 0.00, 0.40, 0.30, 0.18],  # valence
     ]
 )
 BIAS = np.array([0.0, 0.0])
@@ -109,6 +109,11 @@ class FactorModel:
     # Whole songs vary more than the 45 s excerpts (DEAM: averaged curves of the full-length
     # songs move about 3-5 times more than those of the clips): section contrasts are scaled up.
     long_section_scale: float = 3.0
+    # How much each factor moves within a song (section contrasts and drift), order FACTORS.
+    # Brightness (timbre) and register (melody height) change most inside a piece; they are
+    # also the "contested" factors of ListenerModel, so individual curves move with the music
+    # while the consensus stays as flat as DEAM's averaged curves.
+    within_scale: tuple = (1.0, 1.0, 4.0, 1.0, 1.0, 4.0)
 
 
 # Loading of the shared section intensity on each factor (order FACTORS).
@@ -122,6 +127,11 @@ class ListenerModel:
     offset_sd: float = 0.22  # mean offset per label
     gain_log_sd: float = 0.35  # gain = exp(sd * z - sd^2 / 2), mean 1
     weight_sd: float = 0.20  # personal deviation from POP_WEIGHTS, per label and factor
+    # (label, factor) pairs on which listeners disagree in sign: population weight about 0,
+    # personal weight sd ``contested_weight_sd`` ("one listener hears brightness as positive,
+    # another does not"). This is what one-shot personalization can learn from the audio.
+    contested: tuple = (("valence", "brightness"), ("arousal", "register"))
+    contested_weight_sd: float = 0.45
     lag_max_s: float = 3.0  # reaction lag uniform in [0, lag_max_s]
     tau_median_s: float = 1.5  # exponential smoothing time constant, log-normal
     tau_log_sd: float = 0.6
@@ -181,7 +191,7 @@ class ListenerParams:
         return cls(
             offset=lm.offset_sd * cfg.offset_scale * z[_Z_OFFSET],
             gain=np.exp(gs * z[_Z_GAIN] - gs**2 / 2),
-            weights=lm.weight_sd * cfg.weight_scale * z[_Z_WEIGHTS].reshape(2, N_FACTORS),
+            weights=_weight_sd(lm) * cfg.weight_scale * z[_Z_WEIGHTS].reshape(2, N_FACTORS),
             lag_s=float(lm.lag_max_s * ndtr(z[_Z_LAG])),
             tau_s=float(np.clip(lm.tau_median_s * np.exp(lm.tau_log_sd * z[_Z_TAU]), lm.tau_min_s, lm.tau_max_s)),
             noise_sd=float(lm.noise_sd * cfg.noise_scale * np.exp(ns * z[_Z_NOISE] - ns**2 / 2)),
@@ -297,6 +307,14 @@ def _ramp_smooth(x: np.ndarray, n: int) -> np.ndarray:
     return (c[n:] - c[:-n]) / n
 
 
+def _weight_sd(lm: "ListenerModel") -> np.ndarray:
+    """(2, N_FACTORS) sd of the personal weight deviations."""
+    sd = np.full((2, N_FACTORS), lm.weight_sd)
+    for label, factor in lm.contested:
+        sd[LABELS.index(label), FACTORS.index(factor)] = lm.contested_weight_sd
+    return sd
+
+
 def song_factors(rng: np.random.Generator, duration_s: float, is_long: bool, fm: FactorModel = FACTOR_MODEL) -> np.ndarray:
     """Draw the factor curves of one song.
 
@@ -324,7 +342,8 @@ def song_factors(rng: np.random.Generator, duration_s: float, is_long: bool, fm:
     bounds = np.array(bounds)
     scale = fm.long_section_scale if is_long else 1.0
     intensity = rng.normal(0.0, scale * fm.intensity_sd, len(bounds))
-    dev = rng.normal(0.0, scale * fm.section_sd, (len(bounds), N_FACTORS))
+    within = np.asarray(fm.within_scale)  # (F,)
+    dev = rng.normal(0.0, scale * fm.section_sd, (len(bounds), N_FACTORS)) * within
     level = intensity[:, None] * INTENSITY_LOADING[None, :] + dev  # (n_sections, F)
     sec = np.searchsorted(bounds, t, side="right") - 1
     curves = _ramp_smooth(level[sec], int(round(fm.transition_s / STEP_S)))  # (T, F)
@@ -333,7 +352,7 @@ def song_factors(rng: np.random.Generator, duration_s: float, is_long: bool, fm:
     e = rng.standard_normal((n, N_FACTORS))
     e[1:] *= np.sqrt(1 - rho**2)
     drift, _ = lfilter([1.0], [1.0, -rho], e, axis=0, zi=np.zeros((1, N_FACTORS)))
-    curves = curves + fm.drift_sd * drift
+    curves = curves + fm.drift_sd * within * drift
     if is_long:
         intro = rng.uniform(*fm.intro_s)
         outro = rng.uniform(*fm.intro_s)

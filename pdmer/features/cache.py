@@ -250,7 +250,7 @@ class FeatureExtractor:
         wave = load_audio(path, self.cfg.sample_rate)
         n_steps = _check_long_enough(wave, self.cfg, str(path))
         local, desc = compute_features(wave, self.cfg)
-        log.info("%s: %d steps featurised in %.1f s", path.name, n_steps, time.perf_counter() - t0)
+        log.debug("%s: %d steps featurised in %.1f s", path.name, n_steps, time.perf_counter() - t0)
         if cache_file is not None:
             self._write_cache(cache_file, local, desc, path, len(wave))
         return local, desc
