@@ -28,6 +28,9 @@ def cmd_train(args) -> int:
     from pdmer.runs import run_dir_for
     from pdmer.train import train
 
+    if "=" in args.experiment:  # `train key=value ...`: overrides on the default experiment
+        args.overrides.insert(0, args.experiment)
+        args.experiment = DEFAULT_EXPERIMENT
     cfg = load_config(args.experiment, args.overrides)
     run = run_dir_for(cfg)
     if (run / "results.json").exists() and not args.force:
@@ -50,6 +53,55 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _show(path) -> str:
+    from pdmer.personal import _display
+
+    return _display(Path(path))
+
+
+def cmd_calibrate(args) -> int:
+    from pdmer.personal import ProfileError, calibrate
+
+    try:
+        prof = calibrate(
+            args.name, args.audio, args.ratings, args.model,
+            annotators_dir=args.annotators, keep_history=args.keep_history,
+            inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+        )
+    except ProfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = prof.info
+    base, ad, fit = info["base"], info["adaptation"], info["fit"]["mean"]
+    how = "given" if args.model else "the latest trained run; --model RUN_DIR picks another"
+    print(f"model: {base['run']} ({how})")
+    songs = ", ".join(f"{s['song_id']} ({s['rated_from_s']:.1f}-{s['rated_to_s']:.1f} s)" for s in info["songs"])
+    print(f"calibrated {prof.name!r} on {len(info['songs'])} song(s): {songs}; {ad['inner_steps']} inner steps at lr {ad['inner_lr']:g}")
+    print(f"fit on the support song(s), mean CCC: generic {fit['generic']['ccc_mean']:.3f} -> personal {fit['personalized']['ccc_mean']:.3f}")
+    print(f"wrote {_show(prof.path)}/")
+    for f in prof.files:
+        print(f"  {f.name}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from pdmer.personal import ProfileError, predict
+
+    try:
+        preds = predict(args.songs, args.name, args.model, out_dir=args.out, annotators_dir=args.annotators, plot=not args.no_plot)
+    except ProfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if preds:
+        how = preds[0].model_how + ("" if args.model else "; --model RUN_DIR picks another")
+        print(f"model: {_show(preds[0].model)} ({how})")
+    for p in preds:
+        kind = f"personal ({args.name}) and generic" if args.name else "generic"
+        files = ", ".join(_show(f) for f in (p.csv, p.png) if f is not None)
+        print(f"{p.song_id}: {len(p.times)} steps ({len(p.times) * 0.5:.1f} s), {kind} -> {files}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run.py",
@@ -69,6 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="runs/<experiment>-<hash>")
     e.add_argument("--split", default="test", choices=("test", "val"))
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("calibrate", help="adapt the trained model to one listener from their ratings; saves annotators/NAME/")
+    c.add_argument("--name", required=True, help="listener name: letters, digits, - and _")
+    c.add_argument("--audio", required=True, action="extend", nargs="+", metavar="SONG",
+                   help="a rated audio file (repeat for k-shot: --audio a.wav --audio b.wav); song id = file name without extension")
+    c.add_argument("--ratings", required=True, metavar="RATINGS.csv",
+                   help="song_id,annotator_id,time_s,valence,arousal (or time_s,valence,arousal for one song); any rate, values in [-1, 1]")
+    c.add_argument("--model", metavar="RUN_DIR", help="base run (default: the latest finished run in runs/)")
+    c.add_argument("--keep-history", action="store_true", help="keep a replaced profile in annotators/.history/NAME/<time>/")
+    c.add_argument("--inner-steps", type=int, help="default: the base run's meta.inner_steps")
+    c.add_argument("--inner-lr", type=float, help="default: the base run's meta.inner_lr")
+    c.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
+    c.set_defaults(func=cmd_calibrate)
+
+    pr = sub.add_parser("predict", help="valence/arousal curves (CSV + PNG) of whole songs, generic or for a calibrated listener")
+    pr.add_argument("songs", nargs="+", metavar="SONG", help="audio files")
+    pr.add_argument("--name", help="a calibrated listener: the personal curve beside the generic one")
+    pr.add_argument("--model", metavar="RUN_DIR", help="base run (default: the profile's base run, else the latest finished run)")
+    pr.add_argument("--out", metavar="DIR", help="output folder (default: predictions/)")
+    pr.add_argument("--no-plot", action="store_true", help="write the CSV files only")
+    pr.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
+    pr.set_defaults(func=cmd_predict)
     return p
 
 

@@ -42,7 +42,7 @@ class SyntheticConfig:
     max_songs_per_listener: int = 40
     # How much of a listener's personal parameters carries over from one song to the next:
     # 0 = a new random listener for every song, 1 = the same parameters on every song.
-    carryover: float = 0.5
+    carryover: float = 0.8  # 0.8 reproduces the real between-song r of slider movement (about 0.4)
     # The same for the listener's mean offsets (arousal, valence). Real listeners' mean offset
     # from the others correlates only weakly between two pieces (r < 0.1), hence the low default.
     offset_carryover: float = 0.1

@@ -67,7 +67,7 @@ from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 SAMPLE_RATE = 44100
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONSENSUS_ID = "consensus"
@@ -79,8 +79,8 @@ N_FACTORS = len(FACTORS)
 POP_WEIGHTS = np.array(
     [
         # tempo loud  bright mode  cons  register
-        [0.60, 0.45, 0.20, 0.05, 0.05, 0.00],  # arousal
-        [0.08, -0.05, 0.00, 0.40, 0.30, 0.18],  # valence
+        [0.60, 0.45, 0.10, 0.05, 0.05, 0.00],  # arousal
+        [0.08, -0.05, 0.00, 0.40, 0.30, 0.08],  # valence
     ]
 )
 BIAS = np.array([0.0, 0.0])
@@ -113,7 +113,7 @@ class FactorModel:
     # Brightness (timbre) and register (melody height) change most inside a piece; they are
     # also the "contested" factors of ListenerModel, so individual curves move with the music
     # while the consensus stays as flat as DEAM's averaged curves.
-    within_scale: tuple = (1.0, 1.0, 4.0, 1.0, 1.0, 4.0)
+    within_scale: tuple = (1.0, 1.0, 8.0, 1.0, 1.0, 8.0)
 
 
 # Loading of the shared section intensity on each factor (order FACTORS).
@@ -131,7 +131,7 @@ class ListenerModel:
     # personal weight sd ``contested_weight_sd`` ("one listener hears brightness as positive,
     # another does not"). This is what one-shot personalization can learn from the audio.
     contested: tuple = (("valence", "brightness"), ("arousal", "register"))
-    contested_weight_sd: float = 0.45
+    contested_weight_sd: float = 0.5
     lag_max_s: float = 3.0  # reaction lag uniform in [0, lag_max_s]
     tau_median_s: float = 1.5  # exponential smoothing time constant, log-normal
     tau_log_sd: float = 0.6

@@ -1,0 +1,568 @@
+"""Listener profiles: ``calibrate`` / ``predict`` (pdmer.personal and ``run.py calibrate|predict``).
+
+A tiny DSAML model is meta-trained once per session on a tiny embedded benchmark (about a
+minute on 2 CPU cores). Its listeners are *consistent* (carry-over 1 for every personal
+parameter) and differ by offset, gain, lag and smoothing only (``weight_scale=0``), the model
+uses the global branch only and a larger inner learning rate: with the default benchmark
+(personal factor weights, carry-over 0.8 / 0.1) a model this small, trained this briefly,
+shows no reliable one-shot gain, while here the gain is clear on every test listener. The
+test checks the machinery (profile -> personal curve on other songs), not the paper's number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors import safe_open
+
+from pdmer import personal
+from pdmer.checkpoint import save_weights
+from pdmer.config import config_hash, from_dict, load_config, to_dict
+from pdmer.data.loading import curves_of, load_dataset
+from pdmer.data.types import LABELS, DataError
+from pdmer.evaluate import choose_support
+from pdmer.metrics import average, song_metrics
+from pdmer.personal import ProfileError, calibrate, check_name, load_base_model, load_profile, predict
+
+REPO = Path(__file__).resolve().parents[1]
+A, V = LABELS.index("arousal"), LABELS.index("valence")
+
+
+def tiny_overrides(tmp: Path) -> list[str]:
+    return [
+        f"data.root={tmp / 'data'}",
+        "data.synthetic.n_clips=16",
+        "data.synthetic.n_long=1",
+        "data.synthetic.long_min_s=60",
+        "data.synthetic.long_max_s=70",
+        "data.synthetic.n_listeners=12",
+        "data.synthetic.min_songs_per_listener=8",
+        "data.synthetic.max_songs_per_listener=12",
+        "data.synthetic.carryover=1.0",
+        "data.synthetic.offset_carryover=1.0",
+        "data.synthetic.weight_scale=0.0",
+        "data.split.val_listeners=2",
+        "data.split.test_listeners=4",
+        "model.hidden=32",
+        "model.heads=2",
+        "model.ff=64",
+        "model.layers=1",
+        "model.lstm_hidden=16",
+        "model.head_hidden=16",
+        "model.use_local_branch=false",
+        "meta.inner_lr=0.05",
+        "train.outer_lr=3e-3",
+        "train.iterations=200",
+        "train.eval_every=200",
+        f"features.cache_dir={tmp / 'features'}",
+        f"runtime.out_dir={tmp / 'runs'}",
+        "runtime.progress=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A finished tiny run, its dataset and its listener split."""
+    from pdmer.train import train
+
+    tmp = tmp_path_factory.mktemp("personal")
+    cfg = load_config("pdmer.synthetic.dsaml", tiny_overrides(tmp))
+    run = train(cfg)
+    ds = load_dataset(cfg.data)
+    splits = json.loads((run / "splits.json").read_text())
+    return SimpleNamespace(tmp=tmp, cfg=cfg, run=run, runs=run.parent, ds=ds, splits=splits, audio=Path(cfg.data.root) / "audio")
+
+
+@pytest.fixture(scope="session")
+def base(tiny):
+    return load_base_model(tiny.run)
+
+
+def write_ratings(path: Path, curve, layout: str = "single", rate_hz: float = 2.0, annotator: str = "someone") -> Path:
+    """A ratings CSV of one curve, at ``rate_hz`` (linear interpolation of the 2 Hz curve)."""
+    t = curve.times
+    tt = np.round(np.arange(t[0], t[-1] + 1e-9, 1.0 / rate_hz), 6)
+    va = np.stack([np.interp(tt, t, curve.values[:, V]), np.interp(tt, t, curve.values[:, A])], axis=1)
+    lines = ["time_s,valence,arousal" if layout == "single" else "song_id,annotator_id,time_s,valence,arousal"]
+    for ti, (v, a) in zip(tt, va):
+        prefix = "" if layout == "single" else f"{curve.song_id},{annotator},"
+        lines.append(f"{prefix}{ti:g},{v:.5f},{a:.5f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def song(tiny, sid: str) -> Path:
+    return tiny.audio / f"{sid}.wav"
+
+
+# --------------------------------------------------------------------------------------------
+# Calibrate, then predict: the personal curve beats the generic one
+# --------------------------------------------------------------------------------------------
+
+
+def test_personal_beats_generic_on_test_listeners(tiny, base, tmp_path):
+    """One-shot calibration of each test listener, then whole-song predictions of their other songs."""
+    by = curves_of(tiny.ds, tiny.splits["test"])
+    per = {"generic": [], "personalized": []}
+    rows = []
+    for lid, curves in by.items():
+        (i,) = choose_support(curves, 1, tiny.cfg.train.seed, lid)  # the evaluation protocol's support song
+        sup = curves[i]
+        calibrate(lid, song(tiny, sup.song_id), write_ratings(tmp_path / f"{lid}.csv", sup), base=base,
+                  annotators_dir=tmp_path / "ann", plot=False)
+        queries = [c for j, c in enumerate(curves) if j != i]
+        preds = predict([song(tiny, q.song_id) for q in queries], name=lid, base=base, annotators_dir=tmp_path / "ann", write=False)
+        mine = {"generic": [], "personalized": []}
+        for q, p in zip(queries, preds):
+            assert p.song_id == q.song_id and p.personal.shape == p.generic.shape == (len(p.times), 2)
+            for cond, curve in (("generic", p.generic), ("personalized", p.personal)):
+                mine[cond].append(song_metrics(curve[q.start_step : q.end_step], q.values))
+        rows.append((lid, average(mine["generic"])["ccc_mean"], average(mine["personalized"])["ccc_mean"]))
+        for cond in per:
+            per[cond] += mine[cond]
+    g, p = average(per["generic"]), average(per["personalized"])
+    print(f"\n{len(by)} test listeners, {g['n_songs']} query songs: CCC mean generic {g['ccc_mean']:.3f} -> personal "
+          f"{p['ccc_mean']:.3f}; RMSE a/v generic {g['rmse_arousal']:.3f}/{g['rmse_valence']:.3f} -> personal "
+          f"{p['rmse_arousal']:.3f}/{p['rmse_valence']:.3f}; per listener (generic, personal): "
+          + ", ".join(f"{lid} {a:.3f} {b:.3f}" for lid, a, b in rows))
+    assert p["ccc_mean"] > g["ccc_mean"]
+    assert p["rmse_arousal"] + p["rmse_valence"] < g["rmse_arousal"] + g["rmse_valence"]
+    assert sum(b > a for _, a, b in rows) >= len(rows) - 1  # not one lucky listener
+
+
+# --------------------------------------------------------------------------------------------
+# The profile on disk
+# --------------------------------------------------------------------------------------------
+
+
+def test_calibrate_writes_a_complete_profile(tiny, base, tmp_path):
+    lid = tiny.splits["test"][0]
+    c = curves_of(tiny.ds, [lid])[lid][0]
+    ratings = write_ratings(tmp_path / "r.csv", c, rate_hz=4.0)  # any rate: resampled to 2 Hz
+    prof = calibrate("P017", song(tiny, c.song_id), ratings, tiny.run, annotators_dir=tmp_path / "ann")
+    d = tmp_path / "ann" / "P017"
+    assert prof.path == d
+    assert sorted(p.name for p in d.iterdir()) == ["fit.png", "profile.json", "ratings.csv", "weights.safetensors"]
+    assert (d / "ratings.csv").read_bytes() == ratings.read_bytes()
+    assert (d / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads((d / "profile.json").read_text())
+    assert info["name"] == "P017" and info["created"]
+    assert info["base"]["config_hash"] == config_hash(tiny.cfg) == base.config_hash
+    assert info["base"]["features_hash"] == personal.features_hash(tiny.cfg)
+    assert info["adaptation"]["inner_steps"] == tiny.cfg.meta.inner_steps
+    assert info["adaptation"]["inner_lr"] == tiny.cfg.meta.inner_lr
+    assert [s["song_id"] for s in info["songs"]] == [c.song_id]
+    assert info["songs"][0]["rated_steps"] == c.n_steps
+    fit = info["fit"]["mean"]
+    assert fit["personalized"]["ccc_mean"] > fit["generic"]["ccc_mean"]  # on the support song itself
+    with safe_open(str(d / "weights.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["pdmer"])
+        names = set(f.keys())
+    assert meta["base_config_hash"] == base.config_hash and meta["base_features_hash"] == base.features_hash
+    assert names and names <= dict(base.model.named_parameters()).keys()
+    loaded = load_profile("P017", tmp_path / "ann", base=base)
+    assert loaded.params.keys() == names
+    # the 4 Hz file was resampled to the 2 Hz curve it was made from
+    curve = personal.read_ratings(ratings, [c.song_id], "P017")[0]
+    assert curve.start_step == c.start_step
+    np.testing.assert_allclose(curve.values, c.values, atol=1e-4)
+
+
+def test_k_shot_uses_every_song(tiny, base, tmp_path):
+    lid = tiny.splits["test"][1]
+    c1, c2 = curves_of(tiny.ds, [lid])[lid][:2]
+    r1 = write_ratings(tmp_path / "a.csv", c1, layout="generic", annotator=lid)
+    r2 = write_ratings(tmp_path / "b.csv", c2, layout="generic", annotator=lid)
+    both = tmp_path / "both.csv"
+    both.write_text(r1.read_text() + "".join(r2.read_text().splitlines(True)[1:]))
+    prof = calibrate("two", [song(tiny, c1.song_id), song(tiny, c2.song_id)], both, base=base, annotators_dir=tmp_path, plot=False)
+    assert [s["song_id"] for s in prof.info["songs"]] == [c1.song_id, c2.song_id]
+    assert prof.info["adaptation"]["support_windows"] == 2
+    assert prof.info["ratings"]["annotator_id"] == lid
+    one = calibrate("one", song(tiny, c1.song_id), r1, base=base, annotators_dir=tmp_path, plot=False)
+    assert any(not torch.equal(prof.params[k], one.params[k]) for k in prof.params)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("short", r"rated over 8\.0 s only .* at least 10 s"),
+        ("nan", r"valence='nan' is not finite"),
+        ("range", r"arousal=1\.5 is outside \[-1\.05, 1\.05\]"),
+        ("beyond", r"ratings run to 49\.5 s but .*clip_\d+\.wav has 45\.0 s of audio"),
+        ("columns", r"header is 'time,valence,arousal'"),
+        ("two_listeners", r"ratings of 2 annotators \(A1, A2\)"),
+        ("other_song", r"song 'clip_999' is rated but no audio was given"),
+        ("decreasing", r"time_s=15\.0 is not after time_s=16\.0"),
+    ],
+)
+def test_bad_ratings_are_clear_errors(tiny, tmp_path, case, expected):
+    sid = "clip_000"
+    t = np.arange(15.0, 45.0, 0.5)
+    rows = [f"{x:g},0.1,-0.2" for x in t]
+    header = "time_s,valence,arousal"
+    if case == "short":
+        rows = rows[:16]  # 15.0 .. 22.5 s: 16 steps = 8 s
+    elif case == "nan":
+        rows[5] = "17.5,nan,0.1"
+    elif case == "range":
+        rows[7] = "18.5,0.2,1.5"
+    elif case == "beyond":
+        rows += [f"{x:g},0.1,-0.2" for x in np.arange(45.0, 50.0, 0.5)]
+    elif case == "columns":
+        header = "time,valence,arousal"
+    elif case == "two_listeners":
+        header = "song_id,annotator_id,time_s,valence,arousal"
+        rows = [f"{sid},A1,{r}" for r in rows] + [f"{sid},A2,{r}" for r in rows]
+    elif case == "other_song":
+        header = "song_id,annotator_id,time_s,valence,arousal"
+        rows = [f"{sid},A1,{r}" for r in rows] + [f"clip_999,A1,{r}" for r in rows]
+    elif case == "decreasing":
+        rows[3] = "15.0,0.1,0.1"
+        rows[2] = "16.0,0.1,0.1"
+    path = tmp_path / "ratings.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    with pytest.raises(DataError, match=expected) as e:
+        calibrate("L", song(tiny, sid), path, tiny.run, annotators_dir=tmp_path / "ann")
+    assert str(path) in str(e.value) or "ratings.csv" in str(e.value)
+    assert not (tmp_path / "ann" / "L").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Safety: names, pickles, mismatched base models
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "..", "../evil", "a/b", "a\\b", ".hidden", "x y", "é", "a" * 65, "/abs", "nul\x00", "example", "~root"])
+def test_names_are_checked(tiny, tmp_path, bad):
+    ann = tmp_path / "ann"
+    with pytest.raises(ProfileError, match="invalid listener name|reserved"):
+        check_name(bad)
+    with pytest.raises(ProfileError):
+        calibrate(bad, song(tiny, "clip_000"), REPO / "annotators" / "example" / "ratings.csv", tiny.run, annotators_dir=ann)
+    with pytest.raises(ProfileError):
+        predict(song(tiny, "clip_000"), name=bad, model=tiny.run, annotators_dir=ann, out_dir=tmp_path / "out")
+    assert not ann.exists() and not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize("good", ["P017", "alice", "a-b_c", "X" * 64])
+def test_good_names(good):
+    assert check_name(good) == good
+
+
+def test_pickled_weights_are_refused_never_unpickled(tiny, base, tmp_path, capsys):
+    ann = tmp_path / "ann"
+    ex = REPO / "annotators" / "example" / "ratings.csv"
+    prof = calibrate("mallory", song(tiny, "clip_000"), ex, base=base, annotators_dir=ann, plot=False)
+    w = prof.weights_path
+
+    torch.save(prof.params, w)  # a torch.save zip archive (holds a pickle)
+    with pytest.raises(ProfileError, match=r"refused, not a safetensors file \(it looks like a torch\.save"):
+        load_profile("mallory", ann)
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:  # unpickling this would create the marker file
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    w.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ProfileError, match=r"never unpickled"):
+        load_profile("mallory", ann, base=base)
+    from pdmer.cli import main
+
+    assert main(["predict", "--name", "mallory", "--annotators", str(ann), "--model", str(tiny.run),
+                 "--out", str(tmp_path / "out"), str(song(tiny, "clip_001"))]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def clone_run(run: Path, dest_root: Path, overrides: dict) -> Path:
+    """A copy of ``run`` with changed config entries (weights re-saved under the new hash)."""
+    from pdmer.models.dsaml import DSAML
+
+    d = json.loads((run / "config.json").read_text())
+    for key, value in overrides.items():
+        node = d
+        *path, last = key.split(".")
+        for k in path:
+            node = node[k]
+        node[last] = value
+    cfg = from_dict(d)
+    m = load_base_model(run).model
+    new = dest_root / f"{cfg.name}-{config_hash(cfg)}"
+    (new / "checkpoints").mkdir(parents=True)
+    (new / "config.json").write_text(json.dumps(to_dict(cfg)))
+    (new / "results.json").write_text("{}")
+    save_weights(new / "checkpoints" / "best.safetensors", m, {"config_hash": config_hash(cfg), "global_dim": m.global_dim})
+    return new
+
+
+@pytest.mark.parametrize(
+    "overrides, perturb, what",
+    [
+        ({"train.seed": 7}, False, "model config"),
+        ({"features.log_eps": 1e-5}, False, "feature configuration"),
+        ({}, True, "checkpoint"),
+    ],
+)
+def test_profile_from_another_base_model_is_refused(tiny, base, tmp_path, overrides, perturb, what):
+    ann = tmp_path / "ann"
+    calibrate("bob", song(tiny, "clip_000"), REPO / "annotators" / "example" / "ratings.csv", base=base, annotators_dir=ann, plot=False)
+    other_root = tmp_path / "other"
+    other_root.mkdir()
+    if perturb:  # same config, other weights: the run folder is a copy with a retrained checkpoint
+        other = other_root / tiny.run.name
+        shutil.copytree(tiny.run, other)
+        m = load_base_model(other).model
+        with torch.no_grad():
+            next(m.parameters()).add_(0.01)
+        save_weights(other / "checkpoints" / "best.safetensors", m, {"config_hash": base.config_hash, "global_dim": m.global_dim})
+    else:
+        other = clone_run(tiny.run, other_root, overrides)
+    other_base = load_base_model(other)
+    with pytest.raises(ProfileError, match=re.escape(what)) as e:
+        load_profile("bob", ann, base=other_base)
+    msg = str(e.value)
+    assert base.config_hash in msg and other_base.config_hash in msg  # names both models
+    assert tiny.run.name in msg
+    if "feature" in what:
+        assert base.features_hash in msg and other_base.features_hash in msg
+    with pytest.raises(ProfileError, match="different base model"):
+        predict(song(tiny, "clip_001"), name="bob", model=other, annotators_dir=ann, out_dir=tmp_path / "out")
+    # with the right model it still works
+    assert load_profile("bob", ann, base=base).name == "bob"
+
+
+# --------------------------------------------------------------------------------------------
+# Crash safety and history
+# --------------------------------------------------------------------------------------------
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_a_crash_during_calibration_leaves_the_old_profile(tiny, base, tmp_path, monkeypatch):
+    ann = tmp_path / "ann"
+    lid = tiny.splits["test"][0]
+    c1, c2 = curves_of(tiny.ds, [lid])[lid][:2]
+    calibrate("carol", song(tiny, c1.song_id), write_ratings(tmp_path / "1.csv", c1), base=base, annotators_dir=ann, plot=False)
+    before = _snapshot(ann / "carol")
+    r2 = write_ratings(tmp_path / "2.csv", c2)
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    # crash while writing the new profile (the weights are already written, the plot fails)
+    monkeypatch.setattr(personal, "_plot_fit", boom)
+    with pytest.raises(OSError, match="simulated"):
+        calibrate("carol", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann)
+    monkeypatch.undo()
+    assert _snapshot(ann / "carol") == before
+    assert sorted(p.name for p in ann.iterdir()) == ["carol"]  # no temporary folder left
+
+    # crash on the final rename: the old profile is put back
+    real_rename = os.rename
+    failed = []
+
+    def rename(src, dst):  # the rename of the new profile into place fails, once
+        if Path(dst) == ann / "carol" and not failed:
+            failed.append(src)
+            raise OSError("rename failed (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(personal.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        calibrate("carol", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann, plot=False)
+    monkeypatch.undo()
+    assert failed
+    assert _snapshot(ann / "carol") == before
+    assert sorted(p.name for p in ann.iterdir()) == ["carol"]
+
+    # killed between the two renames: the profile set aside is restored on next use
+    os.rename(ann / "carol", ann / ".carol.old-1-2")
+    assert load_profile("carol", ann, base=base).info["songs"][0]["song_id"] == c1.song_id
+    assert _snapshot(ann / "carol") == before
+
+    # a successful calibration replaces it; --keep-history keeps the old one
+    calibrate("carol", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann, plot=False, keep_history=True)
+    assert load_profile("carol", ann, base=base).info["songs"][0]["song_id"] == c2.song_id
+    (kept,) = (ann / ".history" / "carol").iterdir()
+    assert _snapshot(kept) == before
+    calibrate("carol", song(tiny, c1.song_id), write_ratings(tmp_path / "1.csv", c1), base=base, annotators_dir=ann, plot=False)
+    assert len(list((ann / ".history" / "carol").iterdir())) == 1  # without --keep-history: replaced, not kept
+    assert sorted(p.name for p in ann.iterdir()) == [".history", "carol"]
+
+
+# --------------------------------------------------------------------------------------------
+# predict: files, model choice, the command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_predict_writes_csv_and_png_and_says_which_model(tiny, tmp_path, monkeypatch, capsys):
+    from pdmer.cli import main
+
+    # an unfinished run (no results.json) is newer but never picked
+    (tiny.runs / "pdmer.unfinished-00000000" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(personal, "DEFAULT_RUNS_DIR", tiny.runs)
+    out = tmp_path / "out"
+    s = song(tiny, "clip_003")
+    assert main(["predict", str(s), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"model: {tiny.run}" in printed and "the latest trained run" in printed
+    lines = (out / "clip_003.csv").read_text().splitlines()
+    assert lines[0] == "time_s,valence,arousal"
+    assert len(lines) - 1 == 90  # 45 s at 2 Hz, the whole song
+    assert lines[1].startswith("0.0,") and lines[2].startswith("0.5,") and lines[-1].startswith("44.5,")
+    assert (out / "clip_003.png").read_bytes()[:4] == b"\x89PNG"
+    (p,) = predict(s, model=tiny.run, write=False)
+    got = np.loadtxt(out / "clip_003.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(got[:, 1], p.generic[:, V], atol=1e-4)
+    np.testing.assert_allclose(got[:, 2], p.generic[:, A], atol=1e-4)
+
+    ann = tmp_path / "ann"
+    ex = REPO / "annotators" / "example" / "ratings.csv"
+    assert main(["calibrate", "--name", "dave", "--audio", str(song(tiny, "clip_000")), "--ratings", str(ex), "--annotators", str(ann)]) == 0
+    printed = capsys.readouterr().out
+    assert "the latest trained run" in printed and "wrote" in printed and "weights.safetensors" in printed
+    assert main(["predict", "--name", "dave", str(s), "--out", str(out), "--annotators", str(ann)]) == 0
+    assert "base run of profile 'dave'" in capsys.readouterr().out
+    head = (out / "clip_003.dave.csv").read_text().splitlines()[0]
+    assert head == "time_s,valence,arousal,generic_valence,generic_arousal"
+    both = np.loadtxt(out / "clip_003.dave.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(both[:, 3:], got[:, 1:], atol=1e-4)  # the generic curve beside the personal one
+    assert np.abs(both[:, 1:3] - both[:, 3:]).max() > 1e-3
+    assert (out / "clip_003.dave.png").is_file()
+    assert main(["predict", "--name", "nobody", str(s), "--annotators", str(ann)]) == 2
+    assert "no profile 'nobody'" in capsys.readouterr().err
+    shutil.rmtree(tiny.runs / "pdmer.unfinished-00000000")
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Calibrate to a new listener", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    return [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_readme_example_commands_work(tiny, tmp_path, monkeypatch, capsys):
+    """The README's calibrate / predict example, as written, on the tiny benchmark's audio."""
+    from pdmer.cli import main
+
+    monkeypatch.setattr(personal, "DEFAULT_RUNS_DIR", tiny.runs)
+    monkeypatch.setattr(personal, "DEFAULT_ANNOTATORS_DIR", tmp_path / "annotators")
+    monkeypatch.setattr(personal, "DEFAULT_PREDICTIONS_DIR", tmp_path / "predictions")
+    monkeypatch.chdir(REPO)  # the README's paths are relative to the repository
+    songs = None
+    ran = []
+    for cmd in _readme_commands():
+        if cmd.startswith("SONGS="):
+            songs = str(tiny.audio)  # the README finds data/synthetic-*/audio; here the tiny benchmark's
+            continue
+        argv = shlex.split(cmd.replace("$SONGS", songs or "$SONGS"))
+        assert argv[:2] == [".venv/bin/python", "run.py"], cmd
+        assert main(argv[2:]) == 0, cmd
+        ran.append(argv[2])
+        capsys.readouterr()
+    assert ran[:2] == ["calibrate", "predict"]
+    name = argv[argv.index("--name") + 1]
+    assert (tmp_path / "annotators" / name / "profile.json").is_file()
+    assert list((tmp_path / "predictions").glob(f"*.{name}.csv"))
+
+
+# --------------------------------------------------------------------------------------------
+# Long songs: segment-wise features, flat memory
+# --------------------------------------------------------------------------------------------
+
+
+def _concat_clips(tiny, path: Path, n: int) -> Path:
+    parts = [sf.read(str(song(tiny, f"clip_{i:03d}")), dtype="float32")[0] for i in range(n)]
+    sf.write(str(path), np.concatenate(parts), 44100, subtype="PCM_16")
+    return path
+
+
+def test_segment_features_equal_whole_song_features(tiny, tmp_path):
+    from pdmer.features import FeatureExtractor
+
+    path = _concat_clips(tiny, tmp_path / "medley.wav", 3)  # 135 s of benchmark music
+    fx = FeatureExtractor(tiny.cfg.features, use_cache=False)
+    whole = fx(path)
+    seg = personal.song_features(path, fx, stream_min_s=0.0, core_s=30.0, margin_s=20.0)  # 5 segments
+    assert seg.n_steps == whole.n_steps == 270
+    torch.testing.assert_close(seg.local.float(), whole.local.float(), atol=1e-2, rtol=0)  # float16 patches
+    torch.testing.assert_close(seg.global_, whole.global_, atol=1e-4, rtol=1e-4)
+
+
+def _wav(path: Path, minutes: float) -> Path:
+    sr, n = 44100, int(minutes * 60 * 44100)
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(str(path), "w", sr, 1, "PCM_16") as f:
+        for s in range(0, n, sr * 10):
+            t = np.arange(s, min(s + sr * 10, n)) / sr
+            f0 = 220 * 2 ** np.sin(2 * np.pi * t / 37.0)
+            x = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / sr) * (0.6 + 0.4 * np.sin(4 * np.pi * t)) + 0.02 * rng.standard_normal(len(t))
+            f.write(x.astype(np.float32))
+    return path
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    torch.set_num_threads(1)
+    from pdmer.personal import load_base_model, predict
+    base = load_base_model(sys.argv[1], device="cpu")
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (p,) = predict(sys.argv[2], base=base, out_dir=sys.argv[3], plot=False)
+    r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"steps": len(p.times), "growth_mb": (r1 - r0) / 1024}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_predict_on_a_10_minute_file_has_flat_memory(tmp_path):
+    """Peak memory of predict grows with the song only by its features (about 13 KB per step).
+
+    A model with the local (spectrogram) branch, untrained: memory, not accuracy, is measured,
+    in a fresh process per song. The 4- and 10-minute songs are both longer than one feature
+    segment; whole-song featurisation would need about 280 MB more for the 10-minute one.
+    """
+    from pdmer.features import descriptor_dim
+    from pdmer.models.dsaml import DSAML
+
+    cfg = load_config("pdmer.synthetic.dsaml", [f"runtime.out_dir={tmp_path / 'runs'}", f"features.cache_dir={tmp_path / 'features'}"])
+    torch.manual_seed(0)
+    m = DSAML(cfg.model, descriptor_dim(cfg.features))
+    run = tmp_path / "runs" / f"{cfg.name}-{config_hash(cfg)}"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    save_weights(run / "checkpoints" / "best.safetensors", m, {"config_hash": config_hash(cfg), "global_dim": m.global_dim})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "1048576"}  # freed buffers go back to the OS
+    res = {}
+    for minutes in (4, 10):
+        wav = _wav(tmp_path / f"song_{minutes}min.wav", minutes)
+        out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(wav), str(tmp_path / "pred")],
+                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        res[minutes] = json.loads(out.stdout.strip().splitlines()[-1])
+        wav.unlink()
+    print(f"\npeak RSS growth of predict: 4 min {res[4]['growth_mb']:.0f} MB, 10 min {res[10]['growth_mb']:.0f} MB")
+    assert res[4]["steps"] == 480 and res[10]["steps"] == 1200
+    assert len((tmp_path / "pred" / "song_10min.csv").read_text().splitlines()) == 1201
+    features_mb = (1200 - 480) * (51 * 128 * 2 + 4 * descriptor_dim(cfg.features)) / 2**20  # about 9.6 MB
+    assert res[10]["growth_mb"] - res[4]["growth_mb"] < features_mb + 70
