@@ -102,6 +102,22 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    from pdmer.config import load_config
+    from pdmer.data.check import check_data, format_report
+
+    if args.root is not None and "=" in args.root and not Path(args.root).exists():  # `--format synthetic key=value`
+        args.overrides.insert(0, args.root)
+        args.root = None
+    cfg = load_config(None, args.overrides)
+    report = check_data(args.format, args.root, cfg, audio=args.audio, progress=sys.stderr.isatty())
+    print(format_report(report, verbose=args.verbose_report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"report: {args.json}")
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run.py",
@@ -143,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-plot", action="store_true", help="write the CSV files only")
     pr.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
     pr.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser("data", help="dataset tools: `data check --format deam|pmemo|generic|synthetic ROOT`")
+    dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    dc = dsub.add_parser(
+        "check", help="validate a dataset and print a summary; exit 1 listing every problem",
+        description="Read a dataset as training would and print songs, listeners, ratings per listener, labelled time, "
+        "label ranges, what was filtered and why, and every problem with its file and line or song. Exit 0 when "
+        "there is none, 1 otherwise.",
+    )
+    dc.add_argument("--format", required=True, choices=("deam", "pmemo", "generic", "synthetic"),
+                    help="deam / pmemo: the official folders; generic: audio/ + ratings.csv; synthetic: the embedded benchmark")
+    dc.add_argument("root", nargs="?", help="dataset folder (synthetic: optional, default = the default benchmark)")
+    dc.add_argument("overrides", nargs="*", help="data options, e.g. data.deam.min_songs_per_listener=10 data.pmemo.scale=deam")
+    dc.add_argument("--audio", choices=("decode", "header", "none"), default="decode",
+                    help="decode every file as training does (default), read headers only (fast), or only note missing files")
+    dc.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    dc.add_argument("--verbose-report", action="store_true", help="list every problem and every dropped item")
+    dc.set_defaults(func=cmd_data_check)
     return p
 
 

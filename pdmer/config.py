@@ -54,18 +54,61 @@ class SyntheticConfig:
 
 @dataclass
 class SplitConfig:
-    """Listener-disjoint train / validation / test split."""
+    """Train / validation / test split, written to the run folder (``splits.json``).
 
-    val_listeners: float = 0.15  # fraction (<1) or count (>=1)
-    test_listeners: float = 0.2
+    ``kind: listener`` (default): listener-disjoint; validation and test listeners never train.
+    ``kind: song``: song-disjoint; training uses train songs only, validation scores val songs,
+    test scores test songs (DEAM: its official test songs, ids 2001-2058; other data:
+    ``test_songs``). Listeners may appear in several roles (the DEAM authors' protocol).
+    """
+
+    kind: str = "listener"  # listener | song
+    val_listeners: float = 0.15  # kind=listener: fraction (<1) or count (>=1)
+    test_listeners: float = 0.2  # kind=listener
+    val_songs: float = 0.15  # kind=song: fraction (<1) or count (>=1) of the non-test songs
+    test_songs: float = 0.2  # kind=song, data without official test songs: fraction or count
     seed: int = 0
 
 
 @dataclass
+class DeamConfig:
+    """DEAM options (``pdmer.data.deam.load_deam``); the defaults are the DSAML authors' conventions."""
+
+    train_max_id: int = 2000  # ids <= this: the 45 s clips, training songs
+    test_first_id: int = 2001  # ids test_first_id..test_last_id: the full-length 2015 songs, test songs
+    test_last_id: int = 2058
+    clip_steps: Optional[int] = 60  # clip curves cut to this many steps from clip_start_s (null: whole)
+    clip_start_s: float = 15.0
+    flat_mad: Optional[float] = 0.01  # drop a curve whose mean |x - mean| over its first flat_window values is below (null: off)
+    flat_window: int = 60
+    min_songs_per_listener: int = 16  # authors: annotators with 15 songs or fewer are dropped
+    min_songs_scope: str = "all"  # all | train: which songs count towards min_songs_per_listener
+    range_tol: float = 0.01  # labels must lie in [-1 - range_tol, 1 + range_tol]
+
+
+@dataclass
+class PmemoConfig:
+    """PMEmo2019 options (``pdmer.data.pmemo.load_pmemo``)."""
+
+    scale: str = "native"  # native: [0, 1] as published | deam: 2x - 1, onto DEAM's [-1, 1]
+    range_tol: float = 1e-6
+
+
+@dataclass
+class GenericConfig:
+    """The generic layout (``pdmer.data.generic.load_generic``)."""
+
+    scale: str = "deam"  # deam: values about [-1, 1] | unit: [0, 1]
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | generic
-    root: str = ""  # generic: dataset folder; synthetic: cache folder ("" = data/synthetic-<hash>)
+    source: str = "synthetic"  # synthetic | generic | deam | pmemo
+    root: str = ""  # generic / deam / pmemo: dataset folder; synthetic: cache folder ("" = data/synthetic-<hash>)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    generic: GenericConfig = field(default_factory=GenericConfig)
+    deam: DeamConfig = field(default_factory=DeamConfig)
+    pmemo: PmemoConfig = field(default_factory=PmemoConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     min_songs_per_listener: int = 2  # a task needs a support song and at least one query song
 
@@ -118,7 +161,9 @@ PAPER_MODEL = dict(
 class MetaConfig:
     """MAML over per-listener tasks (PDMER)."""
 
-    inner_lr: float = 5e-3
+    inner_lr: float = 5e-3  # the inner SGD rate (the initial value when learn_inner_lr)
+    # MAML++ "LSLR": one learned inner rate per parameter tensor, meta-learned by the outer loop
+    learn_inner_lr: bool = False
     inner_steps: int = 5
     first_order: bool = True
     tasks_per_batch: int = 4
@@ -143,6 +188,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     support_songs: int = 1  # k-shot
+    # test protocol: songs = support on `support_songs` whole songs, queries on the listener's other
+    # (test) songs; within_song = the DEAM authors': per (test song, listener), support = the first
+    # train.seq_len steps of that song, query = the rest of it. Validation always uses `songs`.
+    protocol: str = "songs"  # songs | within_song
     hop: int = 30  # sliding-window hop in steps for songs longer than seq_len
     plot: bool = True
 
@@ -174,7 +223,12 @@ class ExperimentConfig:
 CHOICES = {
     "problem": ("pdmer", "dmer"),
     "size": ("small", "paper"),
-    "data.source": ("synthetic", "generic"),
+    "data.source": ("synthetic", "generic", "deam", "pmemo"),
+    "data.split.kind": ("listener", "song"),
+    "data.generic.scale": ("deam", "unit"),
+    "data.deam.min_songs_scope": ("all", "train"),
+    "data.pmemo.scale": ("native", "deam"),
+    "eval.protocol": ("songs", "within_song"),
     "features.global_encoder": ("descriptor", "embeddings"),
     "meta.task_sampling": ("listener", "random"),
 }
@@ -272,6 +326,15 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key} must be >= 1")
     if cfg.train.iterations < 0:
         raise ConfigError("train.iterations must be >= 0")
+    d = cfg.data.deam
+    if d.test_last_id < d.test_first_id or d.test_first_id <= d.train_max_id:
+        raise ConfigError(f"data.deam: test ids {d.test_first_id}..{d.test_last_id} must be a non-empty range above "
+                          f"train_max_id={d.train_max_id}")
+    if d.clip_steps is not None and d.clip_steps < 1:
+        raise ConfigError("data.deam.clip_steps must be >= 1 (or null to keep whole curves)")
+    for key in ("data.split.val_songs", "data.split.test_songs", "data.split.val_listeners", "data.split.test_listeners"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -293,8 +356,39 @@ def config_hash(cfg: ExperimentConfig) -> str:
     d = to_dict(cfg)
     d.pop("runtime")
     d.pop("name")
+    _drop_inactive(d)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:8]
+
+
+# Keys added after runs were first hashed: hashed only when they differ from these values, so a
+# run made before they existed keeps its folder and its checkpoints' hash (same config, same hash).
+_HASHED_IF_NOT = {
+    ("data", "split", "kind"): "listener",
+    ("data", "split", "val_songs"): 0.15,
+    ("data", "split", "test_songs"): 0.2,
+    ("eval", "protocol"): "songs",
+    ("data", "generic", "scale"): "deam",
+}
+
+
+def _drop_inactive(d: dict) -> None:
+    """Remove from a config dict what cannot change a result: the options of unused data sources."""
+    data = d["data"]
+    for source in ("generic", "deam", "pmemo"):
+        if data.get("source") != source:
+            data.pop(source, None)
+    for path, default in _HASHED_IF_NOT.items():
+        parent = d
+        for k in path[:-1]:
+            parent = parent.get(k, {})
+        if path[-1] in parent and parent[path[-1]] == default:
+            parent.pop(path[-1])
+            if not parent and len(path) > 1:  # an option group left empty
+                grand = d
+                for k in path[:-2]:
+                    grand = grand[k]
+                grand.pop(path[-2])
 
 
 def from_dict(d: dict) -> ExperimentConfig:

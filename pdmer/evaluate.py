@@ -135,33 +135,91 @@ def evaluate_listener(
     support_songs: int = 1,
     seed: int = 0,
     keep_curves: bool = False,
+    queries: list[Curve] | None = None,
 ) -> ListenerResult:
-    """Score one listener: support song(s) -> adapted model; every other song is a query."""
+    """Score one listener: support song(s) -> adapted model; every other song is a query.
+
+    ``queries`` given (song-disjoint split): the support is drawn from ``curves`` (the
+    listener's train-song curves) and only ``queries`` (their val / test songs) are scored.
+    """
     idx = choose_support(curves, support_songs, seed, listener)
     support = [curves[i] for i in idx]
-    queries = [c for i, c in enumerate(curves) if i not in idx]
+    if queries is None:
+        queries = [c for i, c in enumerate(curves) if i not in idx]
     device = next(model.parameters()).device
     model.eval()
     params, _ = adapt(model, support_batch(support, features, seq_len, device), support_loss_fn(loss_fn), inner_steps, inner_lr)
     per_song: dict[str, dict] = {c: {} for c in CONDITIONS}
     kept: dict[str, dict] = {c: {} for c in (*CONDITIONS, "ratings")}
     for q in queries:
-        f = features[q.song_id]
-        preds = {
-            "generic": predict_curve(model, f, q, seq_len, hop),
-            "personalized": predict_curve(model, f, q, seq_len, hop, params),
-        }
-        if dataset.consensus and q.song_id in dataset.consensus:
-            preds["consensus"] = _aligned(dataset.consensus[q.song_id], q)
-        if dataset.oracle and (listener, q.song_id) in dataset.oracle:
-            preds["oracle"] = _aligned(dataset.oracle[(listener, q.song_id)], q)
-        for cond, p in preds.items():
-            per_song[cond][q.song_id] = song_metrics(p, q.values)
-            if keep_curves:
-                kept[cond][q.song_id] = p
-        if keep_curves:
-            kept["ratings"][q.song_id] = q.values
+        _score_query(model, dataset, features, listener, q, params, seq_len, hop, per_song, kept, keep_curves)
     return ListenerResult(listener, [c.song_id for c in support], per_song, kept)
+
+
+def evaluate_within_song(
+    model: nn.Module,
+    dataset: Dataset,
+    features: dict,
+    listener: str,
+    curves: list[Curve],
+    loss_fn,
+    inner_steps: int,
+    inner_lr: float,
+    seq_len: int,
+    hop: int,
+    keep_curves: bool = False,
+    min_query_steps: int = 2,
+) -> ListenerResult | None:
+    """The DEAM authors' test protocol for one listener (dsaml.md, 'Data').
+
+    For each of the listener's curves longer than ``seq_len + min_query_steps - 1`` steps: the
+    model is adapted on the curve's first ``seq_len`` steps (30 s) and scored on the rest of that
+    song. Curves too short to leave a query are skipped.
+
+    Returns:
+        ListenerResult (``support`` lists "song[first N steps]"), or None when no curve is long enough.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    per_song: dict[str, dict] = {c: {} for c in CONDITIONS}
+    kept: dict[str, dict] = {c: {} for c in (*CONDITIONS, "ratings")}
+    support_names = []
+    for c in curves:
+        if c.n_steps < seq_len + min_query_steps:
+            continue
+        support = Curve(c.song_id, c.annotator_id, c.start_step, c.values[:seq_len])
+        query = Curve(c.song_id, c.annotator_id, c.start_step + seq_len, c.values[seq_len:])
+        params, _ = adapt(model, support_batch([support], features, seq_len, device), support_loss_fn(loss_fn), inner_steps, inner_lr)
+        _score_query(model, dataset, features, listener, query, params, seq_len, hop, per_song, kept, keep_curves)
+        support_names.append(f"{c.song_id}[first {seq_len} steps]")
+    if not support_names:
+        return None
+    return ListenerResult(listener, support_names, per_song, kept)
+
+
+def _score_query(model, dataset: Dataset, features: dict, listener: str, q: Curve, params: Params, seq_len: int, hop: int,
+                 per_song: dict, kept: dict, keep_curves: bool) -> None:
+    """Predict one query curve (generic and personalized; consensus and oracle when known) and score it."""
+    f = features[q.song_id]
+    preds = {
+        "generic": predict_curve(model, f, q, seq_len, hop),
+        "personalized": predict_curve(model, f, q, seq_len, hop, params),
+    }
+    # the consensus as a prediction of a listener's ratings (not of itself: PMEmo's only "listener")
+    if dataset.consensus and q.song_id in dataset.consensus and listener != "consensus" and _covers(dataset.consensus[q.song_id], q):
+        preds["consensus"] = _aligned(dataset.consensus[q.song_id], q)
+    if dataset.oracle and (listener, q.song_id) in dataset.oracle:
+        preds["oracle"] = _aligned(dataset.oracle[(listener, q.song_id)], q)
+    for cond, p in preds.items():
+        per_song[cond][q.song_id] = song_metrics(p, q.values)
+        if keep_curves:
+            kept[cond][q.song_id] = p
+    if keep_curves:
+        kept["ratings"][q.song_id] = q.values
+
+
+def _covers(reference: Curve, target: Curve) -> bool:
+    return reference.start_step <= target.start_step and target.end_step <= reference.end_step
 
 
 def _aligned(reference: Curve, target: Curve) -> np.ndarray:

@@ -280,6 +280,13 @@ def load_base_model(model: str | Path | None = None, runs_dir: str | Path | None
 
             g_dim = FeatureExtractor(cfg.features).global_dim
         net = DSAML(cfg.model, int(g_dim))
+        from safetensors import safe_open
+
+        from pdmer.meta.maml import LR_PREFIX, attach_inner_lrs
+
+        with safe_open(str(ckpt), framework="pt") as f:
+            if any(k.startswith(LR_PREFIX) for k in f.keys()):  # meta-learned inner rates (meta.learn_inner_lr)
+                attach_inner_lrs(net, cfg.meta.inner_lr)
         load_weights(ckpt, net, {"config_hash": chash})
     except SafetensorError as e:
         raise ProfileError(f"{ckpt}: not a safetensors checkpoint ({e})") from None
@@ -460,7 +467,10 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
                     w.writerow(([v for _, v in add] + row) if any(x.strip() for x in row) else [])
         curves = _read_curves(src, problems, scale, True, set()) or {}
         problems.items = [m.replace(str(src), str(path)) for m in problems.items]
-    problems.raise_if_any(path)
+    try:
+        problems.raise_if_any(path)
+    except DataError as e:
+        raise DataError(str(e).replace(f"in dataset {path}", f"in ratings {path}", 1)) from None
 
     by_song: dict[str, Curve] = {}
     errors = []
@@ -486,17 +496,25 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
     return [by_song[s] for s in songs]
 
 
-def _check_fits_audio(curves: list[Curve], feats: dict, audio: dict[str, Path], ratings: Path) -> None:
-    errors = []
-    for c in curves:
-        n = feats[c.song_id].n_steps
-        if c.end_step > n:
-            errors.append(
-                f"song {c.song_id!r}: ratings run to {(c.end_step - 1) * STEP_S:.1f} s but {audio[c.song_id]} has "
-                f"{n * STEP_S:.1f} s of audio (its last 0.5 s step starts at {(n - 1) * STEP_S:.1f} s)"
-            )
-    if errors:
-        raise DataError(f"ratings {ratings} go beyond the audio:\n" + "\n".join(f"  - {e}" for e in errors))
+def _fit_to_audio(curves: list[Curve], feats: dict, audio: dict[str, Path], ratings: Path) -> tuple[list[Curve], list[dict]]:
+    """The datasets' rule (:func:`pdmer.data.check.fit_to_audio`): ratings must lie inside the audio.
+
+    A last rating inside the audio's final, partial step costs that one step (recorded); ratings
+    running further are an error naming the audio file and both lengths.
+    """
+    from pdmer.data.check import fit_to_audio
+    from pdmer.data.types import Song
+
+    fitted, trimmed, problems = fit_to_audio(curves, {s: f.n_steps for s, f in feats.items()}, {s: Song(s, p) for s, p in audio.items()})
+    if problems:
+        raise DataError(f"ratings {ratings} go beyond the audio:\n" + "\n".join(f"  - {m}" for m in problems))
+    short = [c for c in fitted if c.n_steps * STEP_S < MIN_RATED_S]
+    if short:
+        raise DataError(f"ratings {ratings}: song {short[0].song_id!r} has {short[0].n_steps * STEP_S:.1f} s rated inside its audio; "
+                        f"at least {MIN_RATED_S:g} s are needed")
+    for t in trimmed:
+        log.info("%s: %s", t.get("song_id"), t.get("reason"))
+    return fitted, trimmed
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,6 +601,10 @@ def _plot_fit(path: Path, curves: list[Curve], generic: dict, personal: dict, fi
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _json_default(o):
+    return str(o) if isinstance(o, Path) else float(o)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -679,7 +701,7 @@ def calibrate(
         DataError: bad audio or ratings (see :func:`read_ratings`), ratings beyond the audio.
     """
     from pdmer.evaluate import predict_steps, support_loss_fn
-    from pdmer.meta.maml import adapt, split_state
+    from pdmer.meta.maml import LR_PREFIX, adapt, split_state
     from pdmer.metrics import average, song_metrics
     from pdmer.train import make_loss_fn
 
@@ -705,13 +727,14 @@ def calibrate(
         raise ValueError(f"inner_steps ({steps}) must be >= 1 and inner_lr ({lr}) > 0")
 
     feats = {sid: base.features(p) for sid, p in audio_map.items()}
-    _check_fits_audio(curves, feats, audio_map, ratings)
+    curves, trimmed = _fit_to_audio(curves, feats, audio_map, ratings)
 
     net = base.model.eval()
     t0 = time.perf_counter()
     support = _support_batches(curves, feats, cfg.train.seq_len, base.device)
     params, losses = adapt(net, support, support_loss_fn(make_loss_fn(cfg)), steps, lr)
-    start, _ = split_state(net)
+    start, rest = split_state(net)
+    learned_lr = any(k.startswith(LR_PREFIX) for k in rest)
     changed = {k: v.cpu() for k, v in params.items() if not torch.equal(v, start[k].detach())}
     log.info("%s: adapted in %.1f s, %d steps at lr %g, support loss %.4f -> %.4f",
              name, time.perf_counter() - t0, steps, lr, float(losses[0]), float(losses[-1]))
@@ -742,6 +765,7 @@ def calibrate(
         "adaptation": {
             "inner_steps": steps,
             "inner_lr": lr,
+            "inner_lr_learned": learned_lr,  # True: the base run's meta-learned per-tensor rates were used, not inner_lr
             "first_order": True,
             "loss": "DSAML loss of the base run: 1 - mean(CCC, PCC, 1 - RMSE) over arousal and valence"
                     + (" + diagonal attention loss" if cfg.train.attention_loss else ""),
@@ -763,6 +787,7 @@ def calibrate(
             }
             for c in curves
         ],
+        "trimmed": trimmed,
         "ratings": {"file": RATINGS_FILE, "source": str(ratings), "annotator_id": curves[0].annotator_id, "scale": "deam", "rate_hz": 1 / STEP_S},
         "fit": fit,
         "files": {"weights": WEIGHTS_FILE, "ratings": RATINGS_FILE, "plot": FIT_FILE if plot else None},
@@ -778,7 +803,7 @@ def calibrate(
         shutil.copyfile(ratings, tmp / RATINGS_FILE)
         if plot:
             _plot_fit(tmp / FIT_FILE, curves, generic, personal, fit, name)
-        (tmp / PROFILE_FILE).write_text(json.dumps(info, indent=2, default=float))
+        (tmp / PROFILE_FILE).write_text(json.dumps(info, indent=2, default=_json_default))
         _fsync_tree(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp made it private
         kept = _install(tmp, dest, keep_history)

@@ -1,7 +1,7 @@
 """Training (plain DMER or MAML meta-training for PDMER), model selection and evaluation.
 
-Model selection uses validation listeners only; test listeners are scored once, at the
-end, with the selected checkpoint.
+Model selection uses validation listeners (or, with ``data.split.kind=song``, validation
+songs) only; the test split is scored once, at the end, with the selected checkpoint.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from torch import nn
 
 from pdmer.checkpoint import atomic_write_text, load_weights, save_weights
 from pdmer.config import ExperimentConfig, config_hash
-from pdmer.data.loading import curves_of, load_dataset, split_listeners
-from pdmer.data.types import Dataset
-from pdmer.evaluate import ListenerResult, evaluate_listener, format_table, plot_listener, summarize
-from pdmer.meta.maml import call, meta_step
-from pdmer.meta.tasks import TaskSampler, check_alignment
+from pdmer.data.loading import MIN_QUERY_STEPS, load_dataset, make_splits, role_curves
+from pdmer.data.types import Curve, DataError, Dataset
+from pdmer.evaluate import ListenerResult, evaluate_listener, evaluate_within_song, format_table, plot_listener, summarize
+from pdmer.meta.maml import attach_inner_lrs, call, meta_step, split_state
+from pdmer.data.check import fit_to_audio
+from pdmer.meta.tasks import TaskSampler
 from pdmer.metrics import attention_loss, emotion_loss
 from pdmer.models.dsaml import DSAML, count_parameters
 from pdmer.runs import REPO, add_file_log, prepare_run_dir, resolve_device
@@ -36,8 +37,21 @@ class Context:
     cfg: ExperimentConfig
     device: torch.device
     dataset: Dataset
-    splits: dict[str, list[str]]
+    splits: dict[str, list[str]]  # listeners: "train", "val", "test", "excluded"
     features: dict
+    songs: dict[str, list[str]] | None = None  # song-disjoint split: "train", "val", "test" song ids
+
+    def split_record(self) -> dict:
+        """What ``splits.json`` holds: kind, seed, protocol, the listener lists (and song lists)."""
+        kind = "song-disjoint" if self.songs is not None else "listener-disjoint"
+        out = {"kind": kind, "seed": self.cfg.data.split.seed, "protocol": self.cfg.eval.protocol, **self.splits}
+        if self.songs is not None:
+            out["songs"] = self.songs
+        return out
+
+    def train_curves(self) -> dict[str, list[Curve]]:
+        """Training listeners' curves the model may learn from (train songs only in a song split)."""
+        return {a: pool for a, (pool, _) in role_curves(self.dataset, self.splits["train"], self.songs, "train").items()}
 
 
 def make_loss_fn(cfg: ExperimentConfig):
@@ -60,48 +74,102 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def load_features(cfg: ExperimentConfig, dataset: Dataset, progress: bool = True) -> dict:
-    from pdmer.features import extract_many
+def load_features(cfg: ExperimentConfig, dataset: Dataset, progress: bool = True, problems: list[str] | None = None) -> dict:
+    """Features of every song (cached).
+
+    Every bad audio file (missing, corrupt, undecodable, silent) is listed, naming the file: in
+    ``problems`` when given (the bad songs are left out), else in one DataError.
+    """
+    from tqdm.auto import tqdm
+
+    from pdmer.features import FeatureExtractor
 
     cache = Path(cfg.features.cache_dir) if cfg.features.cache_dir else REPO / "cache" / "features"
-    return extract_many(list(dataset.songs.values()), cfg.features, cache, progress=progress)
+    fx = FeatureExtractor(cfg.features, cache)
+    out, found = {}, []
+    for song in tqdm(list(dataset.songs.values()), desc="features", unit="song", disable=not progress or None):
+        try:
+            out[song.song_id] = fx(song)
+        except DataError as e:
+            found.append(str(e))
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        raise DataError(f"{len(found)} audio file(s) cannot be used:\n  " + "\n  ".join(found))
+    return out
 
 
 def build_context(cfg: ExperimentConfig) -> Context:
+    """Load and check the labels, split them, featurise the audio and fit the curves to it.
+
+    Bad data stops here, before any training, with the messages of ``python run.py data check``
+    (labels: every problem with its file and line; audio: every missing, undecodable, silent or
+    too short file, by name). A curve whose last step the audio covers only in part loses that
+    step, logged and counted in results.json (``pdmer.data.check.fit_to_audio``).
+    """
     device = resolve_device(cfg.runtime.device)
     if cfg.runtime.threads > 0:
         torch.set_num_threads(cfg.runtime.threads)
     dataset = load_dataset(cfg.data)
-    splits = split_listeners(dataset, cfg.data)
-    features = load_features(cfg, dataset, cfg.runtime.progress)
-    check_alignment(dataset.curves, features)
-    return Context(cfg, device, dataset, splits, features)
+    split_args = (cfg.data, cfg.eval.support_songs, cfg.eval.protocol, cfg.train.seq_len)
+    splits, songs = make_splits(dataset, *split_args)  # fails fast, before the audio work
+    problems: list[str] = []
+    features = load_features(cfg, dataset, cfg.runtime.progress, problems)
+    decoded = [c for c in dataset.curves if c.song_id in features]
+    fitted, trimmed, found = fit_to_audio(decoded, {s: f.n_steps for s, f in features.items()}, dataset.songs)
+    problems += found
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) with the audio of {dataset.name}:\n  " + "\n  ".join(problems))
+    if trimmed:  # the audio ends inside a curve's last step: that step is cut, and said so
+        dataset.curves = [c for c in fitted if c.n_steps > 0]
+        dataset.info.setdefault("dropped", []).extend(trimmed)
+        log.warning("%d curve(s) end in a 0.5 s step that their audio does not cover whole; that last step is cut "
+                    "(e.g. song %s, %s)", len(trimmed), trimmed[0]["song_id"], trimmed[0]["reason"])
+        splits, songs = make_splits(dataset, *split_args)  # curve lengths changed
+    dataset.info["fitted_to_audio"] = len(trimmed)
+    return Context(cfg, device, dataset, splits, features, songs)
 
 
 def build_model(ctx: Context) -> DSAML:
     g_dim = next(iter(ctx.features.values())).global_.shape[1]
     model = DSAML(ctx.cfg.model, g_dim)
-    train_songs = sorted({c.song_id for a in ctx.splits["train"] for c in curves_of(ctx.dataset, [a])[a]})
+    train_songs = sorted({c.song_id for cs in ctx.train_curves().values() for c in cs})
     local = torch.cat([ctx.features[s].local[::7] for s in train_songs])  # subsample steps: the statistics only
     glob = torch.cat([ctx.features[s].global_ for s in train_songs])
     model.fit_input_stats(local, glob)
+    if ctx.cfg.problem == "pdmer" and ctx.cfg.meta.learn_inner_lr:
+        attach_inner_lrs(model, ctx.cfg.meta.inner_lr)
     return model.to(ctx.device)
 
 
 def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None = None, keep_curves: bool = False) -> tuple[dict, list[ListenerResult]]:
-    """Score every listener of ``split`` (at most ``limit``); see :mod:`pdmer.evaluate`."""
+    """Score every listener of ``split`` (at most ``limit``); see :mod:`pdmer.evaluate`.
+
+    Listener split: each listener's support song(s) and queries are among all their songs.
+    Song split: support from their train songs, queries on the split's songs only.
+    ``eval.protocol=within_song`` (test only): support = the first ``train.seq_len`` steps of
+    each query song, query = the rest of it.
+    """
     cfg = ctx.cfg
     listeners = ctx.splits[split][:limit] if limit else ctx.splits[split]
-    by = curves_of(ctx.dataset, listeners)
+    pools = role_curves(ctx.dataset, listeners, ctx.songs, split)
     loss_fn = make_loss_fn(cfg)
-    results = [
-        evaluate_listener(
-            model, ctx.dataset, ctx.features, a, by[a], loss_fn, cfg.meta.inner_steps, cfg.meta.inner_lr,
-            cfg.train.seq_len, cfg.eval.hop, cfg.eval.support_songs, cfg.train.seed, keep_curves,
-        )
-        for a in listeners
-        if len(by[a]) > cfg.eval.support_songs
-    ]
+    k, results = cfg.eval.support_songs, []
+    for a in listeners:
+        pool, queries = pools[a]
+        if cfg.eval.protocol == "within_song" and split == "test":
+            r = evaluate_within_song(model, ctx.dataset, ctx.features, a, pool if queries is None else queries, loss_fn,
+                                     cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.train.seq_len, cfg.eval.hop, keep_curves,
+                                     MIN_QUERY_STEPS)
+            if r is not None:
+                results.append(r)
+        elif (len(pool) > k) if queries is None else (len(pool) >= k and queries):
+            results.append(evaluate_listener(
+                model, ctx.dataset, ctx.features, a, pool, loss_fn, cfg.meta.inner_steps, cfg.meta.inner_lr,
+                cfg.train.seq_len, cfg.eval.hop, k, cfg.train.seed, keep_curves, queries,
+            ))
+    if not results:
+        raise DataError(f"no {split} listener can be scored (split {ctx.split_record()['kind']}, protocol {cfg.eval.protocol})")
     return summarize(results), results
 
 
@@ -119,10 +187,10 @@ def train(cfg: ExperimentConfig, force: bool = False) -> Path:
     ctx = build_context(cfg)
     run = prepare_run_dir(cfg, ctx.device)
     handler = add_file_log(run)
-    atomic_write_text(run / "splits.json", json.dumps({"kind": "listener-disjoint", "seed": cfg.data.split.seed, **ctx.splits}, indent=2))
+    atomic_write_text(run / "splits.json", json.dumps(ctx.split_record(), indent=2))
     model = build_model(ctx)
     log.info("run %s: %s model, %d parameters, device %s", run.name, cfg.size, count_parameters(model), ctx.device)
-    sampler = TaskSampler(curves_of(ctx.dataset, ctx.splits["train"]), ctx.features, cfg.train.seq_len, np.random.default_rng(cfg.train.seed), ctx.device)
+    sampler = TaskSampler(ctx.train_curves(), ctx.features, cfg.train.seq_len, np.random.default_rng(cfg.train.seed), ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.outer_lr)
     loss_fn = make_loss_fn(cfg)
     writer = SummaryWriter(str(run / "tb"))
@@ -155,7 +223,7 @@ def train(cfg: ExperimentConfig, force: bool = False) -> Path:
             writer.add_scalar("train/inner_loss_last", inner[-1].item(), it)
         else:
             batch = sampler.dmer_batch(cfg.train.batch_songs)
-            loss = loss_fn(model, dict(model.named_parameters()), dict(model.named_buffers()), batch)
+            loss = loss_fn(model, *split_state(model), batch)
             loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else torch.zeros(())
         optimizer.step()
@@ -189,8 +257,11 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
         "problem": cfg.problem,
         "data": ctx.dataset.name,
         "label_scale": ctx.dataset.scale,
+        "curves_cut_to_audio": ctx.dataset.info.get("fitted_to_audio", 0),
         "selection": {"split": "val", "condition": cond, "metric": metric},
         "listeners": {k: len(v) for k, v in ctx.splits.items()},
+        "split": {"kind": ctx.split_record()["kind"], "protocol": cfg.eval.protocol,
+                  **({"songs": {k: len(v) for k, v in ctx.songs.items()}} if ctx.songs is not None else {})},
         "support_songs": cfg.eval.support_songs,
         "test": test,
         "gain_ccc_mean": test["personalized"]["ccc_mean"] - test["generic"]["ccc_mean"],
@@ -206,7 +277,13 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
             for k in ("ccc_mean", "ccc_arousal", "ccc_valence"):
                 writer.add_scalar(f"test/{c}_{k}", m[k], 0)
     atomic_write_text(run / "results.json", json.dumps(results, indent=2, default=float))
-    table = format_table(test, f"{cfg.name}: test listeners ({results['listeners']['test']}), one-shot ({cfg.eval.support_songs} support song)")
+    if cfg.eval.protocol == "within_song":
+        how = f"support: the first {cfg.train.seq_len} steps of each test song, query: the rest"
+    else:
+        how = f"one-shot ({cfg.eval.support_songs} support song)"
+    songs = f", {len(ctx.songs['test'])} test songs" if ctx.songs is not None else ""
+    table = format_table(test, f"{cfg.name}: test listeners ({results['listeners']['test']}{songs}), {how}; labels on the "
+                               f"{ctx.dataset.scale} scale")
     atomic_write_text(run / "results.md", table + "\n")
     if cfg.eval.plot and per_listener:
         r = max(per_listener, key=lambda r: len(r.per_song["personalized"]))

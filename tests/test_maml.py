@@ -102,3 +102,57 @@ def test_adapt_leaves_model_untouched_and_lowers_support_loss():
         after = loss_fn(model, adapted, buffers, support)
     assert losses.shape == (10,)
     assert after < losses[0]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_learned_inner_lr_gradient_matches_finite_differences(first_order):
+    """MAML++ per-tensor rates: d(query loss)/d(log lr) by autograd equals finite differences.
+
+    For first-order MAML the inner gradients are constants, but the adapted parameters still
+    depend on the rates (theta' = theta - exp(a) * g), so the rates get an exact gradient.
+    """
+    from pdmer.meta.maml import LR_PREFIX, attach_inner_lrs
+
+    model = tiny_model()
+    model.eval()
+    attach_inner_lrs(model, 0.1)
+    support, query = batch(1, B=1), batch(2, B=2)
+    model.zero_grad()
+    meta_step(model, [(support, query)], loss_fn, 2, 0.1, first_order)
+    names = [k for k, _ in model.named_parameters() if k.startswith(LR_PREFIX)][:6]
+    eps = 1e-6
+    # the unperturbed inner trajectory's gradients (the constants of first-order MAML)
+    params0, buffers0 = split_state(model)
+    traj_steps = {k: [] for k in params0}
+    cur = {k: v.detach().requires_grad_() for k, v in params0.items()}
+    for _ in range(2):
+        grads = torch.autograd.grad(loss_fn(model, cur, buffers0, support), tuple(cur.values()))
+        rates = {k: buffers0[LR_PREFIX + k.replace(".", "__")].exp().detach() for k in cur}
+        for (k, v), g in zip(cur.items(), grads):
+            traj_steps[k].append(g)
+        cur = {k: (v - rates[k] * g).detach().requires_grad_() for (k, v), g in zip(cur.items(), grads)}
+
+    def rate_of(k):
+        return dict(model.named_parameters())[LR_PREFIX + k.replace(".", "__")].detach().exp()
+
+    for name in names:
+        p = dict(model.named_parameters())[name]
+        analytic = p.grad.item()
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                p += sign * eps
+            params, buffers = split_state(model)
+            if first_order:
+                # first-order: the inner gradients are constants taken on the unperturbed trajectory
+                adapted = {k: v.detach() - sum(traj_steps[k]) * rate_of(k) for k, v in params.items()}
+                values.append(loss_fn(model, adapted, buffers, query).item())
+            else:
+                with torch.enable_grad():
+                    start = {k: v.detach().requires_grad_() for k, v in params.items()}
+                    adapted, _ = inner_loop(model, start, {k: v.detach() for k, v in buffers.items()}, support, loss_fn, 2, 0.1, False)
+                    values.append(loss_fn(model, adapted, buffers, query).item())
+            with torch.no_grad():
+                p -= sign * eps
+        numeric = (values[0] - values[1]) / (2 * eps)
+        assert analytic == pytest.approx(numeric, rel=1e-4, abs=1e-8), name

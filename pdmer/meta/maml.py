@@ -19,15 +19,45 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 Params = dict[str, Tensor]
+LR_PREFIX = "inner_log_lr."  # learned per-tensor inner learning rates (MAML++ "LSLR"), never adapted
 # loss(model, params, buffers, batch) -> scalar tensor
 TaskLoss = Callable[[nn.Module, Params, Params, tuple], Tensor]
 
 
 def split_state(model: nn.Module) -> tuple[Params, Params]:
-    """The model's trainable parameters (as live leaves) and its buffers."""
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    buffers = dict(model.named_buffers())
+    """The parameters that adaptation changes (live leaves) and everything else the forward needs.
+
+    Learned inner learning rates (``inner_log_lr.*``) are passed with the buffers: they set the
+    inner loop's step sizes and are meta-learned, but never adapted themselves.
+    """
+    params, buffers = {}, dict(model.named_buffers())
+    for k, p in model.named_parameters():
+        if k.startswith(LR_PREFIX):
+            buffers[k] = p
+        elif p.requires_grad:
+            params[k] = p
     return params, buffers
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def attach_inner_lrs(model: nn.Module, init_lr: float) -> None:
+    """Give ``model`` one learnable log learning rate per parameter tensor (MAML++'s LSLR).
+
+    They are registered as ``model.inner_log_lr`` so they are saved with the weights and
+    optimised by the outer loop; :func:`inner_loop` uses them instead of a fixed rate.
+    """
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad and not k.startswith(LR_PREFIX)]
+    model.inner_log_lr = nn.ParameterDict(
+        {_safe(k): nn.Parameter(torch.tensor(float(init_lr), dtype=p.dtype, device=p.device).log()) for k, p in named}
+    )
+
+
+def step_sizes(buffers: Params, params: Params, lr: float) -> dict[str, Tensor | float]:
+    """Per-parameter inner step sizes: learned ones when the model has them, else ``lr``."""
+    return {k: buffers[LR_PREFIX + _safe(k)].exp() if LR_PREFIX + _safe(k) in buffers else lr for k in params}
 
 
 def call(model: nn.Module, params: Params, buffers: Params, *args, **kwargs):
@@ -54,17 +84,18 @@ def inner_loop(
         support: the support batch handed to ``loss_fn``.
         loss_fn: task loss.
         steps: number of SGD steps.
-        lr: inner learning rate.
+        lr: inner learning rate (ignored for tensors with a learned rate, see attach_inner_lrs).
         first_order: if False, keep the graph of each inner gradient (second-order MAML).
 
     Returns:
         (adapted params, (steps,) detached inner losses before each step).
     """
     losses = []
+    rates = step_sizes(buffers, params, lr)
     for _ in range(steps):
         loss = loss_fn(model, params, buffers, support)
         grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=not first_order, allow_unused=True)
-        params = {k: (p if g is None else p - lr * g) for (k, p), g in zip(params.items(), grads)}
+        params = {k: (p if g is None else p - rates[k] * g) for (k, p), g in zip(params.items(), grads)}
         losses.append(loss.detach())
     if not losses:
         return params, torch.zeros(0)
@@ -83,6 +114,7 @@ def adapt(
     The returned parameters are detached; the model itself is left untouched.
     """
     params, buffers = split_state(model)
+    buffers = {k: v.detach() for k, v in buffers.items()}
     start = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
         adapted, losses = inner_loop(model, start, buffers, support, loss_fn, steps, lr, first_order=True)

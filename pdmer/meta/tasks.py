@@ -21,20 +21,23 @@ log = logging.getLogger(__name__)
 Batch = tuple[Tensor, Tensor, Tensor]  # local (B, L, 51, 128), global (B, L, G), target (B, L, 2)
 
 
-def check_alignment(curves: list[Curve], features: dict) -> None:
-    """Every curve must lie inside its song's feature steps (labels never outrun the audio)."""
-    problems = []
-    for c in curves:
-        f = features.get(c.song_id)
-        if f is None:
-            problems.append(f"song {c.song_id!r} (annotator {c.annotator_id!r}): no features (audio missing?)")
-        elif c.start_step < 0 or c.end_step > f.n_steps:
-            problems.append(
-                f"song {c.song_id!r} (annotator {c.annotator_id!r}): ratings cover {c.start_step * 0.5:.1f}-{c.end_step * 0.5:.1f} s "
-                f"but the audio has {f.n_steps * 0.5:.1f} s"
-            )
+def check_alignment(curves: list[Curve], features: dict, songs: dict | None = None) -> None:
+    """Every curve must lie inside its song's feature steps (labels never outrun the audio).
+
+    Args:
+        curves: the rated curves.
+        features: song id -> SongFeatures.
+        songs: song id -> Song, to name the audio file in the error (``Dataset.songs``).
+
+    Raises:
+        DataError: listing every song whose audio is missing or shorter than its ratings, one
+            line each, naming the audio file (the same lines as ``python run.py data check``).
+    """
+    from pdmer.data.check import alignment_problems
+
+    problems = alignment_problems(curves, {s: f.n_steps for s, f in features.items()}, songs)
     if problems:
-        raise DataError("ratings do not fit the audio:\n  " + "\n  ".join(problems))
+        raise DataError(f"{len(problems)} song(s) whose ratings do not fit the audio:\n  " + "\n  ".join(problems))
 
 
 def make_batch(crops: list[tuple[Curve, int, int]], features: dict, device: torch.device | str = "cpu") -> Batch:
