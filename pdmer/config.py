@@ -369,6 +369,7 @@ _HASHED_IF_NOT = {
     ("data", "split", "test_songs"): 0.2,
     ("eval", "protocol"): "songs",
     ("data", "generic", "scale"): "deam",
+    ("meta", "learn_inner_lr"): False,
 }
 
 

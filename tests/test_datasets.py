@@ -26,7 +26,7 @@ from pdmer.data.check import alignment_problems, check_data, fit_to_audio
 from pdmer.data.deam import AUDIO_DIR, AVERAGED_DIR, RATERS_DIR, load_deam
 from pdmer.data.loading import deam_options, load_dataset, make_splits
 from pdmer.data.pmemo import DYNAMIC_FILE, STATIC_FILE, load_pmemo
-from pdmer.data.types import Curve, DataError, Song
+from pdmer.data.types import Curve, DataError, Dataset, Song
 from pdmer.features import FeatureExtractor, load_audio
 from pdmer.meta.tasks import check_alignment
 
@@ -146,6 +146,23 @@ def test_song_split_deam_uses_the_official_test_songs(session_tmp):
         make_splits(ds, cfg.data, 1, "within_song", 60)
     listener_split, none = make_splits(ds, load_config(None, ["data.split.val_listeners=1", "data.split.test_listeners=1"]).data)
     assert none is None and len(listener_split["test"]) == 1 and not set(listener_split["train"]) & set(listener_split["test"])
+
+
+def test_song_split_without_official_test_songs(tmp_path):
+    curves = [Curve(f"s{k}", f"L{j}", 0, np.zeros((30, 2))) for j in range(3) for k in range(10) if (j + k) % 4]
+    ds = Dataset("mem", tmp_path, {f"s{k}": Song(f"s{k}", tmp_path / f"s{k}.wav") for k in range(10)}, curves)
+    cfg = load_config(None, ["data.split.kind=song", "data.split.test_songs=0.3", "data.split.val_songs=2"]).data
+    listeners, songs = make_splits(ds, cfg)
+    assert [len(songs[k]) for k in ("train", "val", "test")] == [5, 2, 3]
+    assert sorted(songs["train"] + songs["val"] + songs["test"]) == sorted(ds.songs)
+    for a in listeners["test"]:  # a test listener has a support song among the train songs and a test song
+        mine = {c.song_id for c in curves if c.annotator_id == a}
+        assert mine & set(songs["train"]) and mine & set(songs["test"])
+    cfg.split.seed = 1
+    assert make_splits(ds, cfg)[1] != songs
+    cfg.split.test_songs = 0
+    with pytest.raises(DataError, match="test: 0"):
+        make_splits(ds, cfg)
 
 
 # --------------------------------------------------------------------------------------------- data check
