@@ -17,6 +17,12 @@ def _print_results(run: Path) -> None:
     res = json.loads((run / "results.json").read_text())
     if "gain_ccc_mean" in res:
         print(f"personalization gain (test, mean CCC): {res['gain_ccc_mean']:+.3f}")
+        g = res.get("gain_per_listener") or {}
+        if g:
+            print(
+                f"  per listener: {g['mean']:+.3f} (95% bootstrap CI {g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}), "
+                f"{g['listeners_improved']} of {g['listeners']} listeners improved"
+            )
     print(f"run folder: {run}")
     for name in ("results.json", "curves.png", "tb", "checkpoints/best.safetensors"):
         if (run / name).exists():
@@ -76,7 +82,8 @@ def cmd_calibrate(args) -> int:
     how = "given" if args.model else "the latest trained run; --model RUN_DIR picks another"
     print(f"model: {base['run']} ({how})")
     songs = ", ".join(f"{s['song_id']} ({s['rated_from_s']:.1f}-{s['rated_to_s']:.1f} s)" for s in info["songs"])
-    print(f"calibrated {prof.name!r} on {len(info['songs'])} song(s): {songs}; {ad['inner_steps']} inner steps at lr {ad['inner_lr']:g}")
+    print(f"calibrated {prof.name!r} on {len(info['songs'])} song(s): {songs}; {ad['inner_steps']} inner steps at "
+          + ("the run's learned rates" if ad.get("inner_lr_learned") else f"lr {ad['inner_lr']:g}"))
     print(f"fit on the support song(s), mean CCC: generic {fit['generic']['ccc_mean']:.3f} -> personal {fit['personalized']['ccc_mean']:.3f}")
     print(f"wrote {_show(prof.path)}/")
     for f in prof.files:
@@ -116,6 +123,30 @@ def cmd_data_check(args) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
         print(f"report: {args.json}")
     return 0 if report["ok"] else 1
+
+
+def cmd_sweep(args) -> int:
+    import optuna
+
+    from pdmer.sweep import run_sweep
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # pdmer logs each trial itself
+    res = run_sweep(args.sweep, trials=args.trials, storage=args.storage, study_name=args.study, overrides=args.overrides)
+    c, best = res.counts, res.summary["best"]
+    print(f"\nsweep {res.study_name}: {c['complete'] + c['pruned']} of {res.requested} trials finished "
+          f"({c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed); this process ran {len(res.ran)}")
+    print(f"storage: {res.storage}")
+    if best:
+        print(f"best: trial {best['trial']}, {res.summary['objective']['metric']} = {best['value']:.4f}: "
+              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()))
+    print(f"sweep folder: {res.sweep_dir}")
+    for name in ("summary.md", "summary.json", "best.yaml", "optimization_history.png", "parallel_coordinate.png",
+                 "intermediate_values.png", "param_importances.png", "trials"):
+        if (res.sweep_dir / name).exists():
+            print(f"  {name}")
+    if best:
+        print(f"train the best configuration: python run.py train {res.sweep_dir / 'best.yaml'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     dc.add_argument("--verbose-report", action="store_true", help="list every problem and every dropped item")
     dc.set_defaults(func=cmd_data_check)
+
+    sw = sub.add_parser(
+        "sweep", help="hyperparameter sweep with optuna (experiments/sweeps/*.yaml); run it again to continue",
+        description="Run trials (each a normal run folder) until the study has N finished (complete or pruned) trials, "
+        "pruning poor ones at validation, then write runs/sweeps/<study>/: summary.md/.json, plots and best.yaml. "
+        "The same command continues an interrupted sweep; several processes or machines share a study through --storage.",
+    )
+    sw.add_argument("sweep", help="name in experiments/sweeps/ (e.g. pdmer.synthetic.dsaml) or a YAML path")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides of the base experiment for every trial, e.g. train.iterations=100")
+    sw.add_argument("--trials", type=int, metavar="N", help="finished trials the study should have (default: the sweep file's trials)")
+    sw.add_argument("--storage", metavar="URL", help="optuna RDB URL, e.g. postgresql+psycopg2://user:password@host/db "
+                    "(default: SQLite runs/sweeps/<study>/study.db)")
+    sw.add_argument("--study", metavar="NAME", help="study name (default: the sweep file's name)")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -240,6 +240,34 @@ def summarize(results: list[ListenerResult]) -> dict[str, dict[str, float]]:
     return out
 
 
+def paired_gain(results: list[ListenerResult], metric: str = "ccc_mean", n_boot: int = 10000, seed: int = 0) -> dict:
+    """Personalized minus generic, per listener (mean over their query songs), then over listeners.
+
+    The listener is the unit of the bootstrap (query songs of one listener are not independent).
+
+    Returns:
+        {"mean", "ci95": [lo, hi], "listeners_improved", "listeners"}; empty when undefined.
+    """
+    gains = []
+    for r in results:
+        g, p = r.per_song["generic"], r.per_song["personalized"]
+        songs = [s for s in g if s in p and np.isfinite(g[s][metric]) and np.isfinite(p[s][metric])]
+        if songs:
+            gains.append(np.mean([p[s][metric] - g[s][metric] for s in songs]))
+    if not gains:
+        return {}
+    gains = np.asarray(gains)
+    rng = np.random.default_rng(seed)
+    boot = gains[rng.integers(0, len(gains), size=(n_boot, len(gains)))].mean(1)
+    return {
+        "metric": metric,
+        "mean": float(gains.mean()),
+        "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+        "listeners_improved": int((gains > 0).sum()),
+        "listeners": int(len(gains)),
+    }
+
+
 def format_table(summary: dict[str, dict[str, float]], title: str = "") -> str:
     """A Markdown table: one row per condition."""
     cols = ["ccc_mean", "ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence"]

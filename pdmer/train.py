@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from pdmer.checkpoint import atomic_write_text, load_weights, save_weights
 from pdmer.config import ExperimentConfig, config_hash
 from pdmer.data.loading import MIN_QUERY_STEPS, load_dataset, make_splits, role_curves
 from pdmer.data.types import Curve, DataError, Dataset
-from pdmer.evaluate import ListenerResult, evaluate_listener, evaluate_within_song, format_table, plot_listener, summarize
+from pdmer.evaluate import ListenerResult, evaluate_listener, paired_gain, evaluate_within_song, format_table, plot_listener, summarize
 from pdmer.meta.maml import attach_inner_lrs, call, meta_step, split_state
 from pdmer.data.check import fit_to_audio
 from pdmer.meta.tasks import TaskSampler
@@ -173,12 +174,23 @@ def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None
     return summarize(results), results
 
 
+VAL_METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "rmse_arousal", "rmse_valence")  # logged as val/<condition>_<metric>
+
+
 def selection_metric(cfg: ExperimentConfig) -> tuple[str, str]:
     return ("personalized" if cfg.problem == "pdmer" else "generic"), "ccc_mean"
 
 
-def train(cfg: ExperimentConfig, force: bool = False) -> Path:
-    """Train, select on validation listeners, evaluate on test listeners; returns the run folder."""
+def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[int, dict], None] | None = None,
+          hparams: dict | None = None) -> Path:
+    """Train, select on validation listeners, evaluate on test listeners; returns the run folder.
+
+    ``on_validate(iteration, summary)``, when given, is called after each validation with its
+    ``{condition: {metric: value}}`` (a sweep reports and prunes from it). An exception it raises
+    (e.g. ``optuna.TrialPruned``) ends training: the run folder gets ``stopped.json`` (iteration,
+    reason, validation scores) and the exception propagates. ``hparams`` go to tensorboard's HParams
+    view with the selected checkpoint's validation scores (``best_val/<condition>_<metric>``).
+    """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
@@ -186,6 +198,7 @@ def train(cfg: ExperimentConfig, force: bool = False) -> Path:
     t0 = time.time()
     ctx = build_context(cfg)
     run = prepare_run_dir(cfg, ctx.device)
+    (run / "stopped.json").unlink(missing_ok=True)  # left by an earlier, stopped attempt
     handler = add_file_log(run)
     atomic_write_text(run / "splits.json", json.dumps(ctx.split_record(), indent=2))
     model = build_model(ctx)
@@ -196,19 +209,31 @@ def train(cfg: ExperimentConfig, force: bool = False) -> Path:
     writer = SummaryWriter(str(run / "tb"))
     cond, metric = selection_metric(cfg)
     best = {"iteration": -1, "value": -float("inf")}
+    selected: dict = {}  # validation summary of the best (selected) checkpoint
     meta = {"config_hash": config_hash(cfg), "experiment": cfg.name, "global_dim": model.global_dim}
 
     def validate(it: int) -> None:
         summary, _ = evaluate_split(model, ctx, "val", cfg.train.val_listeners_max)
         for c, m in summary.items():
-            for k in ("ccc_mean", "ccc_arousal", "ccc_valence", "rmse_arousal", "rmse_valence"):
+            for k in VAL_METRICS:
                 writer.add_scalar(f"val/{c}_{k}", m[k], it)
         value = summary[cond][metric]
         if value > best["value"]:
             best.update(iteration=it, value=value)
+            selected.update(summary)
             save_weights(run / "checkpoints" / "best.safetensors", model, {**meta, "iteration": it, f"val_{cond}_{metric}": value})
         log.info("iteration %d: val %s %s = %.4f (best %.4f at %d)", it, cond, metric, value, best["value"], best["iteration"])
         model.train()
+        if on_validate is not None:
+            try:
+                on_validate(it, summary)
+            except BaseException as e:  # e.g. a pruned sweep trial: leave the run folder in a clear state
+                atomic_write_text(run / "stopped.json", json.dumps(
+                    {"iteration": it, "reason": type(e).__name__, "message": str(e), "val": summary}, indent=2, default=float))
+                writer.close()
+                logging.getLogger("pdmer").removeHandler(handler)
+                handler.close()
+                raise
 
     bar = tqdm(range(1, cfg.train.iterations + 1), desc=f"{cfg.problem} {cfg.name}", disable=not cfg.runtime.progress or None, dynamic_ncols=True)
     model.train()
@@ -240,6 +265,9 @@ def train(cfg: ExperimentConfig, force: bool = False) -> Path:
     save_weights(run / "checkpoints" / "last.safetensors", model, {**meta, "iteration": cfg.train.iterations})
     load_weights(run / "checkpoints" / "best.safetensors", model, {"config_hash": meta["config_hash"]})
     results = evaluate_and_report(model, ctx, run, writer, train_seconds=time.time() - t0, best=best)
+    if hparams:
+        scores = {f"best_val/{c}_{k}": float(m[k]) for c, m in selected.items() for k in VAL_METRICS}
+        writer.add_hparams(hparams, scores, run_name=".")  # "." = this run's own tb/ folder
     writer.close()
     logging.getLogger("pdmer").removeHandler(handler)
     return run
@@ -265,6 +293,7 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
         "support_songs": cfg.eval.support_songs,
         "test": test,
         "gain_ccc_mean": test["personalized"]["ccc_mean"] - test["generic"]["ccc_mean"],
+        "gain_per_listener": paired_gain(per_listener),
         "per_listener": {
             r.listener: {"support": r.support, **{c: {s: m for s, m in r.per_song[c].items()} for c in ("generic", "personalized")}}
             for r in per_listener

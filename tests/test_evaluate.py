@@ -56,3 +56,19 @@ def test_support_choice_is_deterministic_and_listener_specific():
     assert a == choose_support(curves, 1, 0, "L001")
     assert len({tuple(choose_support(curves, 1, 0, f"L{i:03d}")) for i in range(20)}) > 3
     assert len(choose_support(curves, 3, 0, "L001")) == 3
+
+
+def test_paired_gain_by_listener():
+    from pdmer.evaluate import ListenerResult, paired_gain
+
+    def result(name, gains):
+        per = {"generic": {}, "personalized": {}}
+        for i, g in enumerate(gains):
+            per["generic"][f"s{i}"] = {"ccc_mean": 0.1}
+            per["personalized"][f"s{i}"] = {"ccc_mean": 0.1 + g}
+        return ListenerResult(name, ["x"], per, {})
+
+    out = paired_gain([result("a", [0.1, 0.3]), result("b", [-0.1]), result("c", [0.2])], n_boot=2000)
+    assert out["mean"] == pytest.approx((0.2 - 0.1 + 0.2) / 3)
+    assert out["listeners_improved"] == 2 and out["listeners"] == 3
+    assert out["ci95"][0] <= out["mean"] <= out["ci95"][1]
