@@ -21,7 +21,7 @@ def song_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
         pred, target: (T, 2) arrays, columns (arousal, valence).
 
     Returns:
-        ``{"rmse_arousal": ..., "pcc_arousal": ..., "ccc_arousal": ..., ... valence}``.
+        ``{"rmse_arousal": ..., "pcc_arousal": ..., "ccc_arousal": ..., ... valence, "ccc_mean": ...}``.
         PCC is NaN when either curve is constant (undefined); CCC stays defined.
     """
     pred = np.asarray(pred, dtype=np.float64)
@@ -37,6 +37,7 @@ def song_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
         out[f"pcc_{label}"] = float(cov / (sp * st)) if sp > 0 and st > 0 else float("nan")
         denom = sp**2 + st**2 + (p.mean() - t.mean()) ** 2
         out[f"ccc_{label}"] = float(2 * cov / denom) if denom > 0 else float("nan")
+    out["ccc_mean"] = (out["ccc_arousal"] + out["ccc_valence"]) / 2
     return out
 
 
