@@ -788,7 +788,7 @@ def calibrate(
             for c in curves
         ],
         "trimmed": trimmed,
-        "ratings": {"file": RATINGS_FILE, "source": str(ratings), "annotator_id": curves[0].annotator_id, "scale": "deam", "rate_hz": 1 / STEP_S},
+        "ratings": {"file": RATINGS_FILE, "source": str(ratings), "annotator_id": curves[0].annotator_id, "scale": "deam", "resampled_to_hz": 1 / STEP_S},
         "fit": fit,
         "files": {"weights": WEIGHTS_FILE, "ratings": RATINGS_FILE, "plot": FIT_FILE if plot else None},
     }
