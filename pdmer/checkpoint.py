@@ -67,3 +67,24 @@ def load_weights(path: Path, model: nn.Module, expect: dict | None = None) -> di
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit the model: {e}") from None
     return meta
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Save named tensors and a JSON header to one safetensors file, atomically (write, then rename).
+
+    A process killed at any moment leaves either the previous file or the new one, never a
+    partial file under ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"pdmer": json.dumps(meta or {}, default=float)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and JSON header written by :func:`save_tensors`."""
+    return load_file(str(path), device=device), read_meta(path)

@@ -43,9 +43,39 @@ def cmd_train(args) -> int:
         print(f"{run.name} has already finished with this exact config (use --force to train again):\n")
         _print_results(run)
         return 0
-    run = train(cfg)
+    run = train(cfg, resume=args.resume)
     print()
     _print_results(run)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from pdmer.reproduce import reproduce
+
+    from pdmer.config import ConfigError
+
+    seeds = None
+    if args.seeds is not None:  # `--seeds 0 1 2 key=value`: the overrides may follow the seeds
+        args.overrides += [a for a in args.seeds if "=" in a]
+        try:
+            seeds = [int(a) for a in args.seeds if "=" not in a]
+        except ValueError:
+            raise ConfigError(f"--seeds takes integers, got {args.seeds}") from None
+    out = reproduce(args.experiment, seeds, args.overrides, resume=args.resume)
+    print()
+    print((out / "table.md").read_text())
+    print(f"reproduction folder: {out}")
+    for name in ("table.md", "table.json"):
+        print(f"  {name}")
+    print("update experiments/README.md: python run.py tables")
+    return 0
+
+
+def cmd_tables(args) -> int:
+    from pdmer.reproduce import write_experiments_readme
+
+    path, n, measured = write_experiments_readme(args.runs)
+    print(f"wrote {path}: {n} experiments, {measured} with results")
     return 0
 
 
@@ -162,7 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT, help="name in experiments/ (e.g. pdmer.synthetic.dsaml) or a YAML path")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iterations=50 model.hidden=64")
     t.add_argument("--force", action="store_true", help="train again even if this exact config already finished")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last training state (checkpoints/state/), with the same result")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser(
+        "reproduce", help="train and evaluate one experiment for each seed; table of mean ± std in runs/reproduce/",
+        description="Train and evaluate EXPERIMENT once per training seed (train.seed; data and split fixed), then "
+        "write runs/reproduce/<experiment>-<hash>/table.md and table.json with every test metric's mean and standard "
+        "deviation. Finished seeds are reused; --resume continues an interrupted seed from its last training state.",
+    )
+    r.add_argument("experiment", help="name in experiments/ (e.g. pdmer.synthetic.no_local_branch) or a YAML path")
+    r.add_argument("overrides", nargs="*", help="dotted overrides for every seed, e.g. train.iterations=100")
+    r.add_argument("--seeds", nargs="+", metavar="S", help="training seeds (default: 0 1 2)")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted seed from its last training state")
+    r.set_defaults(func=cmd_reproduce)
+
+    tb = sub.add_parser("tables", help="regenerate experiments/README.md from the reproductions' table.json files")
+    tb.add_argument("--runs", metavar="DIR", help="runs folder to read (default: runs/)")
+    tb.set_defaults(func=cmd_tables)
 
     e = sub.add_parser("evaluate", help="re-evaluate a finished run's best checkpoint")
     e.add_argument("run_dir", help="runs/<experiment>-<hash>")

@@ -6,6 +6,8 @@ Reported conditions:
 
 - ``generic``: the model without adaptation (one curve for every listener);
 - ``personalized``: the model after the inner loop on the support song(s);
+- ``offset``: offset-only personalization, no training: the generic curve shifted by the
+  listener's mean error of the generic model on the support sequence(s) (per dimension);
 - ``consensus``: the population's averaged curve, when the dataset knows it (the best a
   listener-blind prediction of the ratings could aim at);
 - ``oracle``: the listener's own noise-free curve, when known (synthetic data): the best
@@ -30,7 +32,7 @@ from pdmer.metrics import average, song_metrics
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = ("generic", "personalized", "consensus", "oracle")
+CONDITIONS = ("generic", "personalized", "offset", "consensus", "oracle")
 
 
 def window_starts(n: int, length: int, hop: int) -> list[int]:
@@ -113,6 +115,20 @@ def support_loss_fn(loss_fn):
     return f
 
 
+def support_offset(model: nn.Module, features: dict, curves: list[Curve], seq_len: int, hop: int) -> np.ndarray:
+    """Mean (ratings - generic prediction) over the support sequences: the ``offset`` condition's shift.
+
+    The support sequences are those the inner loop adapts on (the first ``seq_len`` steps of
+    each support curve). Returns a (2,) float32 array (arousal, valence).
+    """
+    errors = []
+    for c in curves:
+        n = min(seq_len, c.n_steps)
+        pred = predict_steps(model, features[c.song_id], c.start_step, c.start_step + n, seq_len, hop)  # (n, 2)
+        errors.append(c.values[:n] - pred)
+    return np.concatenate(errors).mean(0).astype(np.float32)
+
+
 @dataclass
 class ListenerResult:
     listener: str
@@ -149,10 +165,11 @@ def evaluate_listener(
     device = next(model.parameters()).device
     model.eval()
     params, _ = adapt(model, support_batch(support, features, seq_len, device), support_loss_fn(loss_fn), inner_steps, inner_lr)
+    offset = support_offset(model, features, support, seq_len, hop)
     per_song: dict[str, dict] = {c: {} for c in CONDITIONS}
     kept: dict[str, dict] = {c: {} for c in (*CONDITIONS, "ratings")}
     for q in queries:
-        _score_query(model, dataset, features, listener, q, params, seq_len, hop, per_song, kept, keep_curves)
+        _score_query(model, dataset, features, listener, q, params, seq_len, hop, per_song, kept, keep_curves, offset)
     return ListenerResult(listener, [c.song_id for c in support], per_song, kept)
 
 
@@ -190,7 +207,8 @@ def evaluate_within_song(
         support = Curve(c.song_id, c.annotator_id, c.start_step, c.values[:seq_len])
         query = Curve(c.song_id, c.annotator_id, c.start_step + seq_len, c.values[seq_len:])
         params, _ = adapt(model, support_batch([support], features, seq_len, device), support_loss_fn(loss_fn), inner_steps, inner_lr)
-        _score_query(model, dataset, features, listener, query, params, seq_len, hop, per_song, kept, keep_curves)
+        offset = support_offset(model, features, [support], seq_len, hop)
+        _score_query(model, dataset, features, listener, query, params, seq_len, hop, per_song, kept, keep_curves, offset)
         support_names.append(f"{c.song_id}[first {seq_len} steps]")
     if not support_names:
         return None
@@ -198,13 +216,15 @@ def evaluate_within_song(
 
 
 def _score_query(model, dataset: Dataset, features: dict, listener: str, q: Curve, params: Params, seq_len: int, hop: int,
-                 per_song: dict, kept: dict, keep_curves: bool) -> None:
-    """Predict one query curve (generic and personalized; consensus and oracle when known) and score it."""
+                 per_song: dict, kept: dict, keep_curves: bool, offset: np.ndarray | None = None) -> None:
+    """Predict one query curve (generic, personalized, offset; consensus and oracle when known) and score it."""
     f = features[q.song_id]
     preds = {
         "generic": predict_curve(model, f, q, seq_len, hop),
         "personalized": predict_curve(model, f, q, seq_len, hop, params),
     }
+    if offset is not None:
+        preds["offset"] = preds["generic"] + offset
     # the consensus as a prediction of a listener's ratings (not of itself: PMEmo's only "listener")
     if dataset.consensus and q.song_id in dataset.consensus and listener != "consensus" and _covers(dataset.consensus[q.song_id], q):
         preds["consensus"] = _aligned(dataset.consensus[q.song_id], q)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pdmer.checkpoint import atomic_write_text, load_weights, save_weights
+from pdmer.checkpoint import CheckpointError, atomic_write_text, load_tensors, load_weights, save_tensors, save_weights
 from pdmer.config import ExperimentConfig, config_hash
 from pdmer.data.loading import MIN_QUERY_STEPS, load_dataset, make_splits, role_curves
 from pdmer.data.types import Curve, DataError, Dataset
@@ -174,6 +175,66 @@ def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None
     return summarize(results), results
 
 
+STATE_FILE = Path("checkpoints") / "state" / "latest.safetensors"  # full training state, relative to the run folder
+
+
+def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: TaskSampler, meta: dict) -> None:
+    """Everything needed to continue training exactly: weights, optimiser moments, every RNG.
+
+    One safetensors file (tensors only, never pickle) written atomically: a kill at any moment
+    leaves the previous state or the new one. ``meta`` (JSON) carries the iteration, the best
+    validation score so far and the RNG states that are not tensors.
+    """
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, st in optimizer.state_dict()["state"].items():
+        for name, v in st.items():
+            tensors[f"optim.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = st
+    np_state = np.random.get_state()
+    rng = {
+        "sampler": sampler.rng.bit_generator.state,
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    save_tensors(path, tensors, {**meta, "rng": rng})
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: TaskSampler,
+                        expect: dict) -> dict:
+    """Restore what :func:`save_training_state` wrote (in place); returns its JSON header."""
+    tensors, meta = load_tensors(path)
+    for k, v in expect.items():
+        if meta.get(k) != v:
+            raise CheckpointError(f"{path}: {k} is {meta.get(k)!r}, expected {v!r}")
+    device = next(model.parameters()).device
+    model_state = {k[len("model."):]: v.to(device) for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit the model: {e}") from None
+    opt = optimizer.state_dict()  # param_groups come from the config, as when the state was saved
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v if name == "step" else v.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    rng = meta["rng"]
+    sampler.rng.bit_generator.state = rng["sampler"]
+    n = rng["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    py = rng["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return meta
+
+
 VAL_METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "rmse_arousal", "rmse_valence")  # logged as val/<condition>_<metric>
 
 
@@ -182,8 +243,13 @@ def selection_metric(cfg: ExperimentConfig) -> tuple[str, str]:
 
 
 def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[int, dict], None] | None = None,
-          hparams: dict | None = None) -> Path:
+          hparams: dict | None = None, resume: bool = False) -> Path:
     """Train, select on validation listeners, evaluate on test listeners; returns the run folder.
+
+    At every validation the full training state (weights, optimiser, iteration, best score, every
+    RNG) is written atomically to ``checkpoints/state/latest.safetensors``. ``resume=True``
+    continues from it (a fresh start when there is none): a run killed at any moment, resumed,
+    ends with the same metrics as an uninterrupted run of the same seed on the same machine.
 
     ``on_validate(iteration, summary)``, when given, is called after each validation with its
     ``{condition: {metric: value}}`` (a sweep reports and prunes from it). An exception it raises
@@ -206,11 +272,23 @@ def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[
     sampler = TaskSampler(ctx.train_curves(), ctx.features, cfg.train.seq_len, np.random.default_rng(cfg.train.seed), ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.outer_lr)
     loss_fn = make_loss_fn(cfg)
-    writer = SummaryWriter(str(run / "tb"))
     cond, metric = selection_metric(cfg)
     best = {"iteration": -1, "value": -float("inf")}
     selected: dict = {}  # validation summary of the best (selected) checkpoint
     meta = {"config_hash": config_hash(cfg), "experiment": cfg.name, "global_dim": model.global_dim}
+    start = 0
+    state_path = run / STATE_FILE
+    if resume and state_path.exists():
+        saved = load_training_state(state_path, model, optimizer, sampler, {"config_hash": meta["config_hash"]})
+        start = saved["iteration"]
+        best.update(saved["best"])
+        selected.update(saved["selected"])
+        log.info("resumed %s from iteration %d (best %.4f at %d)", run.name, start, best["value"], best["iteration"])
+    elif resume:
+        log.info("no training state in %s: starting from iteration 0", run.name)
+    else:
+        state_path.unlink(missing_ok=True)  # an earlier attempt's state must not be resumed into this one
+    writer = SummaryWriter(str(run / "tb"), purge_step=start + 1 if start else None)  # drop events logged after the state
 
     def validate(it: int) -> None:
         summary, _ = evaluate_split(model, ctx, "val", cfg.train.val_listeners_max)
@@ -224,6 +302,8 @@ def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[
             save_weights(run / "checkpoints" / "best.safetensors", model, {**meta, "iteration": it, f"val_{cond}_{metric}": value})
         log.info("iteration %d: val %s %s = %.4f (best %.4f at %d)", it, cond, metric, value, best["value"], best["iteration"])
         model.train()
+        save_training_state(state_path, model, optimizer, sampler,
+                            {**meta, "iteration": it, "best": best, "selected": selected})
         if on_validate is not None:
             try:
                 on_validate(it, summary)
@@ -235,7 +315,8 @@ def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[
                 handler.close()
                 raise
 
-    bar = tqdm(range(1, cfg.train.iterations + 1), desc=f"{cfg.problem} {cfg.name}", disable=not cfg.runtime.progress or None, dynamic_ncols=True)
+    bar = tqdm(range(start + 1, cfg.train.iterations + 1), desc=f"{cfg.problem} {cfg.name}", initial=start,
+               total=cfg.train.iterations, disable=not cfg.runtime.progress or None, dynamic_ncols=True)
     model.train()
     for it in bar:
         optimizer.zero_grad(set_to_none=True)
@@ -252,7 +333,7 @@ def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[
             loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else torch.zeros(())
         optimizer.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         writer.add_scalar("train/loss", loss_value, it)
         writer.add_scalar("train/grad_norm", float(grad_norm), it)
         bar.set_postfix(loss=f"{loss_value:.3f}", best=f"{best['value']:.3f}")

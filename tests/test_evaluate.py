@@ -72,3 +72,32 @@ def test_paired_gain_by_listener():
     assert out["mean"] == pytest.approx((0.2 - 0.1 + 0.2) / 3)
     assert out["listeners_improved"] == 2 and out["listeners"] == 3
     assert out["ci95"][0] <= out["mean"] <= out["ci95"][1]
+
+
+def test_offset_condition_shifts_generic_by_mean_support_error():
+    from pathlib import Path
+
+    from pdmer.data.types import Curve, Dataset
+    from pdmer.evaluate import evaluate_listener
+    from pdmer.metrics import song_metrics
+
+    m, f = model(), Feats(90)
+    feats = {"s1": f, "s2": f}
+    rng = np.random.default_rng(0)
+    sup = Curve("s1", "L1", 10, rng.uniform(-1, 1, (40, 2)).astype(np.float32))
+    qry = Curve("s2", "L1", 0, rng.uniform(-1, 1, (70, 2)).astype(np.float32))
+    dataset = Dataset("test", Path("."), {}, [sup, qry])
+
+    def loss_fn(model_, params, buffers, batch):
+        from pdmer.meta.maml import call
+
+        local, glob, target = batch
+        return ((call(model_, params, buffers, local, glob).pred - target) ** 2).mean()
+
+    # queries given: the support is drawn from [sup] only
+    r = evaluate_listener(m, dataset, feats, "L1", [sup], loss_fn, 1, 0.01, 30, 15, 1, 0, True, [qry])
+    shift = (sup.values[:30] - predict_steps(m, f, 10, 40, 30, 15)).mean(0)
+    generic = predict_steps(m, f, 0, 70, 30, 15)
+    np.testing.assert_allclose(r.curves["offset"]["s2"], generic + shift, rtol=1e-5, atol=1e-5)
+    assert r.per_song["offset"]["s2"] == pytest.approx(song_metrics(generic + shift, qry.values))
+    assert set(r.per_song["generic"]) == set(r.per_song["personalized"]) == {"s2"}

@@ -1,0 +1,242 @@
+"""Reproductions over seeds and the experiments table (``python run.py reproduce`` / ``tables``).
+
+A reproduction trains and evaluates one experiment once per training seed (``train.seed``; the
+data, its split and the support songs stay fixed), then writes
+``runs/reproduce/<experiment>-<hash>/table.md`` and ``table.json``: every test metric's mean and
+standard deviation (sample std, ddof=1) over the seeds. Each seed is an ordinary run folder, so a
+finished seed is never trained again and ``resume=True`` continues an interrupted one from its
+last training state.
+
+``write_experiments_readme`` regenerates ``experiments/README.md`` from those ``table.json``
+files: one row per experiment file, "not run yet" where there is no reproduction of the
+experiment's own config (no numbers are ever typed by hand).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pdmer.checkpoint import atomic_write_text
+from pdmer.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, load_config
+from pdmer.runs import REPO, git_info, run_dir_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEEDS = (0, 1, 2)
+METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence")
+
+
+def base_hash(cfg: ExperimentConfig) -> str:
+    """The config hash of an experiment with its training seed left out (seed 0 stands for any)."""
+    return config_hash(replace(cfg, train=replace(cfg.train, seed=0)))
+
+
+def reproduction_dir(cfg: ExperimentConfig, seeds: list[int]) -> Path:
+    key = json.dumps({"config": base_hash(cfg), "seeds": sorted(seeds)}, sort_keys=True).encode()
+    out = run_dir_for(cfg).parent / "reproduce"
+    return out / f"{cfg.name}-{hashlib.sha1(key).hexdigest()[:8]}"
+
+
+def mean_std(values: list[float]) -> dict:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    return {
+        "mean": float(v.mean()) if len(v) else float("nan"),
+        "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+        "n": int(len(v)),
+        "values": [float(x) for x in values],
+    }
+
+
+def aggregate(results: dict[int, dict]) -> dict:
+    """{condition: {metric: mean_std}} over seeds, for the conditions every seed reports."""
+    per_seed = [r["test"] for r in results.values()]
+    conditions = [c for c in per_seed[0] if all(c in t for t in per_seed)]
+    table = {c: {m: mean_std([t[c][m] for t in per_seed]) for m in METRICS if m in per_seed[0][c]} for c in conditions}
+    gain = mean_std([r["gain_ccc_mean"] for r in results.values()])
+    return {"test": table, "gain_ccc_mean": gain}
+
+
+def format_cell(s: dict) -> str:
+    if not np.isfinite(s["mean"]):
+        return "n/a"
+    return f"{s['mean']:.3f} ± {s['std']:.3f}" if np.isfinite(s["std"]) else f"{s['mean']:.3f}"
+
+
+def format_reproduction(table: dict) -> str:
+    """Markdown: one row per condition, mean ± std over seeds of every metric."""
+    seeds = ", ".join(str(s) for s in table["seeds"])
+    lines = [f"**{table['experiment']}**: test metrics, mean ± std (ddof=1) over seeds {seeds}; "
+             f"{table['date']}, commit {short_commit(table)}", "",
+             "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
+             "|" + "---|" * (len(METRICS) + 1)]
+    for cond, m in table["test"].items():
+        lines.append(f"| {cond} | " + " | ".join(format_cell(m[k]) if k in m else "" for k in METRICS) + " |")
+    lines += ["", f"personalization gain (personalized - generic, mean CCC): {format_cell(table['gain_ccc_mean'])}"]
+    return "\n".join(lines)
+
+
+def short_commit(table: dict) -> str:
+    git = table.get("git") or {}
+    if not git.get("commit"):
+        return "unknown"
+    return git["commit"][:7] + (" (uncommitted changes)" if git.get("dirty") else "")
+
+
+def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[str] | None = None,
+              resume: bool = False) -> Path:
+    """Train and evaluate ``experiment`` once per seed; write table.md / table.json; returns their folder.
+
+    Args:
+        seeds: training seeds (``train.seed``), default 0 1 2.
+        overrides: dotted overrides for every seed (``train.seed`` is set per seed).
+        resume: continue an interrupted seed from its last training state (finished seeds are
+            always reused, never trained again).
+    """
+    from pdmer.train import train
+
+    seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct and non-empty, got {seeds}")
+    overrides = [o for o in (overrides or [])]
+    if any(o.startswith("train.seed=") for o in overrides):
+        raise ConfigError("train.seed is set by --seeds, not as an override")
+    cfgs = {s: load_config(experiment, overrides + [f"train.seed={s}"]) for s in seeds}
+    out = reproduction_dir(cfgs[seeds[0]], seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    results, runs = {}, {}
+    for s, cfg in cfgs.items():
+        run = run_dir_for(cfg)
+        if (run / "results.json").exists():
+            log.info("seed %d: %s has finished, reusing it", s, run.name)
+        else:
+            log.info("seed %d: training %s%s", s, run.name, " (resuming)" if resume else "")
+            run = train(cfg, resume=resume)
+        res = json.loads((run / "results.json").read_text())
+        if "offset" not in res["test"]:  # finished before the offset baseline existed: re-score its best checkpoint
+            from pdmer.train import evaluate_run
+
+            log.info("seed %d: %s has no offset condition; re-scoring its best checkpoint on the test split", s, run.name)
+            res = {**res, **evaluate_run(run)}  # keeps what only training wrote (best, train_seconds)
+            atomic_write_text(run / "results.json", json.dumps(res, indent=2, default=float))
+        results[s] = res
+        runs[s] = str(run)
+    cfg0 = cfgs[seeds[0]]
+    table = {
+        "experiment": cfg0.name,
+        "config_hash": base_hash(cfg0),
+        "problem": cfg0.problem,
+        "data": results[seeds[0]]["data"],
+        "overrides": overrides,
+        "seeds": seeds,
+        "runs": {str(s): r for s, r in runs.items()},
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "git": git_info(),
+        "std": "sample standard deviation over seeds (ddof=1)",
+        **aggregate(results),
+    }
+    atomic_write_text(out / "table.json", json.dumps(table, indent=2, default=float))
+    atomic_write_text(out / "table.md", format_reproduction(table) + "\n")
+    return out
+
+
+# --- experiments/README.md -------------------------------------------------------------------
+
+README_HEAD = """# Experiments
+
+One file per table row: `<problem>.<dataset>.<variant>.yaml`. Every file is smoke-run by the
+test suite (`tests/test_experiments.py`).
+
+**This file is generated**: `python run.py tables` rewrites it from the `table.json` files that
+`python run.py reproduce EXPERIMENT` writes under `runs/reproduce/`. A row reads "not run yet"
+until its reproduction (with the experiment's own config and no overrides) has finished; no
+number here is typed by hand.
+
+Columns: test-set mean CCC (mean of arousal and valence), mean ± std over training seeds
+(`train.seed`; data, split and support songs fixed). Conditions (`pdmer/evaluate.py`):
+
+- **generic**: the trained model, no adaptation. In `pdmer.*` rows it is the meta-trained
+  model; in `dmer.*` rows it is the plain-DMER model (the *no-adaptation baseline*).
+- **personalized**: after the inner loop on the listener's one support song. In `dmer.*` rows
+  this is the *DMER model fine-tuned on the support song* baseline (same steps and rate).
+- **offset**: the *offset-only personalization* baseline: the generic curve shifted by the
+  listener's mean error of the generic model on the support song.
+- First- versus second-order MAML: `pdmer.synthetic.dsaml` (first order) against
+  `pdmer.synthetic.second_order`.
+"""
+
+
+def describe(path: Path) -> str:
+    """The first sentence (or the text before the first list) of an experiment file's leading comment."""
+    text = ""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = f"{text} {line.lstrip('#').strip()}".strip()
+        if text.endswith(":") or re.search(r"\.(\s|$)", text):
+            break
+    m = re.match(r"(.+?\.)(\s|$)", text)
+    return (m.group(1) if m else text.rstrip(":") + ".").replace("|", "\\|")
+
+
+def find_tables(runs_dir: Path) -> dict[str, dict]:
+    """The newest reproduction table of each experiment, by (experiment, config hash without overrides)."""
+    found: dict[tuple[str, str], dict] = {}
+    for p in sorted((runs_dir / "reproduce").glob("*/table.json")):
+        try:
+            t = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        t["_path"] = p
+        key = (t.get("experiment"), t.get("config_hash"))
+        if key not in found or (len(t["seeds"]), t["date"], p.stat().st_mtime) > (
+                len(found[key]["seeds"]), found[key]["date"], found[key]["_path"].stat().st_mtime):
+            found[key] = t
+    return {f"{name}\0{h}": t for (name, h), t in found.items()}
+
+
+def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = None) -> tuple[Path, int, int]:
+    """Regenerate ``experiments/README.md``; returns (path, experiments, experiments with results)."""
+    runs_dir = Path(runs_dir) if runs_dir else REPO / "runs"
+    path = Path(path) if path else EXPERIMENTS_DIR / "README.md"
+    tables = find_tables(runs_dir)
+    rows, details, measured = [], [], 0
+    files = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
+    for f in files:
+        name = f.stem
+        cfg = load_config(name)
+        t = tables.get(f"{name}\0{base_hash(cfg)}")
+        command = f"`python run.py reproduce {name} --seeds 0 1 2`"
+        if t is None:
+            data = {"deam": "DEAM", "pmemo": "PMEmo", "generic": "dataset"}.get(cfg.data.source)
+            needs = f" (needs the {data} data)" if data else ""
+            cells = [f"not run yet{needs}", "", "", "", ""]
+        else:
+            measured += 1
+            test = t["test"]
+            cells = [format_cell(test[c]["ccc_mean"]) if c in test else "n/a" for c in ("generic", "personalized", "offset")]
+            cells += [str(len(t["seeds"])), f"{t['date']}, {short_commit(t)}"]
+            rel = t["_path"].parent
+            try:
+                rel = rel.relative_to(REPO)
+            except ValueError:
+                pass
+            details += ["", f"### {name}", "", f"`{rel}/table.md`:", "", format_reproduction(t)]
+        rows.append(f"| `{name}` | {describe(f)} | {command} | " + " | ".join(cells) + " |")
+    data_note = ("DEAM / PMEmo rows need the datasets (see the main README, 'Real datasets'); run the listed "
+                 "command where they are, then `python run.py tables` fills the row.")
+    text = "\n".join([
+        README_HEAD, "## Table", "", data_note, "",
+        "| experiment | what it tests | command | generic CCC | personalized CCC | offset CCC | seeds | measured (date, commit) |",
+        "|---|---|---|---|---|---|---|---|", *rows, "",
+        "Regenerate: `python run.py tables`.",
+        "", "## Full tables", *(details or ["", "None yet."]), "",
+    ])
+    atomic_write_text(path, text)
+    return path, len(files), measured

@@ -1,0 +1,102 @@
+"""`reproduce` over seeds (mean ± std tables) and the generated experiments/README.md."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_overrides
+from pdmer.config import EXPERIMENTS_DIR, load_config
+from pdmer.reproduce import base_hash, reproduce, write_experiments_readme
+
+NAME = "pdmer.synthetic.dsaml"
+
+
+def not_run(readme: str) -> int:
+    return sum(line.startswith("| `") and "not run yet" in line for line in readme.splitlines())
+
+
+@pytest.fixture(scope="module")
+def reproduction(session_tmp):
+    ov = tiny_overrides(session_tmp, "reproduce") + ["eval.plot=false", f"runtime.out_dir={session_tmp / 'runs-reproduce'}"]
+    return reproduce(NAME, [0, 1], ov), ov
+
+
+def test_table_has_mean_and_std_of_every_metric(reproduction):
+    out, _ = reproduction
+    table = json.loads((out / "table.json").read_text())
+    assert table["seeds"] == [0, 1] and table["experiment"] == NAME
+    runs = {s: json.loads((Path(r) / "results.json").read_text()) for s, r in table["runs"].items()}
+    assert len({r["config_hash"] for r in runs.values()}) == 2  # one run folder per seed
+    for cond in ("generic", "personalized", "offset"):
+        for metric in ("ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence"):
+            values = [runs[s]["test"][cond][metric] for s in ("0", "1")]
+            cell = table["test"][cond][metric]
+            assert cell["mean"] == pytest.approx(np.mean(values))
+            assert cell["std"] == pytest.approx(np.std(values, ddof=1))
+    md = (out / "table.md").read_text()
+    assert "| offset |" in md and " ± " in md
+
+
+def test_reproduce_again_reuses_finished_seeds(reproduction):
+    out, ov = reproduction
+    table = json.loads((out / "table.json").read_text())
+    stamps = {s: (Path(r) / "results.json").stat().st_mtime_ns for s, r in table["runs"].items()}
+    assert reproduce(NAME, [0, 1], ov, resume=True) == out
+    assert {s: (Path(r) / "results.json").stat().st_mtime_ns for s, r in table["runs"].items()} == stamps
+
+
+def test_experiments_readme_is_generated_from_the_tables(reproduction, tmp_path):
+    out, _ = reproduction
+    runs = tmp_path / "runs"
+    readme = tmp_path / "README.md"
+    # a tiny reproduction has its own config hash: the default experiment's row stays "not run yet"
+    shutil.copytree(out, runs / "reproduce" / out.name)
+    _, n, measured = write_experiments_readme(runs, readme)
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    text = readme.read_text()
+    assert n == len(names) and measured == 0
+    for name in names:
+        assert f"| `{name}` |" in text and f"python run.py reproduce {name}" in text
+    assert not_run(text) == len(names)
+    # the same table under the experiment's own config hash fills its row, with date and commit
+    table = json.loads((out / "table.json").read_text())
+    table["config_hash"] = base_hash(load_config(NAME))
+    (runs / "reproduce" / out.name / "table.json").write_text(json.dumps(table))
+    _, _, measured = write_experiments_readme(runs, readme)
+    text = readme.read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{NAME}` |"))
+    g = table["test"]["personalized"]["ccc_mean"]
+    assert measured == 1 and f"{g['mean']:.3f} ± {g['std']:.3f}" in row and table["date"] in row
+    assert not_run(text) == len(names) - 1
+
+
+def test_cli_seeds_then_overrides(monkeypatch, tmp_path):
+    import pdmer.reproduce
+    from pdmer.cli import main
+
+    got = {}
+
+    def fake(experiment, seeds, overrides, resume=False):
+        got.update(experiment=experiment, seeds=seeds, overrides=overrides, resume=resume)
+        (tmp_path / "table.md").write_text("table\n")
+        return tmp_path
+
+    monkeypatch.setattr(pdmer.reproduce, "reproduce", fake)
+    assert main(["reproduce", NAME, "model.hidden=16", "--seeds", "3", "4", "train.iterations=5", "--resume"]) == 0
+    assert got == {"experiment": NAME, "seeds": [3, 4], "overrides": ["model.hidden=16", "train.iterations=5"], "resume": True}
+    assert main(["reproduce", NAME, "--seeds", "x"]) == 2
+
+
+def test_a_finished_seed_without_offset_is_rescored(reproduction):
+    out, ov = reproduction
+    table = json.loads((out / "table.json").read_text())
+    path = Path(table["runs"]["1"]) / "results.json"
+    res = json.loads(path.read_text())
+    offset = res["test"].pop("offset")
+    path.write_text(json.dumps(res))
+    reproduce(NAME, [0, 1], ov)
+    again = json.loads(path.read_text())
+    assert again["test"]["offset"]["ccc_mean"] == pytest.approx(offset["ccc_mean"], abs=1e-6)
+    assert again["best"] == res["best"]

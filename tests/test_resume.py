@@ -1,0 +1,91 @@
+"""Checkpoints and resume: a run killed with SIGKILL, resumed, ends as an uninterrupted run; determinism."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from pdmer.checkpoint import read_meta
+from pdmer.config import load_config
+from pdmer.train import STATE_FILE, train
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "pdmer.synthetic.dsaml"
+ITERATIONS = 12
+
+
+def overrides(tmp: Path, out: str) -> list[str]:
+    ov = [o for o in tiny_overrides(tmp, "resume") if not o.startswith("runtime.out_dir=")]
+    return ov + [f"train.iterations={ITERATIONS}", "train.eval_every=2", "runtime.threads=1", "eval.plot=false",
+                 f"runtime.out_dir={tmp / out}"]
+
+
+def metrics_of(run: Path) -> dict:
+    res = json.loads((run / "results.json").read_text())
+    return {"test": res["test"], "best_iteration": res["best"]["iteration"], "best_value": res["best"]["value"]}
+
+
+@pytest.fixture(scope="module")
+def reference(session_tmp):
+    """An uninterrupted run (also builds the data and the feature cache the other runs reuse)."""
+    return train(load_config(NAME, overrides(session_tmp, "runs-reference")))
+
+
+def test_same_seed_same_metrics(reference, session_tmp):
+    # resume=True with no saved state: a fresh start
+    again = train(load_config(NAME, overrides(session_tmp, "runs-again")), resume=True)
+    assert again != reference
+    assert metrics_of(again) == metrics_of(reference)
+
+
+def test_other_seed_other_metrics(reference, session_tmp):
+    other = train(load_config(NAME, overrides(session_tmp, "runs-seed1") + ["train.seed=1"]))
+    assert metrics_of(other)["test"] != metrics_of(reference)["test"]
+
+
+def test_killed_run_resumes_to_the_same_metrics(reference, session_tmp):
+    ov = overrides(session_tmp, "runs-killed")
+    run = reference.parent.parent / "runs-killed" / reference.name
+    cmd = [sys.executable, "run.py", "train", NAME, *ov]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = run / STATE_FILE
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and read_meta(state).get("iteration", 0) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = read_meta(state)["iteration"]
+    assert 2 <= killed_at < ITERATIONS and not (run / "results.json").exists()
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed {run.name} from iteration {killed_at}" in (run / "train.log").read_text()
+    assert metrics_of(run) == metrics_of(reference)
+
+
+
+def test_state_write_interrupted_before_rename_keeps_the_previous_state(tmp_path, monkeypatch):
+    import torch
+
+    from pdmer import checkpoint
+    from pdmer.checkpoint import load_tensors, save_tensors
+
+    path = tmp_path / "state" / "latest.safetensors"
+    save_tensors(path, {"w": torch.ones(3)}, {"iteration": 2})
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed between write and rename")
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_tensors(path, {"w": torch.zeros(3)}, {"iteration": 4})
+    tensors, meta = load_tensors(path)
+    assert meta["iteration"] == 2 and torch.equal(tensors["w"], torch.ones(3))
