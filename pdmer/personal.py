@@ -53,7 +53,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pdmer.checkpoint import atomic_write_text, load_weights, read_meta
+from pdmer.checkpoint import atomic_write_text, load_weights, read_meta, swap_dir
 from pdmer.config import ExperimentConfig, config_hash
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError
 
@@ -634,16 +634,7 @@ def _install(tmp: Path, dest: Path, keep_history: bool) -> Path | None:
     Returns:
         where the previous profile was kept (``keep_history``), else None.
     """
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
-        if old is not None and not dest.exists():
-            os.rename(old, dest)  # put the previous profile back
-        raise
+    old = swap_dir(tmp, dest)
     if old is None:
         return None
     if keep_history:

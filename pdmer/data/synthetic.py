@@ -62,6 +62,7 @@ import numpy as np
 from scipy.signal import lfilter
 from scipy.special import ndtr, ndtri
 
+from pdmer.checkpoint import swap_dir
 from pdmer.config import ConfigError, SyntheticConfig
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 
@@ -795,17 +796,8 @@ def default_root(cfg: SyntheticConfig) -> Path:
 
 
 def _replace_dir(tmp: Path, root: Path) -> None:
-    """Move the finished ``tmp`` folder to ``root`` (replacing an old one) by renames."""
-    old = None
-    if root.exists():
-        old = root.parent / f".{root.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(root, old)
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        if old is not None and not root.exists():
-            os.rename(old, root)  # put the previous version back
-        raise
+    """Move the finished ``tmp`` folder to ``root``, replacing (and deleting) an old one."""
+    old = swap_dir(tmp, root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
