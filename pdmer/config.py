@@ -234,16 +234,23 @@ CHOICES = {
 }
 
 
-def resolve_experiment(name_or_path: str) -> Path:
-    """Map ``pdmer.synthetic.dsaml`` or a path to an existing YAML file."""
+def find_yaml(name_or_path: str | Path, folder: Path) -> tuple[Path | None, list[str]]:
+    """An existing YAML path, or ``<folder>/<name>.yaml``; else (None, the names known in ``folder``)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
-    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+        return p, []
+    candidate = folder / f"{name_or_path}.yaml"
     if candidate.exists():
-        return candidate
-    known = sorted(q.stem for q in EXPERIMENTS_DIR.glob("*.yaml"))
-    raise ConfigError(f"unknown experiment {name_or_path!r}; known: {', '.join(known)}")
+        return candidate, []
+    return None, sorted(q.stem for q in folder.glob("*.yaml"))
+
+
+def resolve_experiment(name_or_path: str) -> Path:
+    """Map ``pdmer.synthetic.dsaml`` or a path to an existing YAML file."""
+    path, known = find_yaml(name_or_path, EXPERIMENTS_DIR)
+    if path is None:
+        raise ConfigError(f"unknown experiment {name_or_path!r}; known: {', '.join(known)}")
+    return path
 
 
 def load_config(experiment: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:

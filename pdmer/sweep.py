@@ -56,7 +56,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pdmer.checkpoint import atomic_write_text
-from pdmer.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, load_config, to_yaml
+from pdmer.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, find_yaml, load_config, to_yaml
 from pdmer.runs import REPO
 
 log = logging.getLogger(__name__)
@@ -192,14 +192,10 @@ class Sweep:
 
 def resolve_sweep(name_or_path: str | Path) -> Path:
     """Map ``pdmer.synthetic.dsaml`` (a file in ``experiments/sweeps/``) or a path to a YAML file."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
-    candidate = SWEEPS_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
-        return candidate
-    known = sorted(q.stem for q in SWEEPS_DIR.glob("*.yaml"))
-    raise SweepError(f"unknown sweep {str(name_or_path)!r}; known: {', '.join(known) or '(none)'} (in {SWEEPS_DIR})")
+    path, known = find_yaml(name_or_path, SWEEPS_DIR)
+    if path is None:
+        raise SweepError(f"unknown sweep {str(name_or_path)!r}; known: {', '.join(known) or '(none)'} (in {SWEEPS_DIR})")
+    return path
 
 
 def load_sweep(name_or_path: str | Path, overrides: list[str] | None = None) -> Sweep:
