@@ -7,16 +7,24 @@ parameters. Second-order keeps the graph of the inner gradients (``create_graph=
 first-order treats them as constants, so the meta-gradient is the query gradient at the
 adapted parameters.
 
+Two ways to run a meta-batch, with the same gradients (``tests/test_maml.py`` checks it):
+
+- :func:`meta_step`: tasks one after another (``meta.batch_tasks: false``), the reference;
+- :func:`meta_step_batched`: the tasks of a meta-batch (or chunks of ``meta.task_chunk`` of
+  them) adapted together: per-task parameters carry a leading task axis and every inner
+  step is one ``torch.func.vmap`` over ``torch.func.grad`` of the task loss.
+
 Nothing here calls ``.item()``: inner losses are returned as a tensor so the caller can
 sync once per meta-batch.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, grad_and_value, vmap
 
 Params = dict[str, Tensor]
 LR_PREFIX = "inner_log_lr."  # learned per-tensor inner learning rates (MAML++ "LSLR"), never adapted
@@ -151,4 +159,111 @@ def meta_step(
         (loss / n).backward()
         query_total = query_total + loss.detach()  # stays on the device: no host sync per task
         inner_total = inner_total + inner
+    return {"query_loss": query_total / n, "inner_losses": inner_total / n}
+
+
+@contextmanager
+def tasks_batched(model: nn.Module) -> Iterator[None]:
+    """Switch ``model``'s modules to their vmap-safe paths for the duration of the block.
+
+    Modules that declare ``unrolled`` (:class:`pdmer.models.dsaml.BiLSTM`) run their written-out
+    recurrence; modules that declare ``frozen_stats`` (``TaskBatchNorm2d``) normalise with batch
+    statistics without touching their running ones; ``decomposed`` (``TaskLayerNorm``) computes
+    layer norm from elementary ops, whose double backward under vmap is right.
+    """
+    touched = []
+    for m in model.modules():
+        for flag in ("unrolled", "frozen_stats", "decomposed"):
+            if hasattr(type(m), flag):
+                touched.append((m, flag))
+                setattr(m, flag, True)
+    try:
+        yield
+    finally:
+        for m, flag in touched:
+            m.__dict__.pop(flag, None)  # back to the class default (False)
+
+
+def stack_tasks(batches: list[tuple]) -> tuple:
+    """Stack the per-task batches ``(local, global, target)`` along a new leading task axis."""
+    return tuple(torch.stack(parts) for parts in zip(*batches))
+
+
+def batched_inner_loop(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    support: tuple,
+    loss_fn: TaskLoss,
+    steps: int,
+    lr: float,
+    first_order: bool,
+) -> tuple[Params, Tensor]:
+    """:func:`inner_loop` for ``m`` tasks at once; call it inside :func:`tasks_batched`.
+
+    Args:
+        params: shared starting parameters (no task axis).
+        support: batch tensors with a leading task axis, ``(m, B, ...)`` (:func:`stack_tasks`).
+        Other arguments as in :func:`inner_loop`.
+
+    Returns:
+        (adapted params with a leading task axis ``(m, ...)``, (m, steps) detached inner losses).
+    """
+    m = support[0].shape[0]
+    rates = step_sizes(buffers, params, lr)
+
+    def task_loss(p: Params, batch: tuple) -> Tensor:
+        return loss_fn(model, p, buffers, batch)
+
+    per_task = vmap(grad_and_value(task_loss), in_dims=(0, 0), randomness="different")
+    fast = {k: p.unsqueeze(0).expand(m, *p.shape) for k, p in params.items()}
+    losses = []
+    for _ in range(steps):
+        # first order: the inner gradient is a constant, so it is taken off the outer graph
+        grads, loss = per_task({k: p.detach() for k, p in fast.items()} if first_order else fast, support)
+        fast = {k: p - rates[k] * grads[k] for k, p in fast.items()}
+        losses.append(loss.detach())
+    inner = torch.stack(losses, dim=1) if losses else torch.zeros(m, 0)
+    return fast, inner
+
+
+def meta_step_batched(
+    model: nn.Module,
+    tasks: list[tuple[tuple, tuple]],
+    loss_fn: TaskLoss,
+    steps: int,
+    lr: float,
+    first_order: bool,
+    chunk: int = 0,
+) -> dict[str, Tensor]:
+    """:func:`meta_step` with the tasks adapted together (``meta.batch_tasks: true``).
+
+    Same contract and the same meta-gradient as :func:`meta_step` (up to floating-point
+    order). Every task's batches must have the same shapes (they do: fixed ``seq_len``,
+    ``query_songs``). ``chunk`` > 0 processes that many tasks per vmap and frees each chunk's
+    graph before the next (memory against speed); 0 takes the whole meta-batch at once.
+
+    BatchNorm: inside the batched inner loops the layers normalise with batch statistics
+    (as in training mode) but cannot update their running statistics per task; those are
+    updated once per meta-batch afterwards, by a no-grad forward of the support songs at the
+    meta-parameters (the sequential path updates them at every inner step instead).
+    """
+    params, buffers = split_state(model)
+    n = len(tasks)
+    chunk = n if chunk <= 0 else min(chunk, n)
+    query_total: Tensor | float = 0.0
+    inner_total: Tensor | float = 0.0
+    with tasks_batched(model):
+        for i in range(0, n, chunk):
+            part = tasks[i : i + chunk]
+            support, query = stack_tasks([s for s, _ in part]), stack_tasks([q for _, q in part])
+            adapted, inner = batched_inner_loop(model, params, buffers, support, loss_fn, steps, lr, first_order)
+            losses = vmap(lambda p, b: loss_fn(model, p, buffers, b), randomness="different")(adapted, query)  # (m,)
+            (losses.sum() / n).backward()
+            query_total = query_total + losses.detach().sum()
+            inner_total = inner_total + inner.sum(0)
+    if model.training and any(getattr(m, "track_running_stats", False) for m in model.modules()):
+        with torch.no_grad():
+            flat = tuple(t.flatten(0, 1) for t in stack_tasks([s for s, _ in tasks]))  # (n * B, ...)
+            call(model, params, buffers, *flat[:-1])
     return {"query_loss": query_total / n, "inner_losses": inner_total / n}

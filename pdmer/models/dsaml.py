@@ -38,6 +38,87 @@ class Output:
     attn_global: Tensor | None
 
 
+class TaskBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same names and state) that can leave its running statistics alone.
+
+    With ``frozen_stats`` set (see :func:`pdmer.meta.maml.tasks_batched`) a training-mode forward
+    normalises with the batch statistics, as usual, but does not update the running ones: under
+    ``torch.func.vmap`` over tasks, one shared running mean cannot take a different update per task.
+    (The layer is always affine with running statistics here.)
+    """
+
+    frozen_stats: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.frozen_stats):
+            return super().forward(x)
+        # batch statistics from elementary ops: like layer norm (TaskLayerNorm), the fused kernel's
+        # double backward under vmap with per-task weights is wrong in torch 2.14
+        mean = x.mean((0, 2, 3), keepdim=True)
+        var = (x - mean).square().mean((0, 2, 3), keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class TaskLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same names and state) with a written-out path for batched tasks.
+
+    With ``decomposed`` set (:func:`pdmer.meta.maml.tasks_batched`) the normalisation is computed
+    from elementary ops. Reason: with per-task weights under ``vmap(grad(...))``, torch 2.14's fused
+    layer-norm gives wrong second-order gradients w.r.t. the layer's input (off by tens of percent
+    against finite differences; first order is right), which second-order MAML needs.
+    ``tests/test_batched_tasks.py`` guards it.
+    """
+
+    decomposed: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.decomposed:
+            return super().forward(x)
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        mean = x.mean(dims, keepdim=True)
+        var = (x - mean).square().mean(dims, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight + self.bias if self.elementwise_affine else y
+
+
+class BiLSTM(nn.LSTM):
+    """One-layer bidirectional, batch-first ``nn.LSTM`` with an unrolled path for ``vmap``.
+
+    Parameters and state dict are ``nn.LSTM``'s, so weights are interchangeable. Normally the
+    forward is ``nn.LSTM``'s (fused kernels, cuDNN on the GPU). With ``unrolled`` set it runs a
+    written-out recurrence (both directions in one batched matmul per step): ``nn.LSTM`` under
+    ``vmap`` with per-task weights falls back to a slow per-sample loop on the CPU and fails with
+    cuDNN (docs/performance.md), while this path is plain tensor algebra that vmap batches.
+    """
+
+    unrolled: bool = False
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__(input_size, hidden_size, batch_first=True, bidirectional=True)
+
+    def forward(self, x: Tensor, hx=None):
+        if not self.unrolled or hx is not None:
+            return super().forward(x, hx)
+        B, T, _ = x.shape
+        H = self.hidden_size
+        w_ih = torch.stack([self.weight_ih_l0, self.weight_ih_l0_reverse])  # (2, 4H, I)
+        w_hh_t = torch.stack([self.weight_hh_l0, self.weight_hh_l0_reverse]).transpose(1, 2)  # (2, H, 4H)
+        bias = torch.stack([self.bias_ih_l0 + self.bias_hh_l0, self.bias_ih_l0_reverse + self.bias_hh_l0_reverse])
+        xs = torch.stack([x, x.flip(1)])  # (2, B, T, I): the reverse direction reads the sequence backwards
+        gates_x = torch.einsum("dbti,dgi->dbtg", xs, w_ih) + bias[:, None, None]  # (2, B, T, 4H)
+        h = c = x.new_zeros(2, B, H)
+        outs = []
+        for t in range(T):
+            gates = gates_x[:, :, t] + torch.bmm(h, w_hh_t)  # (2, B, 4H), gate order i, f, g, o
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        out = torch.stack(outs, dim=2)  # (2, B, T, H)
+        return torch.cat([out[0], out[1].flip(1)], dim=-1), None  # (B, T, 2H)
+
+
 class SpectrogramCNN(nn.Module):
     """Local branch: one 51 x 128 log-Mel patch -> 476 values (dsaml.md, 'Model' 1).
 
@@ -50,11 +131,11 @@ class SpectrogramCNN(nn.Module):
         self.pool = nn.AvgPool2d(pool) if pool != (1, 1) else nn.Identity()
         self.net = nn.Sequential(
             nn.Conv2d(1, 8, kernel_size=(3, 1), padding=(2, 1)),
-            nn.BatchNorm2d(8),
+            TaskBatchNorm2d(8),
             nn.ReLU(),
             nn.MaxPool2d(2, padding=1),
             nn.Conv2d(8, 16, kernel_size=3, padding=1),
-            nn.BatchNorm2d(16),
+            TaskBatchNorm2d(16),
             nn.ReLU(),
             nn.MaxPool2d(2, padding=1),
             nn.Conv2d(16, 1, kernel_size=1),
@@ -115,10 +196,10 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attention = RelativeSelfAttention(cfg.hidden, cfg.heads, cfg.dropout, cfg.global_window)
         self.attn_out = nn.Linear(cfg.hidden, cfg.hidden)
-        self.attn_norm = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.attn_norm = TaskLayerNorm(cfg.hidden, eps=1e-12)
         self.ff_in = nn.Linear(cfg.hidden, cfg.ff)
         self.ff_out = nn.Linear(cfg.ff, cfg.hidden)
-        self.ff_norm = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.ff_norm = TaskLayerNorm(cfg.hidden, eps=1e-12)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor, distance_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,7 +282,7 @@ class DSAML(nn.Module):
         self.global_proj = nn.Linear(global_dim, H)
         self.fusion = nn.Linear(H, H)
         self.encoder = DualScaleEncoder(cfg)
-        self.lstm = nn.LSTM(H, cfg.lstm_hidden, batch_first=True, bidirectional=True)
+        self.lstm = BiLSTM(H, cfg.lstm_hidden)
         self.head = nn.Sequential(
             nn.Linear(2 * cfg.lstm_hidden, cfg.head_hidden),
             nn.Dropout(cfg.dropout),
