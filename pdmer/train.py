@@ -22,7 +22,7 @@ from pdmer.config import ExperimentConfig, config_hash
 from pdmer.data.loading import MIN_QUERY_STEPS, load_dataset, make_splits, role_curves
 from pdmer.data.types import Curve, DataError, Dataset
 from pdmer.evaluate import ListenerResult, evaluate_listener, paired_gain, evaluate_within_song, format_table, plot_listener, summarize
-from pdmer.meta.maml import attach_inner_lrs, call, meta_step, split_state
+from pdmer.meta.maml import attach_inner_lrs, call, meta_step, meta_step_batched, split_state, unrolled_lstm
 from pdmer.data.check import fit_to_audio
 from pdmer.meta.tasks import TaskSampler
 from pdmer.metrics import attention_loss, emotion_loss
@@ -60,15 +60,33 @@ def make_loss_fn(cfg: ExperimentConfig):
     """The DSAML loss as a MAML task loss ``(model, params, buffers, batch) -> scalar``."""
     use_attn, w = cfg.train.attention_loss, cfg.train.attention_loss_weight
 
+    bf16 = cfg.train.precision == "bf16"
+
     def loss_fn(model, params, buffers, batch):
         local, glob, target = batch
-        out = call(model, params, buffers, local, glob)
+        if bf16:  # the forward in bf16 where autocast allows; the loss in fp32
+            with torch.autocast(local.device.type, dtype=torch.bfloat16):
+                out = call(model, params, buffers, local, glob)
+            out = type(out)(*(None if t is None else t.float() for t in (out.pred, out.attn_local, out.attn_global)))
+        else:
+            out = call(model, params, buffers, local, glob)
         loss = emotion_loss(out.pred, target)
         if use_attn:
             loss = loss + w * attention_loss(out.attn_local, out.attn_global)
         return loss
 
     return loss_fn
+
+
+def meta_batch(model: nn.Module, tasks: list, loss_fn, cfg: ExperimentConfig) -> dict:
+    """One meta-batch's gradient into ``model``: tasks together (``meta.batch_tasks``) or one by one."""
+    m = cfg.meta
+    if m.batch_tasks:
+        return meta_step_batched(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order, m.task_chunk)
+    if not m.first_order and next(model.parameters()).is_cuda:
+        with unrolled_lstm(model):  # cuDNN's LSTM has no double backward: only the LSTM leaves it
+            return meta_step(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order)
+    return meta_step(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order)
 
 
 def seed_everything(seed: int) -> None:
@@ -322,7 +340,7 @@ def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[
         optimizer.zero_grad(set_to_none=True)
         if cfg.problem == "pdmer":
             tasks = [sampler.task(cfg.meta.query_songs, cfg.meta.task_sampling == "listener") for _ in range(cfg.meta.tasks_per_batch)]
-            stats = meta_step(model, tasks, loss_fn, cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.first_order)
+            stats = meta_batch(model, tasks, loss_fn, cfg)
             loss = stats["query_loss"]
             inner = stats["inner_losses"].cpu()  # one host sync per meta-batch
             writer.add_scalar("train/inner_loss_first", inner[0].item(), it)

@@ -1,4 +1,7 @@
 """Tasks adapted together (vmap) give the meta-gradient of tasks adapted one by one."""
+import json
+import math
+
 import pytest
 import torch
 
@@ -136,3 +139,17 @@ def test_decomposed_norms_equal_the_fused_ones():
     torch.testing.assert_close(ln(x), ref_ln)
     torch.testing.assert_close(bn(y), ref_bn)
     torch.testing.assert_close(bn.running_mean, stats)  # frozen: the batched path leaves them alone
+
+
+def test_training_with_batched_tasks_and_bf16_runs_end_to_end(session_tmp):
+    """meta.batch_tasks (in chunks) and train.precision=bf16 train, validate and score a tiny run."""
+    from conftest import tiny_overrides
+    from pdmer.config import config_hash, load_config
+    from pdmer.train import train
+
+    base = tiny_overrides(session_tmp, "batched")
+    cfg = load_config("pdmer.synthetic.dsaml", base + ["meta.batch_tasks=true", "meta.task_chunk=1", "train.precision=bf16"])
+    assert config_hash(cfg) != config_hash(load_config("pdmer.synthetic.dsaml", base))
+    run = train(cfg)
+    res = json.loads((run / "results.json").read_text())
+    assert math.isfinite(res["test"]["personalized"]["ccc_mean"])

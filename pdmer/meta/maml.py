@@ -163,17 +163,10 @@ def meta_step(
 
 
 @contextmanager
-def tasks_batched(model: nn.Module) -> Iterator[None]:
-    """Switch ``model``'s modules to their vmap-safe paths for the duration of the block.
-
-    Modules that declare ``unrolled`` (:class:`pdmer.models.dsaml.BiLSTM`) run their written-out
-    recurrence; modules that declare ``frozen_stats`` (``TaskBatchNorm2d``) normalise with batch
-    statistics without touching their running ones; ``decomposed`` (``TaskLayerNorm``) computes
-    layer norm from elementary ops, whose double backward under vmap is right.
-    """
+def _flags(model: nn.Module, flags: tuple[str, ...]) -> Iterator[None]:
     touched = []
     for m in model.modules():
-        for flag in ("unrolled", "frozen_stats", "decomposed"):
+        for flag in flags:
             if hasattr(type(m), flag):
                 touched.append((m, flag))
                 setattr(m, flag, True)
@@ -182,6 +175,22 @@ def tasks_batched(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in touched:
             m.__dict__.pop(flag, None)  # back to the class default (False)
+
+
+def unrolled_lstm(model: nn.Module):
+    """Context: LSTMs that can (``BiLSTM``) run their written-out recurrence (no cuDNN)."""
+    return _flags(model, ("unrolled",))
+
+
+def tasks_batched(model: nn.Module):
+    """Switch ``model``'s modules to their vmap-safe paths for the duration of the block.
+
+    Modules that declare ``unrolled`` (:class:`pdmer.models.dsaml.BiLSTM`) run their written-out
+    recurrence; modules that declare ``frozen_stats`` (``TaskBatchNorm2d``) normalise with batch
+    statistics without touching their running ones; ``decomposed`` (``TaskLayerNorm``) computes
+    layer norm from elementary ops, whose double backward under vmap is right.
+    """
+    return _flags(model, ("unrolled", "frozen_stats", "decomposed"))
 
 
 def stack_tasks(batches: list[tuple]) -> tuple:

@@ -50,6 +50,7 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
     frozen_stats: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.weight.dtype)  # under bf16 autocast: normalise in fp32 (its backward needs matching dtypes)
         if not (self.training and self.frozen_stats):
             return super().forward(x)
         # batch statistics from elementary ops: like layer norm (TaskLayerNorm), the fused kernel's
@@ -75,6 +76,7 @@ class TaskLayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not self.decomposed:
             return super().forward(x)
+        x = x.to(self.weight.dtype)  # fp32 statistics under bf16 autocast, as the fused kernel keeps them
         dims = tuple(range(-len(self.normalized_shape), 0))
         mean = x.mean(dims, keepdim=True)
         var = (x - mean).square().mean(dims, keepdim=True)

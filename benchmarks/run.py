@@ -1,0 +1,395 @@
+"""Speed and memory of pdmer: prints a table and writes JSON (``benchmarks/README.md``).
+
+    python benchmarks/run.py [--device cpu|cuda] [--size small|paper] [--quick] [--precision fp32 bf16]
+
+Measured, each in its own subprocess (so the peak memory of one does not hide another's):
+
+- ``meta``: one PDMER meta-batch (first-order MAML: the tasks' inner loops, their query losses,
+  the outer Adam step), random inputs of the paper's shapes: 16 tasks x 16 inner steps, support
+  1 song x 60 steps, query 15 songs x 60 steps. Tasks adapted together (``meta.batch_tasks``) and
+  one by one, in the same run, and their ratio.
+- ``dmer``: one plain training step on 15 songs x 60 steps.
+- ``calibrate``: one-shot calibration of one 30 s song from its WAV file: decoding, features,
+  the inner loop (``meta.inner_steps`` of the experiment's config).
+- ``predict``: a 10-minute WAV file to its emotion curve (decoding, features in segments,
+  sliding windows): real-time factor, and the peak memory against a song a fifth as long.
+
+Every time is the median over ``--repeats`` runs after one warm-up, with the min and max. Peak
+memory: the subprocess's maximum resident set (CPU) and ``torch.cuda.max_memory_allocated``
+(GPU). ``--quick`` (used by the test suite so the script cannot rot) shrinks shapes and repeats;
+its figures are not the benchmark's. The weights are random: speed does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+# the paper's meta-batch (docs/dsaml.md; the authors' code: 15.7 s on an H100)
+PAPER_META = {"tasks": 16, "steps": 16, "query": 15, "seq_len": 60}
+QUICK_META = {"tasks": 2, "steps": 2, "query": 3, "seq_len": 60}
+TARGETS = {  # (measurement, device, size) -> (bound, unit, direction)
+    ("meta_batched_s", "cuda", "paper"): (0.8, "s", "max"),
+    ("meta_batched_peak_gib", "cuda", "paper"): (16.0, "GiB", "max"),
+    ("meta_speedup", "cuda", "paper"): (5.0, "x", "min"),
+    ("calibrate_s", "cpu", "small"): (2.0, "s", "max"),
+    ("predict_rtf", "cpu", "small"): (500.0, "x real time", "min"),
+    ("predict_rtf", "cpu", "paper"): (100.0, "x real time", "min"),
+}
+
+
+# --- measurements (run in a subprocess: ``--section NAME``) --------------------------------------
+
+
+def _setup(args):
+    import torch
+
+    from pdmer.config import load_config
+    from pdmer.features import descriptor_dim
+    from pdmer.models.dsaml import DSAML
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config("pdmer.synthetic.dsaml", [f"size={args.size}", f"train.precision={args.precision}"])
+    device = torch.device(args.device)
+    model = DSAML(cfg.model, descriptor_dim(cfg.features)).to(device).train()
+    return cfg, device, model
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, repeats: int, device) -> dict:
+    fn()  # warm-up (allocator, caches, lazy init)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"median": times[len(times) // 2] if len(times) % 2 else sum(times[len(times) // 2 - 1:len(times) // 2 + 1]) / 2,
+            "min": times[0], "max": times[-1], "repeats": repeats}
+
+
+def _random_batch(n_songs: int, seq_len: int, g_dim: int, device):
+    import torch
+
+    return (
+        torch.randn(n_songs, seq_len, 51, 128, device=device).half(),  # features are cached as float16
+        torch.randn(n_songs, seq_len, g_dim, device=device),
+        torch.rand(n_songs, seq_len, 2, device=device) * 2 - 1,
+    )
+
+
+def _peaks(device) -> dict:
+    import torch
+
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def section_meta(args) -> dict:
+    import torch
+
+    from pdmer.meta.maml import meta_step, meta_step_batched
+    from pdmer.train import make_loss_fn
+
+    cfg, device, model = _setup(args)
+    shape = QUICK_META if args.quick else PAPER_META
+    tasks = [(_random_batch(1, shape["seq_len"], model.global_dim, device),
+              _random_batch(shape["query"], shape["seq_len"], model.global_dim, device)) for _ in range(shape["tasks"])]
+    loss_fn = make_loss_fn(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        if args.mode == "batched":
+            stats = meta_step_batched(model, tasks, loss_fn, shape["steps"], cfg.meta.inner_lr, True, args.task_chunk)
+        else:
+            stats = meta_step(model, tasks, loss_fn, shape["steps"], cfg.meta.inner_lr, True)
+        opt.step()
+        return stats["query_loss"]
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = {"shape": shape, "mode": args.mode, "task_chunk": args.task_chunk, **_timed(step, args.repeats, device)}
+    return {**out, **_peaks(device)}
+
+
+def section_dmer(args) -> dict:
+    import torch
+
+    from pdmer.meta.maml import split_state
+    from pdmer.train import make_loss_fn
+
+    cfg, device, model = _setup(args)
+    songs = 3 if args.quick else 15
+    batch = _random_batch(songs, 60, model.global_dim, device)
+    loss_fn = make_loss_fn(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, *split_state(model), batch).backward()
+        opt.step()
+
+    return {"songs": songs, "seq_len": 60, **_timed(step, args.repeats, device), **_peaks(device)}
+
+
+def _write_song(path: Path, seconds: float, sr: int = 44100) -> Path:
+    """A stereo WAV file of chords, noise bursts and silence-free texture (any audio times the same)."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(str(path), "w", samplerate=sr, channels=2, subtype="PCM_16") as f:
+        for start in range(0, int(seconds * sr), 10 * sr):  # written 10 s at a time
+            n = min(10 * sr, int(seconds * sr) - start)
+            t = (start + np.arange(n)) / sr
+            x = 0.2 * np.sin(2 * np.pi * (220 + 30 * np.sin(t / 7)) * t) + 0.05 * rng.standard_normal(n)
+            f.write(np.stack([x, 0.8 * x], axis=1).astype(np.float32))
+    return path
+
+
+def section_calibrate(args) -> dict:
+    import torch
+
+    from pdmer.data.types import Curve
+    from pdmer.features import FeatureExtractor
+    from pdmer.meta.maml import adapt
+    from pdmer.meta.tasks import make_batch
+    from pdmer.personal import song_features
+    from pdmer.train import make_loss_fn
+
+    cfg, device, model = _setup(args)
+    model.eval()
+    loss_fn = make_loss_fn(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = _write_song(Path(tmp) / "song.wav", 30.0)
+        fx = FeatureExtractor(cfg.features, use_cache=False)
+        rng = torch.Generator().manual_seed(0)
+
+        def run():
+            feats = song_features(wav, fx)
+            n = min(feats.n_steps, cfg.train.seq_len)
+            curve = Curve("song", "me", 0, (torch.rand(n, 2, generator=rng) * 2 - 1).numpy())
+            support = make_batch([(curve, 0, n)], {"song": feats}, device)
+            adapt(model, support, loss_fn, cfg.meta.inner_steps, cfg.meta.inner_lr)
+
+        out = _timed(run, args.repeats, device)
+    return {"song_s": 30.0, "inner_steps": cfg.meta.inner_steps, **out, **_peaks(device)}
+
+
+def section_predict(args) -> dict:
+    from pdmer.evaluate import predict_steps
+    from pdmer.features import FeatureExtractor
+    from pdmer.personal import song_features
+
+    cfg, device, model = _setup(args)
+    model.eval()
+    seconds = args.song_s
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = _write_song(Path(tmp) / "song.wav", seconds)
+        fx = FeatureExtractor(cfg.features, use_cache=False)
+        split = {"features": [], "model": []}
+
+        def run():
+            t0 = time.perf_counter()
+            feats = song_features(wav, fx)
+            t1 = time.perf_counter()
+            predict_steps(model, feats, 0, feats.n_steps, cfg.train.seq_len, cfg.eval.hop)
+            _sync(device)
+            split["features"].append(t1 - t0)
+            split["model"].append(time.perf_counter() - t1)
+
+        out = _timed(run, args.repeats, device)
+    parts = {f"{k}_median": sorted(v[1:])[len(v[1:]) // 2] for k, v in split.items()}  # [0] is the warm-up
+    return {"song_s": seconds, "hop": cfg.eval.hop, "rtf": seconds / out["median"], **out, **parts, **_peaks(device)}
+
+
+SECTIONS = {"meta": section_meta, "dmer": section_dmer, "calibrate": section_calibrate, "predict": section_predict}
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+
+def _sub(args, section: str, **extra) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", section, "--device", args.device,
+           "--size", args.size, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd += ["--quick"] if args.quick else []
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"benchmark section {section} {extra} failed:\n{p.stderr[-4000:]}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"  {section} {' '.join(f'{k}={v}' for k, v in extra.items())}: {out['median']:.3f} s median "
+          f"({time.perf_counter() - t0:.0f} s wall)", file=sys.stderr, flush=True)
+    return out
+
+
+def _git() -> dict:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return f"{cpu or 'CPU'}, {torch.get_num_threads()} threads"
+
+
+def run_all(args) -> dict:
+    import torch
+
+    res: dict = {"device": args.device, "device_name": _device_name(args.device), "size": args.size, "quick": args.quick,
+                 "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "git": _git(),
+                 "precisions": {}}
+    for prec in args.precision:
+        r = {}
+        if "meta" not in args.skip:
+            r["meta_batched"] = _sub(args, "meta", mode="batched", precision=prec, task_chunk=args.task_chunk)
+            if args.sequential:
+                r["meta_sequential"] = _sub(args, "meta", mode="sequential", precision=prec)
+        if "dmer" not in args.skip:
+            r["dmer"] = _sub(args, "dmer", precision=prec)
+        res["precisions"][prec] = r
+    res["calibrate"] = _sub(args, "calibrate")
+    long_s = 120.0 if args.quick else 600.0
+    res["predict"] = _sub(args, "predict", song_s=long_s)
+    res["predict_short"] = _sub(args, "predict", song_s=long_s / 5)
+    res["summary"] = summarize(res)
+    return res
+
+
+def summarize(res: dict) -> dict:
+    first = res["precisions"][next(iter(res["precisions"]))]
+    s = {}
+    if "meta_batched" in first:
+        s["meta_batched_s"] = first["meta_batched"]["median"]
+        s["meta_batched_peak_gib"] = first["meta_batched"].get("peak_gpu_gib", first["meta_batched"]["peak_rss_gib"])
+    if "dmer" in first:
+        s["dmer_step_s"] = first["dmer"]["median"]
+    s.update({"calibrate_s": res["calibrate"]["median"],
+         "predict_rtf": res["predict"]["rtf"],
+         "predict_peak_rss_gib": res["predict"]["peak_rss_gib"],
+         "predict_short_peak_rss_gib": res["predict_short"]["peak_rss_gib"]})
+    if "meta_sequential" in first:
+        s["meta_sequential_s"] = first["meta_sequential"]["median"]
+        s["meta_speedup"] = s["meta_sequential_s"] / s["meta_batched_s"]
+    return s
+
+
+def fmt_time(m: dict) -> str:
+    return f"{m['median']:.3f} s ({m['min']:.3f}-{m['max']:.3f}, n={m['repeats']})"
+
+
+def table(res: dict) -> str:
+    """Markdown table of one benchmark result, with the targets that apply to it."""
+    dev, size = res["device"], res["size"]
+    gpu = dev == "cuda"
+    mem = (lambda m: f"{m['peak_gpu_gib']:.2f} GiB GPU, {m['peak_rss_gib']:.2f} GiB RSS") if gpu else (lambda m: f"{m['peak_rss_gib']:.2f} GiB RSS")
+    rows = []
+    for prec, r in res["precisions"].items():
+        if "meta_batched" in r:
+            sh = r["meta_batched"]["shape"]
+            what = f"{sh['tasks']} tasks x {sh['steps']} inner steps, query {sh['query']} x {sh['seq_len']}"
+            rows.append(f"| PDMER meta-batch, tasks batched ({prec}; {what}) | {fmt_time(r['meta_batched'])} | {mem(r['meta_batched'])} |")
+        if "meta_sequential" in r:
+            ratio = r["meta_sequential"]["median"] / r["meta_batched"]["median"]
+            rows.append(f"| PDMER meta-batch, tasks one by one ({prec}) | {fmt_time(r['meta_sequential'])} | {mem(r['meta_sequential'])} |")
+            rows.append(f"| batched speed-up over one by one ({prec}) | {ratio:.2f}x | |")
+        if "dmer" in r:
+            rows.append(f"| DMER train step ({prec}; {r['dmer']['songs']} songs x 60 steps) | {fmt_time(r['dmer'])} | {mem(r['dmer'])} |")
+    c, p, q = res["calibrate"], res["predict"], res["predict_short"]
+    rows.append(f"| one-shot calibration, 30 s song (WAV -> adapted weights, {c['inner_steps']} steps) | {fmt_time(c)} | {mem(c)} |")
+    rows.append(f"| prediction, {p['song_s'] / 60:.0f}-min song (WAV -> curve) | {fmt_time(p)} = **{p['rtf']:.0f}x real time** | {mem(p)} |")
+    rows.append(f"| of which: decoding + features / the model's sliding windows | {p['features_median']:.3f} s / {p['model_median']:.3f} s | |")
+    rows.append(f"| prediction, {q['song_s'] / 60:.1f}-min song (memory against song length) | {fmt_time(q)} = {q['rtf']:.0f}x real time | {mem(q)} |")
+    head = (f"**{dev}, size {size}{', quick' if res['quick'] else ''}**: {res['device_name']}; torch {res['torch']}; "
+            f"{res['date']}, commit {(res['git']['commit'] or 'unknown')[:7]}{' (uncommitted changes)' if res['git']['dirty'] else ''}")
+    lines = [head, "", "| measurement | time: median (min-max, repeats) | peak memory |", "|---|---|---|", *rows]
+    checks = []
+    for (key, d, sz), (bound, unit, how) in TARGETS.items():
+        if d == dev and sz == size and key in res["summary"]:
+            v = res["summary"][key]
+            ok = v <= bound if how == "max" else v >= bound
+            checks.append(f"- target {key} {'<=' if how == 'max' else '>='} {bound:g} {unit}: measured {v:.3g} -> "
+                          f"**{'met' if ok else 'NOT met'}**")
+    growth = p["peak_rss_gib"] / q["peak_rss_gib"]
+    checks.append(f"- prediction memory flat in song length: peak RSS {q['peak_rss_gib']:.2f} GiB for "
+                  f"{q['song_s']:.0f} s, {p['peak_rss_gib']:.2f} GiB for {p['song_s']:.0f} s ({growth:.2f}x for "
+                  f"{p['song_s'] / q['song_s']:.0f}x the audio) -> **{'flat' if growth < 1.25 else 'NOT flat'}**")
+    lines += ["", *checks]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    ap.add_argument("--size", choices=["small", "paper"], default="small")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat (a smoke test, not figures)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats after one warm-up (default 5; quick 2)")
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    ap.add_argument("--no-sequential", dest="sequential", action="store_false", help="skip the one-by-one meta-batch")
+    ap.add_argument("--skip", nargs="+", choices=["meta", "dmer"], default=[],
+                    help="leave out these (e.g. meta at paper size on a CPU: minutes per meta-batch)")
+    ap.add_argument("--task-chunk", type=int, default=0, help="meta.task_chunk of the batched meta-batch (0 = all)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>-<size>.json)")
+    # internal: one measurement in this process
+    ap.add_argument("--section", choices=sorted(SECTIONS), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="batched", help=argparse.SUPPRESS)
+    ap.add_argument("--song-s", type=float, default=600.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    if args.section:
+        args.precision = args.precision[0]
+        print(json.dumps(SECTIONS[args.section](args)))
+        return 0
+    res = run_all(args)
+    out = args.out or HERE / "results" / f"{args.device}-{args.size}{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(table(res))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
