@@ -182,15 +182,16 @@ def unrolled_lstm(model: nn.Module):
     return _flags(model, ("unrolled",))
 
 
-def tasks_batched(model: nn.Module):
+def tasks_batched(model: nn.Module, second_order: bool = True):
     """Switch ``model``'s modules to their vmap-safe paths for the duration of the block.
 
     Modules that declare ``unrolled`` (:class:`pdmer.models.dsaml.BiLSTM`) run their written-out
     recurrence; modules that declare ``frozen_stats`` (``TaskBatchNorm2d``) normalise with batch
-    statistics without touching their running ones; ``decomposed`` (``TaskLayerNorm``) computes
-    layer norm from elementary ops, whose double backward under vmap is right.
+    statistics without touching their running ones. With ``second_order``, norms that declare
+    ``decomposed`` (``TaskLayerNorm``, ``TaskBatchNorm2d``) are computed from elementary ops, whose
+    double backward under vmap is right (the fused kernels' is not, in torch 2.14).
     """
-    return _flags(model, ("unrolled", "frozen_stats", "decomposed"))
+    return _flags(model, ("unrolled", "frozen_stats", "in_vmap") + (("decomposed",) if second_order else ()))
 
 
 def stack_tasks(batches: list[tuple]) -> tuple:
@@ -262,7 +263,7 @@ def meta_step_batched(
     chunk = n if chunk <= 0 else min(chunk, n)
     query_total: Tensor | float = 0.0
     inner_total: Tensor | float = 0.0
-    with tasks_batched(model):
+    with tasks_batched(model, second_order=not first_order):
         for i in range(0, n, chunk):
             part = tasks[i : i + chunk]
             support, query = stack_tasks([s for s, _ in part]), stack_tasks([q for _, q in part])

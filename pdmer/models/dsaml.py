@@ -48,13 +48,16 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
     """
 
     frozen_stats: bool = False
+    decomposed: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.weight.dtype)  # under bf16 autocast: normalise in fp32 (its backward needs matching dtypes)
         if not (self.training and self.frozen_stats):
             return super().forward(x)
+        if not (self.decomposed or torch.is_autocast_enabled(x.device.type)):  # see TaskLayerNorm
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         # batch statistics from elementary ops: like layer norm (TaskLayerNorm), the fused kernel's
-        # double backward under vmap with per-task weights is wrong in torch 2.14
+        # double backward under vmap with per-task weights is wrong in torch 2.14 (second order only)
         mean = x.mean((0, 2, 3), keepdim=True)
         var = (x - mean).square().mean((0, 2, 3), keepdim=True)
         y = (x - mean) * torch.rsqrt(var + self.eps)
@@ -68,13 +71,16 @@ class TaskLayerNorm(nn.LayerNorm):
     from elementary ops. Reason: with per-task weights under ``vmap(grad(...))``, torch 2.14's fused
     layer-norm gives wrong second-order gradients w.r.t. the layer's input (off by tens of percent
     against finite differences; first order is right), which second-order MAML needs.
-    ``tests/test_batched_tasks.py`` guards it.
+    ``tests/test_batched_tasks.py`` guards it. First order does not need it (the fused kernel is
+    faster), so only second-order batched MAML sets it.
     """
 
     decomposed: bool = False
+    in_vmap: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.decomposed:
+        # under vmap with bf16 autocast the fused kernel's backward fails on mixed dtypes
+        if not (self.decomposed or (self.in_vmap and torch.is_autocast_enabled(x.device.type))):
             return super().forward(x)
         x = x.to(self.weight.dtype)  # fp32 statistics under bf16 autocast, as the fused kernel keeps them
         dims = tuple(range(-len(self.normalized_shape), 0))
@@ -309,8 +315,10 @@ class DSAML(nn.Module):
             z = z + self.local_proj(x).view(B, T, -1)  # (B, T, H)
         z = self.fusion(torch.sigmoid(z))  # (B, T, H)
         h, attn_local, attn_global = self.encoder(z)
-        h, _ = self.lstm(h)  # (B, T, 2 * lstm_hidden)
-        return Output(self.head(h), attn_local, attn_global)
+        with torch.autocast(h.device.type, enabled=False):  # the recurrence and the output layer stay fp32
+            h, _ = self.lstm(h.to(self.head[0].weight.dtype))  # (B, T, 2 * lstm_hidden)
+            pred = self.head(h)
+        return Output(pred, attn_local, attn_global)
 
 
 def count_parameters(model: nn.Module) -> int:
