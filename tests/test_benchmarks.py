@@ -16,7 +16,7 @@ def test_benchmark_quick_mode_reports_every_figure(tmp_path):
     res = json.loads(out.read_text())
     s = res["summary"]
     for key in ("meta_batched_s", "meta_sequential_s", "meta_speedup", "dmer_step_s", "calibrate_s", "predict_rtf",
-                "predict_peak_rss_gib", "predict_short_peak_rss_gib"):
+                "predict_peak_rss_gib", "predict_long_peak_rss_gib"):
         assert math.isfinite(s[key]) and s[key] > 0, key
     assert res["precisions"]["fp32"]["meta_batched"]["shape"]["tasks"] == 2  # quick shapes
     assert "batched speed-up" in p.stdout and "x real time" in p.stdout
