@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -273,10 +274,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # key.sub=value
+TAKES_OVERRIDES = ("train", "reproduce", "sweep", "data")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; ``key=value`` overrides may stand anywhere after the command.
+
+    argparse alone accepts positional overrides only in one run (``reproduce EXP --seeds 0 1
+    --resume a.b=1`` would fail), so they are taken out first and appended, in order.
+    """
+    parser = build_parser()
+    argv = argv or ["train"]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    extra: list[str] = []
+    if command in TAKES_OVERRIDES:
+        i = argv.index(command)
+        extra = [a for a in argv[i + 1:] if OVERRIDE.match(a)]
+        argv = argv[: i + 1] + [a for a in argv[i + 1:] if not OVERRIDE.match(a)]
+    args = parser.parse_args(argv)
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv or ["train"])
+    args = parse(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -31,3 +31,17 @@ def test_overrides_without_experiment_apply_to_the_default(capsys):
     assert main(["train", "train.iteratons=3"]) == 2
     err = capsys.readouterr().err
     assert "train.iteratons" in err and "unknown experiment" not in err
+
+
+def test_overrides_may_stand_anywhere_after_the_command():
+    from pdmer.cli import parse
+
+    for argv in (["reproduce", "exp", "a.b=1", "c=2", "--resume", "--seeds", "0", "1"],
+                 ["reproduce", "exp", "--seeds", "0", "1", "--resume", "a.b=1", "c=2"],
+                 ["reproduce", "exp", "--resume", "a.b=1", "--seeds", "0", "1", "c=2"]):
+        args = parse(argv)
+        assert (args.experiment, args.overrides, args.seeds, args.resume) == ("exp", ["a.b=1", "c=2"], ["0", "1"], True), argv
+    args = parse(["train", "--resume", "meta.inner_lr=0.1"])
+    assert (args.experiment, args.overrides) == ("pdmer.synthetic.dsaml", ["meta.inner_lr=0.1"])
+    args = parse(["predict", "a=b.wav"])  # not a command with overrides: a song path stays a path
+    assert args.songs == ["a=b.wav"]
