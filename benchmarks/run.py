@@ -254,7 +254,9 @@ def _git() -> dict:
     def git(*a):
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    # the results folder itself does not count: writing one result must not mark the next as dirty
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
 
 
 def _device_name(device: str) -> str:
