@@ -72,8 +72,9 @@ def format_cell(s: dict) -> str:
 def format_reproduction(table: dict) -> str:
     """Markdown: one row per condition, mean ± std over seeds of every metric."""
     seeds = ", ".join(str(s) for s in table["seeds"])
+    over = " ".join(table.get("overrides") or [])
     lines = [f"**{table['experiment']}**: test metrics, mean ± std (ddof=1) over seeds {seeds}; "
-             f"{table['date']}, commit {short_commit(table)}", "",
+             f"{table['date']}, commit {short_commit(table)}" + (f"; overrides `{over}`" if over else ""), "",
              "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
              "|" + "---|" * (len(METRICS) + 1)]
     for cond, m in table["test"].items():
@@ -126,7 +127,10 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
             res = {**res, **evaluate_run(run)}  # keeps what only training wrote (best, train_seconds)
             atomic_write_text(run / "results.json", json.dumps(res, indent=2, default=float))
         results[s] = res
-        runs[s] = str(run)
+        try:
+            runs[s] = str(Path(run).relative_to(REPO))
+        except ValueError:  # runtime.out_dir outside the repository
+            runs[s] = str(run)
     cfg0 = cfgs[seeds[0]]
     table = {
         "experiment": cfg0.name,
@@ -231,11 +235,13 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
         rows.append(f"| `{name}` | {describe(f)} | {command} | " + " | ".join(cells) + " |")
     data_note = ("DEAM / PMEmo rows need the datasets (see the main README, 'Real datasets'); run the listed "
                  "command where they are, then `python run.py tables` fills the row.")
+    notes = path.parent / "NOTES.md"  # hand-written reading of the table (no numbers are generated from it)
     text = "\n".join([
         README_HEAD, "## Table", "", data_note, "",
         "| experiment | what it tests | command | generic CCC | personalized CCC | offset CCC | seeds | measured (date, commit) |",
         "|---|---|---|---|---|---|---|---|", *rows, "",
         "Regenerate: `python run.py tables`.",
+        *(["", notes.read_text().strip()] if notes.exists() else []),
         "", "## Full tables", *(details or ["", "None yet."]), "",
     ])
     atomic_write_text(path, text)
