@@ -191,3 +191,16 @@ def test_bf16_meta_gradient_stays_close_to_fp32():
     assert rel_err(grads["seq"], grads["ref"]) < 0.1
     assert rel_err(grads["bat"], grads["ref"]) < 0.1
     assert rel_err(grads["seq"], grads["ref"]) > 0  # bf16 did run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adapt_in_eval_mode_on_gpu_matches_cpu():
+    """Test-time adaptation backpropagates through the LSTM in eval mode (cuDNN cannot)."""
+    from pdmer.meta.maml import adapt
+
+    model = tiny_model().float().eval()
+    support = tuple(t.float() for t in batch(3, 1))
+    ref, _ = adapt(model, support, loss_fn, 3, 0.1)
+    out, _ = adapt(model.cuda(), tuple(t.cuda() for t in support), loss_fn, 3, 0.1)
+    for k in ref:
+        torch.testing.assert_close(out[k].cpu(), ref[k], rtol=1e-3, atol=1e-5)

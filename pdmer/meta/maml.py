@@ -19,7 +19,7 @@ sync once per meta-batch.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -124,7 +124,9 @@ def adapt(
     params, buffers = split_state(model)
     buffers = {k: v.detach() for k, v in buffers.items()}
     start = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
-    with torch.enable_grad():
+    # cuDNN's LSTM refuses a backward in eval mode: on the GPU the LSTM runs unrolled here
+    cuda = any(p.is_cuda for p in params.values())
+    with torch.enable_grad(), (unrolled_lstm(model) if cuda else nullcontext()):
         adapted, losses = inner_loop(model, start, buffers, support, loss_fn, steps, lr, first_order=True)
     return {k: p.detach() for k, p in adapted.items()}, losses
 
