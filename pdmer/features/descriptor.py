@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 from scipy.ndimage import maximum_filter1d, uniform_filter1d
 
 from pdmer.config import FeatureConfig
@@ -143,11 +144,49 @@ class StepSummaries:
         return int(self.values.shape[0])
 
 
-@functools.lru_cache(maxsize=2)
-def _cqt(sr: int, hop: int):
-    from nnAudio.features import CQT
+class OctaveCQT:
+    """nnAudio's CQT (``CQT1992v2``, librosa normalisation, magnitude), one octave at a time.
 
-    return CQT(sr=sr, hop_length=hop, fmin=CQT_FMIN, n_bins=CQT_BINS, bins_per_octave=12, center=False, verbose=False)
+    nnAudio pads every kernel to the width of the lowest bin's (32,768 samples at 22.05 kHz) and
+    convolves all 84 at that width; a kernel of an octave higher is half as long and the rest is
+    zeros. Here each octave's kernels are cut to their own nonzero span and convolved separately:
+    the same sums without the zero taps (about 3.5x fewer multiply-adds), equal to nnAudio's output
+    up to float rounding (``tests/test_features.py``).
+
+    Called on ``seg`` (n,) of a reflect-padded signal like nnAudio's ``center=False`` call: frame
+    ``f`` covers ``seg[f * hop : f * hop + kernel_width]``; returns (84, frames).
+    """
+
+    def __init__(self, sr: int, hop: int) -> None:
+        from nnAudio.features import CQT
+
+        ref = CQT(sr=sr, hop_length=hop, fmin=CQT_FMIN, n_bins=CQT_BINS, bins_per_octave=12, center=False, verbose=False)
+        self.hop, self.kernel_width = hop, int(ref.kernel_width)
+        real, imag = ref.cqt_kernels_real[:, 0], ref.cqt_kernels_imag[:, 0]  # (84, W)
+        self.scale = torch.sqrt(ref.lenghts.float()).view(-1, 1)  # (84, 1) librosa normalisation
+        self.octaves = []  # (bins, first tap, kernels (2 * 12, 1, taps)): real parts, then minus the imaginary ones
+        for lo in range(0, CQT_BINS, 12):
+            bins = slice(lo, min(lo + 12, CQT_BINS))
+            used = torch.nonzero((real[bins].abs() + imag[bins].abs()).sum(0) > 0).flatten()
+            a, b = int(used.min()), int(used.max()) + 1
+            kernels = torch.cat([real[bins, a:b], -imag[bins, a:b]]).unsqueeze(1).contiguous()
+            self.octaves.append((bins, a, kernels))
+
+    def __call__(self, seg: Tensor) -> Tensor:
+        n_frames = 1 + (seg.shape[-1] - self.kernel_width) // self.hop
+        out = torch.empty(CQT_BINS, n_frames)
+        for bins, a, kernels in self.octaves:
+            taps = kernels.shape[-1]
+            x = seg[a : a + (n_frames - 1) * self.hop + taps]
+            y = torch.nn.functional.conv1d(x[None, None], kernels, stride=self.hop)[0]  # (2 * bins, frames)
+            n = y.shape[0] // 2
+            out[bins] = torch.sqrt((y[:n] * self.scale[bins]).pow(2) + (y[n:] * self.scale[bins]).pow(2))
+        return out
+
+
+@functools.lru_cache(maxsize=2)
+def _cqt(sr: int, hop: int) -> OctaveCQT:
+    return OctaveCQT(sr, hop)
 
 
 def cqt_magnitude(wave: np.ndarray, sample_rate: int, n_frames: int, hop: int) -> np.ndarray:
@@ -176,7 +215,7 @@ def cqt_magnitude(wave: np.ndarray, sample_rate: int, n_frames: int, hop: int) -
         for a in range(0, n_frames, CQT_CHUNK_FRAMES):
             b = min(a + CQT_CHUNK_FRAMES, n_frames)
             seg = xp[a * hop : (b - 1) * hop + kw]
-            out[a:b] = cqt(seg)[0].T.numpy()  # (1, 84, b - a) -> (b - a, 84)
+            out[a:b] = cqt(seg).T.numpy()  # (84, b - a) -> (b - a, 84)
     return out
 
 
