@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -137,19 +138,37 @@ class ListenerResult:
     curves: dict[str, dict[str, np.ndarray]]  # condition -> song -> (T, 2), incl. "ratings"
 
 
+@dataclass(frozen=True)
+class Adaptation:
+    """How a listener is adapted to and scored (shared by both test protocols).
+
+    Attributes:
+        loss_fn: the task loss of the inner loop (:func:`pdmer.train.make_loss_fn`).
+        inner_steps, inner_lr: the inner loop (``meta.*``).
+        seq_len: support length and sliding-window length in steps (``train.seq_len``).
+        hop: sliding-window hop in steps (``eval.hop``).
+        support_songs: k of k-shot (``eval.support_songs``; the songs protocol only).
+        seed: fixes each listener's support songs (``train.seed``).
+        min_query_steps: the within-song protocol skips curves that leave fewer query steps.
+    """
+
+    loss_fn: Callable
+    inner_steps: int
+    inner_lr: float
+    seq_len: int
+    hop: int
+    support_songs: int = 1
+    seed: int = 0
+    min_query_steps: int = 2
+
+
 def evaluate_listener(
     model: nn.Module,
     dataset: Dataset,
     features: dict,
     listener: str,
     curves: list[Curve],
-    loss_fn,
-    inner_steps: int,
-    inner_lr: float,
-    seq_len: int,
-    hop: int,
-    support_songs: int = 1,
-    seed: int = 0,
+    how: Adaptation,
     keep_curves: bool = False,
     queries: list[Curve] | None = None,
 ) -> ListenerResult:
@@ -158,13 +177,14 @@ def evaluate_listener(
     ``queries`` given (song-disjoint split): the support is drawn from ``curves`` (the
     listener's train-song curves) and only ``queries`` (their val / test songs) are scored.
     """
-    idx = choose_support(curves, support_songs, seed, listener)
+    seq_len, hop = how.seq_len, how.hop
+    idx = choose_support(curves, how.support_songs, how.seed, listener)
     support = [curves[i] for i in idx]
     if queries is None:
         queries = [c for i, c in enumerate(curves) if i not in idx]
     device = next(model.parameters()).device
     model.eval()
-    params, _ = adapt(model, support_batch(support, features, seq_len, device), support_loss_fn(loss_fn), inner_steps, inner_lr)
+    params, _ = adapt(model, support_batch(support, features, seq_len, device), support_loss_fn(how.loss_fn), how.inner_steps, how.inner_lr)
     offset = support_offset(model, features, support, seq_len, hop)
     per_song: dict[str, dict] = {c: {} for c in CONDITIONS}
     kept: dict[str, dict] = {c: {} for c in (*CONDITIONS, "ratings")}
@@ -179,34 +199,31 @@ def evaluate_within_song(
     features: dict,
     listener: str,
     curves: list[Curve],
-    loss_fn,
-    inner_steps: int,
-    inner_lr: float,
-    seq_len: int,
-    hop: int,
+    how: Adaptation,
     keep_curves: bool = False,
-    min_query_steps: int = 2,
 ) -> ListenerResult | None:
     """The DEAM authors' test protocol for one listener (dsaml.md, 'Data').
 
-    For each of the listener's curves longer than ``seq_len + min_query_steps - 1`` steps: the
+    For each of the listener's curves longer than ``seq_len + min_query_steps - 1`` steps (``how``): the
     model is adapted on the curve's first ``seq_len`` steps (30 s) and scored on the rest of that
     song. Curves too short to leave a query are skipped.
 
     Returns:
         ListenerResult (``support`` lists "song[first N steps]"), or None when no curve is long enough.
     """
+    seq_len, hop = how.seq_len, how.hop
     device = next(model.parameters()).device
     model.eval()
     per_song: dict[str, dict] = {c: {} for c in CONDITIONS}
     kept: dict[str, dict] = {c: {} for c in (*CONDITIONS, "ratings")}
     support_names = []
     for c in curves:
-        if c.n_steps < seq_len + min_query_steps:
+        if c.n_steps < seq_len + how.min_query_steps:
             continue
         support = Curve(c.song_id, c.annotator_id, c.start_step, c.values[:seq_len])
         query = Curve(c.song_id, c.annotator_id, c.start_step + seq_len, c.values[seq_len:])
-        params, _ = adapt(model, support_batch([support], features, seq_len, device), support_loss_fn(loss_fn), inner_steps, inner_lr)
+        params, _ = adapt(model, support_batch([support], features, seq_len, device), support_loss_fn(how.loss_fn),
+                          how.inner_steps, how.inner_lr)
         offset = support_offset(model, features, [support], seq_len, hop)
         _score_query(model, dataset, features, listener, query, params, seq_len, hop, per_song, kept, keep_curves, offset)
         support_names.append(f"{c.song_id}[first {seq_len} steps]")

@@ -431,7 +431,7 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
             2 ratings, a rated song that was not given, a given song that is not rated, more
             than one annotator, or under ``MIN_RATED_S`` seconds rated.
     """
-    from pdmer.data.generic import COLUMNS, _Problems, _read_curves
+    from pdmer.data.generic import COLUMNS, Problems, read_curves
 
     path = Path(path)
     if not path.is_file():
@@ -455,7 +455,7 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
         add.append(("song_id", songs[0]))
     if "annotator_id" not in header:
         add.append(("annotator_id", name))
-    problems = _Problems()
+    problems = Problems()
     with tempfile.TemporaryDirectory(prefix="pdmer-ratings-") as tmp:
         src = path
         if add:  # the same rows with the missing id columns prepended: line numbers stay the same
@@ -465,7 +465,7 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
                 w.writerow([k for k, _ in add] + rows[0])
                 for row in rows[1:]:
                     w.writerow(([v for _, v in add] + row) if any(x.strip() for x in row) else [])
-        curves = _read_curves(src, problems, scale, True, set()) or {}
+        curves = read_curves(src, problems, scale, True, set()) or {}
         problems.items = [m.replace(str(src), str(path)) for m in problems.items]
     try:
         problems.raise_if_any(path)

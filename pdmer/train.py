@@ -21,7 +21,7 @@ from pdmer.checkpoint import CheckpointError, atomic_write_text, load_tensors, l
 from pdmer.config import ExperimentConfig, config_hash
 from pdmer.data.loading import MIN_QUERY_STEPS, load_dataset, make_splits, role_curves
 from pdmer.data.types import Curve, DataError, Dataset
-from pdmer.evaluate import ListenerResult, evaluate_listener, paired_gain, evaluate_within_song, format_table, plot_listener, summarize
+from pdmer.evaluate import Adaptation, ListenerResult, evaluate_listener, evaluate_within_song, format_table, paired_gain, plot_listener, summarize
 from pdmer.meta.maml import attach_inner_lrs, call, meta_step, meta_step_batched, split_state, unrolled_lstm
 from pdmer.data.check import fit_to_audio
 from pdmer.meta.tasks import TaskSampler
@@ -173,21 +173,17 @@ def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None
     cfg = ctx.cfg
     listeners = ctx.splits[split][:limit] if limit else ctx.splits[split]
     pools = role_curves(ctx.dataset, listeners, ctx.songs, split)
-    loss_fn = make_loss_fn(cfg)
+    how = Adaptation(make_loss_fn(cfg), cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.train.seq_len, cfg.eval.hop,
+                     cfg.eval.support_songs, cfg.train.seed, MIN_QUERY_STEPS)
     k, results = cfg.eval.support_songs, []
     for a in listeners:
         pool, queries = pools[a]
         if cfg.eval.protocol == "within_song" and split == "test":
-            r = evaluate_within_song(model, ctx.dataset, ctx.features, a, pool if queries is None else queries, loss_fn,
-                                     cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.train.seq_len, cfg.eval.hop, keep_curves,
-                                     MIN_QUERY_STEPS)
+            r = evaluate_within_song(model, ctx.dataset, ctx.features, a, pool if queries is None else queries, how, keep_curves)
             if r is not None:
                 results.append(r)
         elif (len(pool) > k) if queries is None else (len(pool) >= k and queries):
-            results.append(evaluate_listener(
-                model, ctx.dataset, ctx.features, a, pool, loss_fn, cfg.meta.inner_steps, cfg.meta.inner_lr,
-                cfg.train.seq_len, cfg.eval.hop, k, cfg.train.seed, keep_curves, queries,
-            ))
+            results.append(evaluate_listener(model, ctx.dataset, ctx.features, a, pool, how, keep_curves, queries))
     if not results:
         raise DataError(f"no {split} listener can be scored (split {ctx.split_record()['kind']}, protocol {cfg.eval.protocol})")
     return summarize(results), results

@@ -78,7 +78,7 @@ def test_offset_condition_shifts_generic_by_mean_support_error():
     from pathlib import Path
 
     from pdmer.data.types import Curve, Dataset
-    from pdmer.evaluate import evaluate_listener
+    from pdmer.evaluate import Adaptation, evaluate_listener
     from pdmer.metrics import song_metrics
 
     m, f = model(), Feats(90)
@@ -95,7 +95,7 @@ def test_offset_condition_shifts_generic_by_mean_support_error():
         return ((call(model_, params, buffers, local, glob).pred - target) ** 2).mean()
 
     # queries given: the support is drawn from [sup] only
-    r = evaluate_listener(m, dataset, feats, "L1", [sup], loss_fn, 1, 0.01, 30, 15, 1, 0, True, [qry])
+    r = evaluate_listener(m, dataset, feats, "L1", [sup], Adaptation(loss_fn, 1, 0.01, 30, 15, 1, 0), True, [qry])
     shift = (sup.values[:30] - predict_steps(m, f, 10, 40, 30, 15)).mean(0)
     generic = predict_steps(m, f, 0, 70, 30, 15)
     np.testing.assert_allclose(r.curves["offset"]["s2"], generic + shift, rtol=1e-5, atol=1e-5)

@@ -45,7 +45,7 @@ TIME_TOL = 1e-6  # seconds: grid times this close outside the rated span still c
 MAX_LISTED = 200  # problems spelled out in one DataError; the rest are counted
 
 
-class _Problems:
+class Problems:
     """Collects validation problems; raises them all at once."""
 
     def __init__(self) -> None:
@@ -85,8 +85,8 @@ def resample_to_grid(times: np.ndarray, values: np.ndarray) -> tuple[int, np.nda
     return k0, out
 
 
-def _read_curves(path: Path, problems: _Problems, scale: str, required: bool,
-                 seen: set[str]) -> dict[tuple[str, str], Curve] | None:
+def read_curves(path: Path, problems: Problems, scale: str, required: bool,
+                seen: set[str]) -> dict[tuple[str, str], Curve] | None:
     """Read one ratings-like CSV into (song_id, annotator_id) -> Curve, adding problems.
 
     Every song id met on a row (valid or not) is added to ``seen``.
@@ -189,7 +189,7 @@ def _read_curves(path: Path, problems: _Problems, scale: str, required: bool,
     return curves
 
 
-def _find_audio(audio_dir: Path, problems: _Problems) -> dict[str, Path]:
+def _find_audio(audio_dir: Path, problems: Problems) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if not audio_dir.is_dir():
         problems.add(f"{audio_dir}: audio folder not found (expected audio/<song_id>.<{'|'.join(e[1:] for e in AUDIO_EXTS)}>)")
@@ -221,14 +221,14 @@ def load_generic(root: Path, name: str | None = None, scale: str = "deam") -> Da
     if scale not in ("deam", "unit"):
         raise ValueError(f"scale={scale!r} is not 'deam' or 'unit'")
     root = Path(root)
-    problems = _Problems()
+    problems = Problems()
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     audio = _find_audio(root / "audio", problems)
     seen: dict[str, set[str]] = {f: set() for f in ("ratings.csv", "oracle.csv", "consensus.csv")}
-    ratings = _read_curves(root / "ratings.csv", problems, scale, True, seen["ratings.csv"]) or {}
-    oracle = _read_curves(root / "oracle.csv", problems, scale, False, seen["oracle.csv"])
-    consensus_curves = _read_curves(root / "consensus.csv", problems, scale, False, seen["consensus.csv"])
+    ratings = read_curves(root / "ratings.csv", problems, scale, True, seen["ratings.csv"]) or {}
+    oracle = read_curves(root / "oracle.csv", problems, scale, False, seen["oracle.csv"])
+    consensus_curves = read_curves(root / "consensus.csv", problems, scale, False, seen["consensus.csv"])
 
     if (root / "audio").is_dir():
         for fname, sids in seen.items():
