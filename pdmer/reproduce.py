@@ -159,8 +159,8 @@ test suite (`tests/test_experiments.py`).
 
 **This file is generated**: `python run.py tables` rewrites it from the `table.json` files that
 `python run.py reproduce EXPERIMENT` writes under `runs/reproduce/`. A row reads "not run yet"
-until its reproduction (with the experiment's own config and no overrides) has finished; no
-number here is typed by hand.
+until its reproduction (with the experiment's own config: no overrides but `runtime.*` ones,
+which are listed with each full table) has finished; no number here is typed by hand.
 
 Columns: test-set mean CCC (mean of arousal and valence), mean ± std over training seeds
 (`train.seed`; data, split and support songs fixed). Conditions (`pdmer/evaluate.py`):
@@ -220,12 +220,12 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
         if t is None:
             data = {"deam": "DEAM", "pmemo": "PMEmo", "generic": "dataset"}.get(cfg.data.source)
             needs = f" (needs the {data} data)" if data else ""
-            cells = [f"not run yet{needs}", "", "", "", ""]
+            cells = [f"not run yet{needs}", "", "", "", "", ""]
         else:
             measured += 1
             test = t["test"]
             cells = [format_cell(test[c]["ccc_mean"]) if c in test else "n/a" for c in ("generic", "personalized", "offset")]
-            cells += [str(len(t["seeds"])), f"{t['date']}, {short_commit(t)}"]
+            cells += [format_cell(t["gain_ccc_mean"]), str(len(t["seeds"])), f"{t['date']}, {short_commit(t)}"]
             rel = t["_path"].parent
             try:
                 rel = rel.relative_to(REPO)
@@ -238,8 +238,9 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
     notes = path.parent / "NOTES.md"  # hand-written reading of the table (no numbers are generated from it)
     text = "\n".join([
         README_HEAD, "## Table", "", data_note, "",
-        "| experiment | what it tests | command | generic CCC | personalized CCC | offset CCC | seeds | measured (date, commit) |",
-        "|---|---|---|---|---|---|---|---|", *rows, "",
+        "| experiment | what it tests | command | generic CCC | personalized CCC | offset CCC | gain | seeds | measured (date, commit) |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "gain: personalized minus generic mean CCC, per seed, then mean ± std over seeds.", "",
         "Regenerate: `python run.py tables`.",
         *(["", notes.read_text().strip()] if notes.exists() else []),
         "", "## Full tables", *(details or ["", "None yet."]), "",
