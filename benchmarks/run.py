@@ -26,6 +26,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,9 +86,7 @@ def _timed(fn, repeats: int, device) -> dict:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"median": times[len(times) // 2] if len(times) % 2 else sum(times[len(times) // 2 - 1:len(times) // 2 + 1]) / 2,
-            "min": times[0], "max": times[-1], "repeats": repeats}
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
 
 
 def _random_batch(n_songs: int, seq_len: int, g_dim: int, device):
@@ -250,15 +249,6 @@ def _sub(args, section: str, **extra) -> dict:
     return out
 
 
-def _git() -> dict:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    # the results folder itself does not count: writing one result must not mark the next as dirty
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
-
-
 def _device_name(device: str) -> str:
     import torch
 
@@ -275,8 +265,11 @@ def _device_name(device: str) -> str:
 def run_all(args) -> dict:
     import torch
 
+    from pdmer.runs import git_info
+
     res: dict = {"device": args.device, "device_name": _device_name(args.device), "size": args.size, "quick": args.quick,
-                 "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "git": _git(),
+                 "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                 "git": git_info(exclude=("benchmarks/results",)),  # writing one result must not mark the next dirty
                  "precisions": {}}
     for prec in args.precision:
         r = {}

@@ -35,9 +35,6 @@ def cmd_train(args) -> int:
     from pdmer.runs import run_dir_for
     from pdmer.train import train
 
-    if "=" in args.experiment:  # `train key=value ...`: overrides on the default experiment
-        args.overrides.insert(0, args.experiment)
-        args.experiment = DEFAULT_EXPERIMENT
     cfg = load_config(args.experiment, args.overrides)
     run = run_dir_for(cfg)
     if (run / "results.json").exists() and not args.force:
@@ -56,10 +53,9 @@ def cmd_reproduce(args) -> int:
     from pdmer.config import ConfigError
 
     seeds = None
-    if args.seeds is not None:  # `--seeds 0 1 2 key=value`: the overrides may follow the seeds
-        args.overrides += [a for a in args.seeds if "=" in a]
+    if args.seeds is not None:  # overrides after the seeds were already taken out by `parse`
         try:
-            seeds = [int(a) for a in args.seeds if "=" not in a]
+            seeds = [int(a) for a in args.seeds]
         except ValueError:
             raise ConfigError(f"--seeds takes integers, got {args.seeds}") from None
     out = reproduce(args.experiment, seeds, args.overrides, resume=args.resume)
@@ -144,9 +140,6 @@ def cmd_data_check(args) -> int:
     from pdmer.config import load_config
     from pdmer.data.check import check_data, format_report
 
-    if args.root is not None and "=" in args.root and not Path(args.root).exists():  # `--format synthetic key=value`
-        args.overrides.insert(0, args.root)
-        args.root = None
     cfg = load_config(None, args.overrides)
     report = check_data(args.format, args.root, cfg, audio=args.audio, progress=sys.stderr.isatty())
     print(format_report(report, verbose=args.verbose_report))
@@ -278,13 +271,13 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # key.sub=value
 TAKES_OVERRIDES = ("train", "reproduce", "sweep", "data")
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Parse a command line; ``key=value`` overrides may stand anywhere after the command.
 
     argparse alone accepts positional overrides only in one run (``reproduce EXP --seeds 0 1
     --resume a.b=1`` would fail), so they are taken out first and appended, in order.
     """
-    parser = build_parser()
+    parser = parser or build_parser()
     argv = argv or ["train"]
     command = next((a for a in argv if not a.startswith("-")), None)
     extra: list[str] = []
@@ -301,7 +294,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parse(argv)
+    args = parse(argv, parser)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 
-def git_info() -> dict:
+def git_info(exclude: tuple[str, ...] = ()) -> dict:
+    """HEAD's commit and whether tracked files differ from it (paths under ``exclude`` do not count)."""
+
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -26,7 +28,9 @@ def git_info() -> dict:
             return ""
 
     commit = git("rev-parse", "HEAD")
-    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+    pathspec = ["--", ".", *(f":(exclude){p}" for p in exclude)] if exclude else []
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", *pathspec)) if commit else None
+    return {"commit": commit or None, "dirty": dirty}
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -11,23 +11,7 @@ from pdmer.metrics import attention_loss, emotion_loss
 from pdmer.meta.maml import call
 from pdmer.models.dsaml import DSAML, BiLSTM
 
-T, G = 8, 5
-
-
-def tiny_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(hidden=8, layers=1, heads=2, ff=8, dropout=0.0, lstm_hidden=4, head_hidden=4,
-                      local_window=1, global_window=3, **kw)
-    return DSAML(cfg, global_dim=G).double()
-
-
-def batch(seed, B):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(B, T, 51, 128, generator=g, dtype=torch.float64),
-        torch.randn(B, T, G, generator=g, dtype=torch.float64),
-        torch.rand(B, T, 2, generator=g, dtype=torch.float64) * 2 - 1,
-    )
+from test_maml import G, batch, tiny_model  # the tiny float64 DSAML and its random batches
 
 
 def loss_fn(model, params, buffers, b):

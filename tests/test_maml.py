@@ -10,9 +10,9 @@ from pdmer.models.dsaml import DSAML
 T, G = 8, 5
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden=8, layers=1, heads=2, ff=8, dropout=0.0, lstm_hidden=4, head_hidden=4, local_window=1, global_window=3)
+    cfg = ModelConfig(hidden=8, layers=1, heads=2, ff=8, dropout=0.0, lstm_hidden=4, head_hidden=4, local_window=1, global_window=3, **kw)
     return DSAML(cfg, global_dim=G).double()
 
 
