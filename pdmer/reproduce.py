@@ -74,7 +74,7 @@ def format_reproduction(table: dict) -> str:
     seeds = ", ".join(str(s) for s in table["seeds"])
     over = " ".join(table.get("overrides") or [])
     lines = [f"**{table['experiment']}**: test metrics, mean ± std (ddof=1) over seeds {seeds}; "
-             f"{table['date']}, commit {short_commit(table)}" + (f"; overrides `{over}`" if over else ""), "",
+             f"{table['date']}, trained at commit {short_commit(table)}" + (f"; overrides `{over}`" if over else ""), "",
              "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
              "|" + "---|" * (len(METRICS) + 1)]
     for cond, m in table["test"].items():
@@ -83,11 +83,29 @@ def format_reproduction(table: dict) -> str:
     return "\n".join(lines)
 
 
-def short_commit(table: dict) -> str:
-    git = table.get("git") or {}
+def _commit(git: dict | None) -> str:
+    git = git or {}
     if not git.get("commit"):
         return "unknown"
     return git["commit"][:7] + (" (uncommitted changes)" if git.get("dirty") else "")
+
+
+def short_commit(table: dict) -> str:
+    """The commit(s) the seeds were trained at, e.g. ``085bab3`` or ``085bab3 (seeds 0, 1); cc87c3b (seed 2)``.
+
+    A finished seed is reused by later reproductions, so the seeds of one table may come from
+    different commits; the table says so. Tables written before ``trained_at`` existed show the
+    commit the table was written at.
+    """
+    trained = table.get("trained_at")
+    if not trained:
+        return _commit(table.get("git"))
+    groups: dict[str, list[str]] = {}
+    for seed, git in trained.items():
+        groups.setdefault(_commit(git), []).append(str(seed))
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{c} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for c, s in groups.items())
 
 
 def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[str] | None = None,
@@ -111,7 +129,7 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
     cfgs = {s: load_config(experiment, overrides + [f"train.seed={s}"]) for s in seeds}
     out = reproduction_dir(cfgs[seeds[0]], seeds)
     out.mkdir(parents=True, exist_ok=True)
-    results, runs = {}, {}
+    results, runs, trained = {}, {}, {}
     for s, cfg in cfgs.items():
         run = run_dir_for(cfg)
         if (run / "results.json").exists():
@@ -128,9 +146,16 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
             atomic_write_text(run / "results.json", json.dumps(res, indent=2, default=float))
         results[s] = res
         try:
+            trained[s] = json.loads((run / "run.json").read_text()).get("git")
+        except (OSError, json.JSONDecodeError):
+            trained[s] = None
+        try:
             runs[s] = str(Path(run).relative_to(REPO))
         except ValueError:  # runtime.out_dir outside the repository
             runs[s] = str(run)
+    if len({_commit(g) for g in trained.values()}) > 1:
+        log.warning("%s: the seeds were trained at different commits: %s", experiment,
+                    ", ".join(f"seed {s} {_commit(g)}" for s, g in trained.items()))
     cfg0 = cfgs[seeds[0]]
     table = {
         "experiment": cfg0.name,
@@ -141,7 +166,8 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
         "seeds": seeds,
         "runs": {str(s): r for s, r in runs.items()},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "git": git_info(),
+        "git": git_info(),  # where the table was written
+        "trained_at": {str(s): g for s, g in trained.items()},  # where each seed was trained (reused seeds may differ)
         "std": "sample standard deviation over seeds (ddof=1)",
         **aggregate(results),
     }
@@ -238,7 +264,7 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
     notes = path.parent / "NOTES.md"  # hand-written reading of the table (no numbers are generated from it)
     text = "\n".join([
         README_HEAD, "## Table", "", data_note, "",
-        "| experiment | what it tests | command | generic CCC | personalized CCC | offset CCC | gain | seeds | measured (date, commit) |",
+        "| experiment | what it tests | command | generic CCC | personalized CCC | offset CCC | gain | seeds | measured (date, training commit) |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
         "gain: personalized minus generic mean CCC, per seed, then mean ± std over seeds.", "",
         "Regenerate: `python run.py tables`.",

@@ -100,3 +100,25 @@ def test_a_finished_seed_without_offset_is_rescored(reproduction):
     again = json.loads(path.read_text())
     assert again["test"]["offset"]["ccc_mean"] == pytest.approx(offset["ccc_mean"], abs=1e-6)
     assert again["best"] == res["best"]
+
+
+def test_the_table_names_the_commit_each_seed_was_trained_at(reproduction):
+    """A finished seed is reused as it is: a table mixing commits must say which seed came from where."""
+    out, ov = reproduction
+    table = json.loads((out / "table.json").read_text())
+    assert set(table["trained_at"]) == {"0", "1"}
+    path = Path(table["runs"]["1"]) / "run.json"
+    original = path.read_text()
+    try:
+        run = json.loads(original)
+        run["git"] = {"commit": "f" * 40, "dirty": True}
+        path.write_text(json.dumps(run))
+        reproduce(NAME, [0, 1], ov)
+        table = json.loads((out / "table.json").read_text())
+        md = (out / "table.md").read_text()
+    finally:
+        path.write_text(original)
+    assert table["trained_at"]["1"] == {"commit": "f" * 40, "dirty": True}
+    assert "fffffff (uncommitted changes) (seed 1)" in md and "(seed 0)" in md
+    reproduce(NAME, [0, 1], ov)
+    assert "(seed" not in (out / "table.md").read_text()  # one commit: named once
