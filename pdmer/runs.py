@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from pdmer.checkpoint import atomic_write_text
+from pdmer.checkpoint import CheckpointError, atomic_write_text
 from pdmer.config import ExperimentConfig, config_hash, from_dict, to_dict, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +50,48 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
     if not out.is_absolute():
         out = REPO / out
     return out / f"{cfg.name}-{config_hash(cfg)}"
+
+
+class RunBusyError(CheckpointError):
+    """The run folder is being trained by another process."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def lock_run(run: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder: one training process per folder at a time.
+
+    Two processes training one folder would overwrite each other's checkpoints and training
+    state. The lock is an ``flock`` on ``<run>/.lock``: the kernel releases it when the process
+    ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock and
+    ``--resume`` can always take it. Raises :class:`RunBusyError` at once (no waiting) when
+    another process holds it. Where ``fcntl`` does not exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunBusyError(f"{run} is being trained by another process (pid {holder}); wait for it to end, "
+                               "or stop it and continue with --resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def prepare_run_dir(cfg: ExperimentConfig, device: torch.device) -> Path:

@@ -27,7 +27,7 @@ from pdmer.data.check import fit_to_audio
 from pdmer.meta.tasks import TaskSampler
 from pdmer.metrics import attention_loss, emotion_loss
 from pdmer.models.dsaml import DSAML, count_parameters
-from pdmer.runs import REPO, add_file_log, prepare_run_dir, resolve_device
+from pdmer.runs import REPO, add_file_log, lock_run, prepare_run_dir, resolve_device, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def selection_metric(cfg: ExperimentConfig) -> tuple[str, str]:
     return ("personalized" if cfg.problem == "pdmer" else "generic"), "ccc_mean"
 
 
-def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[int, dict], None] | None = None,
+def train(cfg: ExperimentConfig, *, on_validate: Callable[[int, dict], None] | None = None,
           hparams: dict | None = None, resume: bool = False) -> Path:
     """Train, select on validation listeners, evaluate on test listeners; returns the run folder.
 
@@ -270,7 +270,16 @@ def train(cfg: ExperimentConfig, force: bool = False, *, on_validate: Callable[[
     (e.g. ``optuna.TrialPruned``) ends training: the run folder gets ``stopped.json`` (iteration,
     reason, validation scores) and the exception propagates. ``hparams`` go to tensorboard's HParams
     view with the selected checkpoint's validation scores (``best_val/<condition>_<metric>``).
+
+    One process at a time trains a run folder (:func:`pdmer.runs.lock_run`): a second one gets
+    :class:`pdmer.runs.RunBusyError` before it writes anything.
     """
+    with lock_run(run_dir_for(cfg)):
+        return _train(cfg, on_validate=on_validate, hparams=hparams, resume=resume)
+
+
+def _train(cfg: ExperimentConfig, *, on_validate: Callable[[int, dict], None] | None, hparams: dict | None,
+           resume: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_overrides
 from pdmer.checkpoint import read_meta
 from pdmer.config import load_config
+from pdmer.runs import RunBusyError, lock_run
 from pdmer.train import STATE_FILE, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +71,28 @@ def test_killed_run_resumes_to_the_same_metrics(reference, session_tmp):
     assert f"resumed {run.name} from iteration {killed_at}" in (run / "train.log").read_text()
     assert metrics_of(run) == metrics_of(reference)
 
+
+
+def test_a_folder_being_trained_is_not_trained_twice(reference, session_tmp):
+    """A second process on a folder in training gets a clear error before it writes anything."""
+    files = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file() and p.name != ".lock"}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from pdmer.runs import lock_run\n"
+        "with lock_run(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)"), str(reference)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunBusyError, match=f"being trained by another process \\(pid {holder.pid}\\)"):
+            train(load_config(NAME, overrides(session_tmp, "runs-reference")), resume=True)
+        cli = subprocess.run([sys.executable, "run.py", "train", NAME, "--force", *overrides(session_tmp, "runs-reference")],
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        assert cli.returncode == 2 and "being trained by another process" in cli.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file() and p.name != ".lock"} == files
+    with lock_run(reference):  # a killed holder leaves no stale lock (flock dies with its process)
+        pass
 
 
 def test_state_write_interrupted_before_rename_keeps_the_previous_state(tmp_path, monkeypatch):
