@@ -58,7 +58,13 @@ def cmd_reproduce(args) -> int:
             seeds = [int(a) for a in args.seeds]
         except ValueError:
             raise ConfigError(f"--seeds takes integers, got {args.seeds}") from None
-    out = reproduce(args.experiment, seeds, args.overrides, resume=args.resume)
+    from pdmer.reproduce import SeedFailed
+
+    try:
+        out = reproduce(args.experiment, seeds, args.overrides, resume=args.resume, jobs=args.jobs)
+    except SeedFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print()
     print((out / "table.md").read_text())
     print(f"reproduction folder: {out}")
@@ -200,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides for every seed, e.g. train.iterations=100")
     r.add_argument("--seeds", nargs="+", metavar="S", help="training seeds (default: 0 1 2)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted seed from its last training state")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N seeds at once, each in its own process (default 1); give each its share of the "
+                   "cores with runtime.threads, e.g. --jobs 3 runtime.threads=4 on 12 cores")
     r.set_defaults(func=cmd_reproduce)
 
     tb = sub.add_parser("tables", help="regenerate experiments/README.md from the reproductions' table.json files")

@@ -108,8 +108,67 @@ def short_commit(table: dict) -> str:
     return "; ".join(f"{c} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for c, s in groups.items())
 
 
+class SeedFailed(RuntimeError):
+    """A seed trained in its own process (``jobs > 1``) ended with an error."""
+
+
+def train_in_parallel(experiment: str, cfgs: dict[int, ExperimentConfig], overrides: list[str], resume: bool,
+                      jobs: int, logs: Path) -> None:
+    """Train the unfinished seeds, each in its own ``run.py train`` process, at most ``jobs`` at once.
+
+    Each process is the same ``train`` a sequential reproduction calls, so a seed ends with the
+    same metrics either way (for the same ``runtime.threads``). Its output goes to
+    ``logs/seed-<S>.log``. Every seed is waited for; then :class:`SeedFailed` names the ones that
+    failed and their logs (the others are finished and will be reused).
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    todo = [s for s, cfg in cfgs.items() if not (run_dir_for(cfg) / "results.json").exists()]
+    if not todo:
+        return
+    threads = next(iter(cfgs.values())).runtime.threads
+    cores = os.cpu_count() or 1
+    if threads <= 0 or threads * min(jobs, len(todo)) > cores:
+        log.warning("%d processes with runtime.threads=%s on %d cores: set runtime.threads to at most %d "
+                    "(results depend on the thread count, so keep it the same for every seed and row)",
+                    min(jobs, len(todo)), threads or "all", cores, max(1, cores // min(jobs, len(todo))))
+    if Path(experiment).exists():  # a YAML path: the processes run in the repository
+        experiment = str(Path(experiment).resolve())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    pending, running, failed = list(todo), {}, []
+    while pending or running:
+        while pending and len(running) < jobs:
+            s = pending.pop(0)
+            cmd = [sys.executable, str(REPO / "run.py"), "train", experiment, *overrides, f"train.seed={s}",
+                   "runtime.progress=false", *(["--resume"] if resume else [])]
+            path = logs / f"seed-{s}.log"
+            with open(path, "a") as f:
+                f.write("$ " + " ".join(cmd[1:]) + "\n")
+                f.flush()
+                running[s] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+            log.info("seed %d: training %s in process %d (log %s)", s, run_dir_for(cfgs[s]).name, running[s].pid, path)
+        time.sleep(0.2)
+        for s, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[s]
+                if proc.returncode == 0 and (run_dir_for(cfgs[s]) / "results.json").exists():
+                    log.info("seed %d: finished", s)
+                else:
+                    failed.append(s)
+                    log.error("seed %d: failed (exit %d), see %s", s, proc.returncode, logs / f"seed-{s}.log")
+    if failed:
+        lines = []
+        for s in sorted(failed):
+            tail = (logs / f"seed-{s}.log").read_text().strip().splitlines()[-1:]
+            lines.append(f"seed {s}: {tail[0] if tail else 'no output'} (log: {logs / f'seed-{s}.log'})")
+        raise SeedFailed(f"{experiment}: {len(failed)} of {len(todo)} seeds failed\n  " + "\n  ".join(lines))
+
+
 def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[str] | None = None,
-              resume: bool = False) -> Path:
+              resume: bool = False, jobs: int = 1) -> Path:
     """Train and evaluate ``experiment`` once per seed; write table.md / table.json; returns their folder.
 
     Args:
@@ -117,18 +176,25 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
         overrides: dotted overrides for every seed (``train.seed`` is set per seed).
         resume: continue an interrupted seed from its last training state (finished seeds are
             always reused, never trained again).
+        jobs: seeds trained at once, each in its own process (:func:`train_in_parallel`); 1
+            trains them one after the other in this process. Give each process its share of
+            the cores with ``runtime.threads``.
     """
     from pdmer.train import train
 
     seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct and non-empty, got {seeds}")
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
     overrides = [o for o in (overrides or [])]
     if any(o.startswith("train.seed=") for o in overrides):
         raise ConfigError("train.seed is set by --seeds, not as an override")
     cfgs = {s: load_config(experiment, overrides + [f"train.seed={s}"]) for s in seeds}
     out = reproduction_dir(cfgs[seeds[0]], seeds)
     out.mkdir(parents=True, exist_ok=True)
+    if jobs > 1:
+        train_in_parallel(experiment, cfgs, overrides, resume, jobs, out)
     results, runs, trained = {}, {}, {}
     for s, cfg in cfgs.items():
         run = run_dir_for(cfg)

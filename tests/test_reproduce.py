@@ -78,14 +78,15 @@ def test_cli_seeds_then_overrides(monkeypatch, tmp_path):
 
     got = {}
 
-    def fake(experiment, seeds, overrides, resume=False):
-        got.update(experiment=experiment, seeds=seeds, overrides=overrides, resume=resume)
+    def fake(experiment, seeds, overrides, resume=False, jobs=1):
+        got.update(experiment=experiment, seeds=seeds, overrides=overrides, resume=resume, jobs=jobs)
         (tmp_path / "table.md").write_text("table\n")
         return tmp_path
 
     monkeypatch.setattr(pdmer.reproduce, "reproduce", fake)
-    assert main(["reproduce", NAME, "model.hidden=16", "--seeds", "3", "4", "train.iterations=5", "--resume"]) == 0
-    assert got == {"experiment": NAME, "seeds": [3, 4], "overrides": ["model.hidden=16", "train.iterations=5"], "resume": True}
+    assert main(["reproduce", NAME, "model.hidden=16", "--seeds", "3", "4", "train.iterations=5", "--resume", "--jobs", "2"]) == 0
+    assert got == {"experiment": NAME, "seeds": [3, 4], "overrides": ["model.hidden=16", "train.iterations=5"], "resume": True,
+                   "jobs": 2}
     assert main(["reproduce", NAME, "--seeds", "x"]) == 2
 
 
@@ -122,3 +123,22 @@ def test_the_table_names_the_commit_each_seed_was_trained_at(reproduction):
     assert "fffffff (uncommitted changes) (seed 1)" in md and "(seed 0)" in md
     reproduce(NAME, [0, 1], ov)
     assert "(seed" not in (out / "table.md").read_text()  # one commit: named once
+
+
+def test_seeds_trained_in_parallel_processes_match_one_process(reproduction, session_tmp):
+    """--jobs 2: each seed in its own `run.py train` process, same metrics as the sequential fixture."""
+    from pdmer.reproduce import SeedFailed
+    from pdmer.runs import lock_run, run_dir_for
+
+    out, ov = reproduction
+    ov = [o for o in ov if not o.startswith("runtime.out_dir=")] + [f"runtime.out_dir={session_tmp / 'runs-parallel'}"]
+    # a seed whose folder is held by another trainer fails; the others finish and are kept
+    with lock_run(run_dir_for(load_config(NAME, ov + ["train.seed=1"]))):
+        with pytest.raises(SeedFailed, match=r"1 of 2 seeds failed\n  seed 1: .*being trained by another process"):
+            reproduce(NAME, [0, 1], ov, jobs=2)
+    parallel = reproduce(NAME, [0, 1], ov, jobs=2)
+    assert (parallel / "seed-0.log").exists() and (parallel / "seed-1.log").exists()
+    assert "seed-0.log" not in " ".join(p.name for p in out.iterdir())  # the sequential one ran in-process
+    a = json.loads((out / "table.json").read_text())
+    b = json.loads((parallel / "table.json").read_text())
+    assert a["runs"] != b["runs"] and a["test"] == b["test"]
