@@ -272,20 +272,21 @@ def train(cfg: ExperimentConfig, *, on_validate: Callable[[int, dict], None] | N
     view with the selected checkpoint's validation scores (``best_val/<condition>_<metric>``).
 
     One process at a time trains a run folder (:func:`pdmer.runs.lock_run`): a second one gets
-    :class:`pdmer.runs.RunBusyError` before it writes anything.
+    :class:`pdmer.runs.RunBusyError` before it writes anything. Data that fails its checks is
+    refused before the run folder exists.
     """
+    seed_everything(cfg.train.seed)
+    t0 = time.time()
+    ctx = build_context(cfg)  # checks the data: a refused run creates no folder
     with lock_run(run_dir_for(cfg)):
-        return _train(cfg, on_validate=on_validate, hparams=hparams, resume=resume)
+        return _train(cfg, ctx, t0, on_validate=on_validate, hparams=hparams, resume=resume)
 
 
-def _train(cfg: ExperimentConfig, *, on_validate: Callable[[int, dict], None] | None, hparams: dict | None,
-           resume: bool) -> Path:
+def _train(cfg: ExperimentConfig, ctx: Context, t0: float, *, on_validate: Callable[[int, dict], None] | None,
+           hparams: dict | None, resume: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    seed_everything(cfg.train.seed)
-    t0 = time.time()
-    ctx = build_context(cfg)
     run = prepare_run_dir(cfg, ctx.device)
     (run / "stopped.json").unlink(missing_ok=True)  # left by an earlier, stopped attempt
     handler = add_file_log(run)
