@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from pdmer.reproduce import reproduce
+    from pdmer.reproduce import SeedFailed, reproduce
 
     from pdmer.config import ConfigError
 
@@ -58,8 +58,6 @@ def cmd_reproduce(args) -> int:
             seeds = [int(a) for a in args.seeds]
         except ValueError:
             raise ConfigError(f"--seeds takes integers, got {args.seeds}") from None
-    from pdmer.reproduce import SeedFailed
-
     try:
         out = reproduce(args.experiment, seeds, args.overrides, resume=args.resume, jobs=args.jobs)
     except SeedFailed as e:

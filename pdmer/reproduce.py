@@ -138,13 +138,16 @@ def train_in_parallel(experiment: str, cfgs: dict[int, ExperimentConfig], overri
     if Path(experiment).exists():  # a YAML path: the processes run in the repository
         experiment = str(Path(experiment).resolve())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    def seed_log(s: int) -> Path:
+        return logs / f"seed-{s}.log"
+
     pending, running, failed = list(todo), {}, []
     while pending or running:
         while pending and len(running) < jobs:
             s = pending.pop(0)
             cmd = [sys.executable, str(REPO / "run.py"), "train", experiment, *overrides, f"train.seed={s}",
                    "runtime.progress=false", *(["--resume"] if resume else [])]
-            path = logs / f"seed-{s}.log"
+            path = seed_log(s)
             with open(path, "a") as f:
                 f.write("$ " + " ".join(cmd[1:]) + "\n")
                 f.flush()
@@ -158,12 +161,12 @@ def train_in_parallel(experiment: str, cfgs: dict[int, ExperimentConfig], overri
                     log.info("seed %d: finished", s)
                 else:
                     failed.append(s)
-                    log.error("seed %d: failed (exit %d), see %s", s, proc.returncode, logs / f"seed-{s}.log")
+                    log.error("seed %d: failed (exit %d), see %s", s, proc.returncode, seed_log(s))
     if failed:
         lines = []
         for s in sorted(failed):
-            tail = (logs / f"seed-{s}.log").read_text().strip().splitlines()[-1:]
-            lines.append(f"seed {s}: {tail[0] if tail else 'no output'} (log: {logs / f'seed-{s}.log'})")
+            tail = seed_log(s).read_text().strip().splitlines()[-1:]
+            lines.append(f"seed {s}: {tail[0] if tail else 'no output'} (log: {seed_log(s)})")
         raise SeedFailed(f"{experiment}: {len(failed)} of {len(todo)} seeds failed\n  " + "\n  ".join(lines))
 
 
