@@ -29,7 +29,7 @@ from pdmer.data.types import STEP_S, Curve, DataError, Dataset, Song
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("deam", "pmemo", "generic", "synthetic")
+FORMATS = ("deam", "pmemo", "vgmidi", "generic", "synthetic")
 AUDIO_MODES = ("decode", "header", "none")
 _LISTED = 50  # problems / records printed by format_report before "... and N more"
 
@@ -214,7 +214,7 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
     """
     from pdmer.config import ExperimentConfig
     from pdmer.data.deam import summarize
-    from pdmer.data.loading import deam_options, pmemo_options
+    from pdmer.data.loading import deam_options, pmemo_options, vgmidi_options
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -237,6 +237,12 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
             ds = load_pmemo(root, **pmemo_options(cfg.data.pmemo), require_audio=False, strict=False)
             report["notes"].append("PMEmo publishes averaged curves only: they are one pseudo-listener 'consensus' "
                                    "(DMER training; no personalized tasks)")
+        elif fmt == "vgmidi":
+            from pdmer.data.vgmidi import load_vgmidi
+
+            ds = load_vgmidi(root, **vgmidi_options(cfg.data.vgmidi), render=audio != "none", strict=False)
+            report["notes"].append(f"collection round(s) {', '.join(ds.info['rounds'])}; audio rendered from MIDI "
+                                   "(FluidSynth) into the cache")
         elif fmt == "generic" or root is not None:
             from pdmer.data.generic import load_generic
 
@@ -263,6 +269,9 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
         report["split"] = {k: len(v) for k, v in ds.info["split"].items()}
         report["filters"] = ds.info["filters"]
         report["dropped"] = ds.info["dropped"]
+    elif fmt == "vgmidi":
+        report["filters"], dropped = _generic_filters(ds, cfg.data.min_songs_per_listener)
+        report["dropped"] = ds.info["dropped"] + dropped
     elif fmt == "pmemo":
         report["dropped"] = ds.info["dropped"]
         report["filters"] = {"no_static": len(ds.info["no_static"])}
@@ -290,7 +299,7 @@ def _stats(d: dict) -> str:
 def format_report(report: dict, verbose: bool = False) -> str:
     """A data-check report as text: summary, filters, audio, problems (each with file and line)."""
     fmt = report["format"]
-    title = {"deam": "DEAM", "pmemo": "PMEmo2019", "generic": "generic layout", "synthetic": "embedded benchmark"}[fmt]
+    title = {"deam": "DEAM", "pmemo": "PMEmo2019", "vgmidi": "VGMIDI", "generic": "generic layout", "synthetic": "embedded benchmark"}[fmt]
     out = [f"{title}: {report['root']}"]
 
     def row(label: str, text: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdmer.config import DataConfig, DeamConfig, PmemoConfig
+from pdmer.config import DataConfig, DeamConfig, PmemoConfig, VgmidiConfig
 from pdmer.data.types import Curve, DataError, Dataset
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ def pmemo_options(cfg: PmemoConfig) -> dict:
     return {"scale": cfg.scale, "range_tol": cfg.range_tol}
 
 
+def vgmidi_options(cfg: VgmidiConfig) -> dict:
+    """``data.vgmidi`` -> keyword arguments of :func:`pdmer.data.vgmidi.load_vgmidi`."""
+    return {"audio_dir": cfg.audio_dir or None, "soundfont": cfg.soundfont or None, "min_recorded": cfg.min_recorded}
+
+
 def load_dataset(cfg: DataConfig, require_audio: bool = False) -> Dataset:
     """Load the dataset the config names (labels; audio files are not opened).
 
@@ -67,7 +72,7 @@ def load_dataset(cfg: DataConfig, require_audio: bool = False) -> Dataset:
         return load_synthetic(cfg.synthetic, Path(cfg.root) if cfg.root else None)
     if not cfg.root:
         layout = {"generic": "audio/ and ratings.csv", "deam": "MEMD_audio/ and annotations/",
-                  "pmemo": "chorus/ and annotations/"}.get(cfg.source, "the dataset")
+                  "pmemo": "chorus/ and annotations/", "vgmidi": "labelled/annotations/ and labelled/midi/"}.get(cfg.source, "the dataset")
         raise DataError(f"data.source={cfg.source} needs data.root=<folder with {layout}>")
     root = Path(cfg.root)
     if cfg.source == "generic":
@@ -82,6 +87,10 @@ def load_dataset(cfg: DataConfig, require_audio: bool = False) -> Dataset:
         from pdmer.data.pmemo import load_pmemo
 
         return load_pmemo(root, **pmemo_options(cfg.pmemo), require_audio=require_audio)
+    if cfg.source == "vgmidi":
+        from pdmer.data.vgmidi import load_vgmidi
+
+        return load_vgmidi(root, **vgmidi_options(cfg.vgmidi))
     raise DataError(f"unknown data.source {cfg.source!r}")
 
 
