@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -102,13 +104,23 @@ class GenericConfig:
 
 
 @dataclass
+class VgmidiConfig:
+    """VGMIDI options (``pdmer.data.vgmidi.load_vgmidi``); the defaults follow the annotation tool's rules."""
+
+    audio_dir: str = ""  # rendered audio cache ("" = <repo>/cache/vgmidi-audio)
+    soundfont: str = ""  # General MIDI .sf2 ("" = Debian's fluid-soundfont-gm)
+    min_recorded: float = 0.5  # share of a curve's bins the listener must have recorded
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | generic | deam | pmemo
+    source: str = "synthetic"  # synthetic | generic | deam | pmemo | vgmidi
     root: str = ""  # generic / deam / pmemo: dataset folder; synthetic: cache folder ("" = data/synthetic-<hash>)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     generic: GenericConfig = field(default_factory=GenericConfig)
     deam: DeamConfig = field(default_factory=DeamConfig)
     pmemo: PmemoConfig = field(default_factory=PmemoConfig)
+    vgmidi: VgmidiConfig = field(default_factory=VgmidiConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     min_songs_per_listener: int = 2  # a task needs a support song and at least one query song
 
@@ -173,6 +185,9 @@ class MetaConfig:
     # one; same meta-gradient (tested), faster where launches or Python overhead dominate (GPU)
     batch_tasks: bool = False
     task_chunk: int = 0  # with batch_tasks: tasks per vmap (memory against speed); 0 = all at once
+    # weight of the un-adapted (generic) model's query loss in the meta-objective: keeps the
+    # meta-learned initialisation a good listener-blind model (0 = plain MAML's objective)
+    generic_loss_weight: float = 0.0
 
 
 @dataclass
@@ -183,6 +198,9 @@ class TrainConfig:
     seq_len: int = 60  # steps per training sequence (30 s)
     attention_loss: bool = True  # diagonal attention loss (dsaml.md, 'Loss')
     attention_loss_weight: float = 1.0
+    # a training sequence whose target's std is below this (per dimension) counts in the loss by
+    # its RMSE only (its PCC is undefined, its CCC says nothing about movement); 0 = the paper's loss
+    flat_std: float = 0.0
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; losses and norms stay fp32)
     eval_every: int = 50
@@ -198,6 +216,9 @@ class EvalConfig:
     # train.seq_len steps of that song, query = the rest of it. Validation always uses `songs`.
     protocol: str = "songs"  # songs | within_song
     hop: int = 30  # sliding-window hop in steps for songs longer than seq_len
+    # safe personalization (pdmer.personalize): the per-listener held-out check on the last third
+    # of the support sequence (false: the population weights alone decide)
+    safe_check: bool = True
     plot: bool = True
 
 
@@ -228,7 +249,7 @@ class ExperimentConfig:
 CHOICES = {
     "problem": ("pdmer", "dmer"),
     "size": ("small", "paper"),
-    "data.source": ("synthetic", "generic", "deam", "pmemo"),
+    "data.source": ("synthetic", "generic", "deam", "pmemo", "vgmidi"),
     "data.split.kind": ("listener", "song"),
     "data.generic.scale": ("deam", "unit"),
     "data.deam.min_songs_scope": ("all", "train"),
@@ -280,7 +301,7 @@ def load_config(experiment: str | None = None, overrides: list[str] | None = Non
         if experiment is not None:
             path = resolve_experiment(experiment)
             where = str(path)
-            file_cfg = OmegaConf.load(path)
+            file_cfg = _load_yaml(path)
             if "name" not in file_cfg:
                 file_cfg.name = path.stem
             layers.append(file_cfg)
@@ -308,6 +329,25 @@ def load_config(experiment: str | None = None, overrides: list[str] | None = Non
     return out
 
 
+def _load_yaml(path: Path):
+    """A YAML mapping as an OmegaConf node; a malformed file is a ConfigError naming its line."""
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{at}: not valid YAML ({what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys (e.g. `train: {{iterations: 100}}`), "
+                          f"got a {type(node).__name__}")
+    return node
+
+
 def _explicit_keys(layers, overrides: list[str], section: str) -> list[str]:
     keys = []
     for layer in layers:
@@ -321,7 +361,135 @@ def _explicit_keys(layers, overrides: list[str], section: str) -> list[str]:
     return keys
 
 
+# --------------------------------------------------------------------------------------------
+# Numeric settings: one table, used by the config, ``train``, ``calibrate`` and ``sweep``
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting accepts: an int or a finite float, in a range."""
+
+    integer: bool = False
+    ge: float | None = None  # value >= ge
+    gt: float | None = None  # value > gt
+    le: float | None = None
+    lt: float | None = None
+
+    def text(self) -> str:
+        parts = [f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else "",
+                 f"<= {self.le:g}" if self.le is not None else "", f"< {self.lt:g}" if self.lt is not None else ""]
+        return ("an integer" if self.integer else "a finite number") + "".join(
+            f"{' ' if i == 0 else ' and '}{p}" for i, p in enumerate(q for q in parts if q))
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and (not isinstance(value, int) and not float(value).is_integer()):
+            return False
+        if not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+
+POSITIVE, NONNEGATIVE, AT_LEAST_1 = Bound(gt=0), Bound(ge=0), Bound(integer=True, ge=1)
+COUNT = Bound(integer=True, ge=0)
+FRACTION = Bound(ge=0, le=1)
+
+# Every numeric setting with a range; any other float must still be finite (see validate).
+SETTINGS: dict[str, Bound] = {
+    "data.synthetic.carryover": FRACTION,
+    "data.synthetic.offset_carryover": FRACTION,
+    "data.split.val_listeners": NONNEGATIVE,
+    "data.split.test_listeners": NONNEGATIVE,
+    "data.split.val_songs": NONNEGATIVE,
+    "data.split.test_songs": NONNEGATIVE,
+    "data.deam.range_tol": NONNEGATIVE,
+    "data.deam.flat_window": AT_LEAST_1,
+    "data.pmemo.range_tol": NONNEGATIVE,
+    "features.sample_rate": AT_LEAST_1,
+    "features.step_s": POSITIVE,
+    "features.n_fft": AT_LEAST_1,
+    "features.hop_length": AT_LEAST_1,
+    "features.n_mels": AT_LEAST_1,
+    "features.patch_frames": AT_LEAST_1,
+    "features.log_eps": POSITIVE,
+    "features.global_window_s": POSITIVE,
+    "model.hidden": AT_LEAST_1,
+    "model.layers": AT_LEAST_1,
+    "model.heads": AT_LEAST_1,
+    "model.ff": AT_LEAST_1,
+    "model.dropout": Bound(ge=0, lt=1),
+    "model.lstm_hidden": AT_LEAST_1,
+    "model.head_hidden": AT_LEAST_1,
+    "model.local_window": COUNT,
+    "model.global_window": COUNT,
+    "model.local_pool_time": AT_LEAST_1,
+    "model.local_pool_freq": AT_LEAST_1,
+    "meta.inner_lr": POSITIVE,
+    "meta.inner_steps": AT_LEAST_1,
+    "meta.tasks_per_batch": AT_LEAST_1,
+    "meta.query_songs": AT_LEAST_1,
+    "meta.task_chunk": COUNT,  # 0 = all tasks of a meta-batch at once
+    "meta.generic_loss_weight": NONNEGATIVE,
+    "train.flat_std": NONNEGATIVE,
+    "train.iterations": COUNT,
+    "train.outer_lr": POSITIVE,
+    "train.batch_songs": AT_LEAST_1,
+    "train.seq_len": AT_LEAST_1,
+    "train.attention_loss_weight": NONNEGATIVE,
+    "train.grad_clip": NONNEGATIVE,  # 0 = no clipping
+    "train.eval_every": AT_LEAST_1,
+    "train.val_listeners_max": COUNT,  # 0 = all validation listeners
+    "eval.support_songs": AT_LEAST_1,
+    "eval.hop": AT_LEAST_1,
+    "runtime.threads": COUNT,  # 0 = torch's default
+}
+
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_setting(key: str, value: Any, flag: str | None = None) -> Any:
+    """Check one numeric setting against :data:`SETTINGS` (and finiteness); returns it unchanged.
+
+    Args:
+        key: the dotted config key, e.g. ``meta.inner_lr``.
+        value: the value to check.
+        flag: how the user gave it (e.g. ``--inner-lr``), named in the message instead of ``key``.
+
+    Raises:
+        ConfigError: naming the setting, the value and what it must be.
+    """
+    bound = SETTINGS.get(key, Bound())
+    if not bound.accepts(value):
+        who = f"{flag} (= {key})" if flag else key
+        raise ConfigError(f"{who}={value!r} is refused: it must be {bound.text()}")
+    return value
+
+
+def check_device_spec(spec: str, key: str = "runtime.device") -> str:
+    """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N`` (whether it exists is checked where it is used)."""
+    if not isinstance(spec, str) or not DEVICE_RE.fullmatch(spec):
+        raise ConfigError(f"{key}={spec!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    return spec
+
+
+def _numeric_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            yield from _numeric_leaves(v, key + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield key, v
+
+
 def validate(cfg: ExperimentConfig) -> None:
+    """Every check of a loaded config: choices, numeric ranges (:data:`SETTINGS`), finite floats, cross-checks."""
+    for key, value in _numeric_leaves(cfg):
+        check_setting(key, value)
+    check_device_spec(cfg.runtime.device)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -331,25 +499,14 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads}")
     if not (m.use_local_attention or m.use_global_attention):
         raise ConfigError("model.use_local_attention and model.use_global_attention cannot both be false")
-    for key in ("data.synthetic.carryover", "data.synthetic.offset_carryover"):
-        if not 0.0 <= _get(cfg, key) <= 1.0:
-            raise ConfigError(f"{key}={_get(cfg, key)} must be in [0, 1]")
-    for key in ("meta.inner_steps", "meta.tasks_per_batch", "meta.query_songs", "train.seq_len", "train.batch_songs"):
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"{key} must be >= 1")
-    if cfg.meta.task_chunk < 0:
-        raise ConfigError("meta.task_chunk must be >= 0 (0 = all tasks of a meta-batch at once)")
-    if cfg.train.iterations < 0:
-        raise ConfigError("train.iterations must be >= 0")
     d = cfg.data.deam
     if d.test_last_id < d.test_first_id or d.test_first_id <= d.train_max_id:
         raise ConfigError(f"data.deam: test ids {d.test_first_id}..{d.test_last_id} must be a non-empty range above "
                           f"train_max_id={d.train_max_id}")
     if d.clip_steps is not None and d.clip_steps < 1:
         raise ConfigError("data.deam.clip_steps must be >= 1 (or null to keep whole curves)")
-    for key in ("data.split.val_songs", "data.split.test_songs", "data.split.val_listeners", "data.split.test_listeners"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0")
+    if d.flat_mad is not None and not Bound(ge=0).accepts(d.flat_mad):
+        raise ConfigError(f"data.deam.flat_mad={d.flat_mad!r} must be a finite number >= 0 (or null: off)")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -394,7 +551,7 @@ _HASHED_IF_NOT = {
 def _drop_inactive(d: dict) -> None:
     """Remove from a config dict what cannot change a result: the options of unused data sources."""
     data = d["data"]
-    for source in ("generic", "deam", "pmemo"):
+    for source in ("generic", "deam", "pmemo", "vgmidi"):
         if data.get("source") != source:
             data.pop(source, None)
     for path, default in _HASHED_IF_NOT.items():

@@ -5,9 +5,13 @@ rated (chosen once, deterministically), query = all their other songs, whole cur
 Reported conditions:
 
 - ``generic``: the model without adaptation (one curve for every listener);
-- ``personalized``: the model after the inner loop on the support song(s);
+- ``personalized``: the safe rule (:mod:`pdmer.personalize`): offset, scale and MAML components
+  with population weights chosen on validation listeners, and a held-out check per listener;
+- ``maml``: plain MAML, the model after the inner loop on the support song(s);
 - ``offset``: offset-only personalization, no training: the generic curve shifted by the
   listener's mean error of the generic model on the support sequence(s) (per dimension);
+- ``others``: the leave-one-out average of the other listeners' curves of the song, and
+  ``ridge``: a linear probe of the global descriptor (:mod:`pdmer.references`), both listener-blind;
 - ``consensus``: the population's averaged curve, when the dataset knows it (the best a
   listener-blind prediction of the ratings could aim at);
 - ``oracle``: the listener's own noise-free curve, when known (synthetic data): the best
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -30,10 +34,12 @@ from pdmer.data.types import Curve, Dataset
 from pdmer.meta.maml import Params, adapt, call, split_state
 from pdmer.meta.tasks import make_batch
 from pdmer.metrics import average, song_metrics
+from pdmer.personalize import CHECK_SHARE, MIN_CHECK_STEPS, Check, Parts, Support, Weights, combine, gate
+from pdmer.references import References
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = ("generic", "personalized", "offset", "consensus", "oracle")
+CONDITIONS = ("generic", "personalized", "maml", "offset", "others", "ridge", "consensus", "oracle")
 
 
 def window_starts(n: int, length: int, hop: int) -> list[int]:
@@ -44,6 +50,17 @@ def window_starts(n: int, length: int, hop: int) -> list[int]:
     if starts[-1] != n - length:
         starts.append(n - length)
     return starts
+
+
+def blend_weights(length: int) -> torch.Tensor:
+    """Overlap-add taper of a window of ``length`` steps: ``sin^2`` (never 0, peaks at the centre).
+
+    At a hop of half the window the tapers of neighbouring windows sum to a constant, so each
+    step is mostly predicted by the window where it is most central and window edges leave no
+    seam (a model's prediction is least reliable at the edges of its context).
+    """
+    i = torch.arange(length, dtype=torch.float64)
+    return torch.sin(torch.pi * (i + 0.5) / length) ** 2
 
 
 @torch.no_grad()
@@ -60,9 +77,10 @@ def predict_steps(
     """Predict steps ``[start, stop)`` of one song.
 
     Songs longer than ``seq_len`` are cut into windows of ``seq_len`` steps every ``hop``
-    steps (the last window aligned to the end); each step's prediction is the mean over the
-    windows that contain it, for arousal and valence alike. A span that fits in one window
-    is predicted in one pass. Memory depends on ``seq_len`` and ``batch_windows``, not on
+    steps (the last window aligned to the end); each step's prediction is the weighted mean over
+    the windows that contain it, the weights a taper that favours the window where the step is
+    most central (:func:`blend_weights`), for arousal and valence alike. A span that fits in one
+    window is predicted in one pass. Memory depends on ``seq_len`` and ``batch_windows``, not on
     the song's length.
 
     Args:
@@ -78,7 +96,8 @@ def predict_steps(
     device = next(model.parameters()).device
     _, buffers = split_state(model)
     total = torch.zeros(n, 2, dtype=torch.float64)
-    count = torch.zeros(n, 1, dtype=torch.float64)
+    weight = torch.zeros(n, 1, dtype=torch.float64)
+    taper = blend_weights(length)[:, None]  # (L, 1)
     starts = window_starts(n, length, hop)
     for i in range(0, len(starts), batch_windows):
         chunk = starts[i : i + batch_windows]
@@ -87,9 +106,9 @@ def predict_steps(
         out = model(local, glob) if params is None else call(model, params, buffers, local, glob)
         pred = out.pred.double().cpu()  # (W, L, 2)
         for j, s in enumerate(chunk):
-            total[s : s + length] += pred[j]
-            count[s : s + length] += 1
-    return (total / count).float().numpy()
+            total[s : s + length] += taper * pred[j]
+            weight[s : s + length] += taper
+    return (total / weight).float().numpy()
 
 
 def predict_curve(model, feats, curve: Curve, seq_len: int, hop: int, params: Params | None = None) -> np.ndarray:
@@ -136,6 +155,8 @@ class ListenerResult:
     support: list[str]
     per_song: dict[str, dict[str, dict[str, float]]]  # condition -> song -> metrics
     curves: dict[str, dict[str, np.ndarray]]  # condition -> song -> (T, 2), incl. "ratings"
+    parts: list[Parts] = field(default_factory=list)  # what the safe rule combines (one per adaptation)
+    use: list[list[bool]] = field(default_factory=list)  # per part: dimensions that passed the held-out check
 
 
 @dataclass(frozen=True)
@@ -150,6 +171,7 @@ class Adaptation:
         support_songs: k of k-shot (``eval.support_songs``; the songs protocol only).
         seed: fixes each listener's support songs (``train.seed``).
         min_query_steps: the within-song protocol skips curves that leave fewer query steps.
+        check: run the safe rule's held-out check (a second adaptation on the support's first part).
     """
 
     loss_fn: Callable
@@ -160,6 +182,32 @@ class Adaptation:
     support_songs: int = 1
     seed: int = 0
     min_query_steps: int = 2
+    check: bool = True
+
+
+def _support_parts(model, features: dict, support: list[Curve], how: Adaptation) -> tuple[Params, Support, Check | None]:
+    """Adapt on the support sequences; the safe rule's support statistics and held-out check."""
+    device = next(model.parameters()).device
+    seqs = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: min(how.seq_len, c.n_steps)]) for c in support]
+    params, _ = adapt(model, support_batch(seqs, features, how.seq_len, device), support_loss_fn(how.loss_fn),
+                      how.inner_steps, how.inner_lr)
+    generic = [predict_curve(model, features[c.song_id], c, how.seq_len, how.hop) for c in seqs]
+    stats = Support.fit(np.concatenate([c.values for c in seqs]), np.concatenate(generic))
+    check = None
+    n_check = [int(round(c.n_steps * CHECK_SHARE)) for c in seqs]
+    if how.check and all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(n_check, seqs)):
+        fit = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(seqs, n_check)]
+        held = [Curve(c.song_id, c.annotator_id, c.end_step - n, c.values[c.n_steps - n :]) for c, n in zip(seqs, n_check)]
+        p_fit, _ = adapt(model, support_batch(fit, features, how.seq_len, device), support_loss_fn(how.loss_fn),
+                         how.inner_steps, how.inner_lr)
+        g_fit = [g[: c.n_steps] for g, c in zip(generic, fit)]
+        g_held = [g[c.n_steps :] for g, c in zip(generic, fit)]
+        # the held-out part predicted in the context of the whole support sequence, as the generic curve
+        a_held = [predict_curve(model, features[c.song_id], c, how.seq_len, how.hop, p_fit)[f.n_steps :]
+                  for c, f in zip(seqs, fit)]
+        check = Check(np.concatenate([h.values for h in held]), np.concatenate(g_held), np.concatenate(a_held),
+                      Support.fit(np.concatenate([f.values for f in fit]), np.concatenate(g_fit)))
+    return params, stats, check
 
 
 def evaluate_listener(
@@ -171,26 +219,29 @@ def evaluate_listener(
     how: Adaptation,
     keep_curves: bool = False,
     queries: list[Curve] | None = None,
+    references: References | None = None,
 ) -> ListenerResult:
     """Score one listener: support song(s) -> adapted model; every other song is a query.
 
     ``queries`` given (song-disjoint split): the support is drawn from ``curves`` (the
     listener's train-song curves) and only ``queries`` (their val / test songs) are scored.
+    The safe rule's condition ("personalized") is filled in by :func:`apply_weights`.
     """
-    seq_len, hop = how.seq_len, how.hop
     idx = choose_support(curves, how.support_songs, how.seed, listener)
     support = [curves[i] for i in idx]
     if queries is None:
         queries = [c for i, c in enumerate(curves) if i not in idx]
-    device = next(model.parameters()).device
     model.eval()
-    params, _ = adapt(model, support_batch(support, features, seq_len, device), support_loss_fn(how.loss_fn), how.inner_steps, how.inner_lr)
-    offset = support_offset(model, features, support, seq_len, hop)
-    per_song: dict[str, dict] = {c: {} for c in CONDITIONS}
-    kept: dict[str, dict] = {c: {} for c in (*CONDITIONS, "ratings")}
+    params, stats, check = _support_parts(model, features, support, how)
+    offset = support_offset(model, features, support, how.seq_len, how.hop)
+    result = ListenerResult(listener, [c.song_id for c in support], {c: {} for c in CONDITIONS},
+                            {c: {} for c in (*CONDITIONS, "ratings")})
+    part = Parts(stats, check, {})
     for q in queries:
-        _score_query(model, dataset, features, listener, q, params, seq_len, hop, per_song, kept, keep_curves, offset)
-    return ListenerResult(listener, [c.song_id for c in support], per_song, kept)
+        part.queries[q.song_id] = _score_query(model, dataset, features, listener, q, params, how, result, keep_curves,
+                                               offset, references)
+    result.parts.append(part)
+    return result
 
 
 def evaluate_within_song(
@@ -201,6 +252,7 @@ def evaluate_within_song(
     curves: list[Curve],
     how: Adaptation,
     keep_curves: bool = False,
+    references: References | None = None,
 ) -> ListenerResult | None:
     """The DEAM authors' test protocol for one listener (dsaml.md, 'Data').
 
@@ -211,48 +263,71 @@ def evaluate_within_song(
     Returns:
         ListenerResult (``support`` lists "song[first N steps]"), or None when no curve is long enough.
     """
-    seq_len, hop = how.seq_len, how.hop
-    device = next(model.parameters()).device
+    seq_len = how.seq_len
     model.eval()
-    per_song: dict[str, dict] = {c: {} for c in CONDITIONS}
-    kept: dict[str, dict] = {c: {} for c in (*CONDITIONS, "ratings")}
-    support_names = []
+    result = ListenerResult(listener, [], {c: {} for c in CONDITIONS}, {c: {} for c in (*CONDITIONS, "ratings")})
     for c in curves:
         if c.n_steps < seq_len + how.min_query_steps:
             continue
         support = Curve(c.song_id, c.annotator_id, c.start_step, c.values[:seq_len])
         query = Curve(c.song_id, c.annotator_id, c.start_step + seq_len, c.values[seq_len:])
-        params, _ = adapt(model, support_batch([support], features, seq_len, device), support_loss_fn(how.loss_fn),
-                          how.inner_steps, how.inner_lr)
-        offset = support_offset(model, features, [support], seq_len, hop)
-        _score_query(model, dataset, features, listener, query, params, seq_len, hop, per_song, kept, keep_curves, offset)
-        support_names.append(f"{c.song_id}[first {seq_len} steps]")
-    if not support_names:
+        params, stats, check = _support_parts(model, features, [support], how)
+        offset = support_offset(model, features, [support], seq_len, how.hop)
+        part = Parts(stats, check, {})
+        part.queries[query.song_id] = _score_query(model, dataset, features, listener, query, params, how, result,
+                                                   keep_curves, offset, references)
+        result.parts.append(part)
+        result.support.append(f"{c.song_id}[first {seq_len} steps]")
+    if not result.parts:
         return None
-    return ListenerResult(listener, support_names, per_song, kept)
+    return result
 
 
-def _score_query(model, dataset: Dataset, features: dict, listener: str, q: Curve, params: Params, seq_len: int, hop: int,
-                 per_song: dict, kept: dict, keep_curves: bool, offset: np.ndarray | None = None) -> None:
-    """Predict one query curve (generic, personalized, offset; consensus and oracle when known) and score it."""
+def apply_weights(results: list[ListenerResult], weights: Weights, keep_curves: bool = False) -> None:
+    """Fill the ``personalized`` condition (the safe rule with ``weights``) of each result, in place."""
+    for r in results:
+        r.per_song["personalized"] = {}
+        r.curves["personalized"] = {}
+        r.use = []
+        for part in r.parts:
+            use = gate(part.check, weights)
+            r.use.append(use.tolist())
+            for sid, (ratings, g, a) in part.queries.items():
+                p = combine(g, a, part.support, weights, use)
+                r.per_song["personalized"][sid] = song_metrics(p, ratings)
+                if keep_curves:
+                    r.curves["personalized"][sid] = p.astype(np.float32)
+
+
+def _score_query(model, dataset: Dataset, features: dict, listener: str, q: Curve, params: Params, how: Adaptation,
+                 result: ListenerResult, keep_curves: bool, offset: np.ndarray | None = None,
+                 references: References | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predict one query curve (every condition but the safe rule's) and score it.
+
+    Returns:
+        (ratings, generic, adapted) of the query: what the safe rule combines.
+    """
     f = features[q.song_id]
     preds = {
-        "generic": predict_curve(model, f, q, seq_len, hop),
-        "personalized": predict_curve(model, f, q, seq_len, hop, params),
+        "generic": predict_curve(model, f, q, how.seq_len, how.hop),
+        "maml": predict_curve(model, f, q, how.seq_len, how.hop, params),
     }
     if offset is not None:
         preds["offset"] = preds["generic"] + offset
+    if references is not None:
+        preds.update(references.predictions(listener, q, f))
     # the consensus as a prediction of a listener's ratings (not of itself: PMEmo's only "listener")
     if dataset.consensus and q.song_id in dataset.consensus and listener != "consensus" and _covers(dataset.consensus[q.song_id], q):
         preds["consensus"] = _aligned(dataset.consensus[q.song_id], q)
     if dataset.oracle and (listener, q.song_id) in dataset.oracle:
         preds["oracle"] = _aligned(dataset.oracle[(listener, q.song_id)], q)
     for cond, p in preds.items():
-        per_song[cond][q.song_id] = song_metrics(p, q.values)
+        result.per_song[cond][q.song_id] = song_metrics(p, q.values)
         if keep_curves:
-            kept[cond][q.song_id] = p
+            result.curves[cond][q.song_id] = p
     if keep_curves:
-        kept["ratings"][q.song_id] = q.values
+        result.curves["ratings"][q.song_id] = q.values
+    return q.values, preds["generic"], preds["maml"]
 
 
 def _covers(reference: Curve, target: Curve) -> bool:
@@ -277,32 +352,56 @@ def summarize(results: list[ListenerResult]) -> dict[str, dict[str, float]]:
     return out
 
 
-def paired_gain(results: list[ListenerResult], metric: str = "ccc_mean", n_boot: int = 10000, seed: int = 0) -> dict:
-    """Personalized minus generic, per listener (mean over their query songs), then over listeners.
+PAIRED_METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence")
 
-    The listener is the unit of the bootstrap (query songs of one listener are not independent).
+
+def listener_means(results: list[ListenerResult], cond: str, base: str, metric: str) -> np.ndarray:
+    """Per listener: mean over their query songs of ``cond - base`` in ``metric`` (both finite)."""
+    out = []
+    for r in results:
+        c, b = r.per_song.get(cond, {}), r.per_song.get(base, {})
+        diffs = [c[s][metric] - b[s][metric] for s in b if s in c and np.isfinite(c[s][metric]) and np.isfinite(b[s][metric])]
+        if diffs:
+            out.append(float(np.mean(diffs)))
+    return np.asarray(out)
+
+
+def paired_gain(results: list[ListenerResult], metric: str = "ccc_mean", cond: str = "personalized",
+                base: str = "generic", n_boot: int = 10000, seed: int = 0) -> dict:
+    """``cond`` minus ``base``, per listener (mean over their query songs), then over listeners.
+
+    The listener is the unit of the bootstrap (query songs of one listener are not independent);
+    the 95 % interval is ``scipy.stats.bootstrap``'s percentile interval of the mean. For RMSE a
+    negative difference is an improvement ("better" counts those listeners).
 
     Returns:
-        {"mean", "ci95": [lo, hi], "listeners_improved", "listeners"}; empty when undefined.
+        {"metric", "mean", "ci95": [lo, hi], "listeners_improved", "listeners_worse", "listeners"};
+        empty when undefined.
     """
-    gains = []
-    for r in results:
-        g, p = r.per_song["generic"], r.per_song["personalized"]
-        songs = [s for s in g if s in p and np.isfinite(g[s][metric]) and np.isfinite(p[s][metric])]
-        if songs:
-            gains.append(np.mean([p[s][metric] - g[s][metric] for s in songs]))
-    if not gains:
+    from scipy.stats import bootstrap
+
+    gains = listener_means(results, cond, base, metric)
+    if len(gains) == 0:
         return {}
-    gains = np.asarray(gains)
-    rng = np.random.default_rng(seed)
-    boot = gains[rng.integers(0, len(gains), size=(n_boot, len(gains)))].mean(1)
+    sign = -1 if metric.startswith("rmse") else 1
+    if len(gains) > 1 and np.ptp(gains) > 0:
+        ci = bootstrap((gains,), np.mean, n_resamples=n_boot, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+        lo, hi = float(ci.low), float(ci.high)
+    else:
+        lo = hi = float(gains.mean())
     return {
         "metric": metric,
         "mean": float(gains.mean()),
-        "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
-        "listeners_improved": int((gains > 0).sum()),
+        "ci95": [lo, hi],
+        "listeners_improved": int((sign * gains > 0).sum()),
+        "listeners_worse": int((sign * gains < 0).sum()),
         "listeners": int(len(gains)),
     }
+
+
+def paired_gains(results: list[ListenerResult], cond: str = "personalized", base: str = "generic") -> dict[str, dict]:
+    """:func:`paired_gain` for every metric of ``PAIRED_METRICS``."""
+    return {m: paired_gain(results, m, cond, base) for m in PAIRED_METRICS}
 
 
 def format_table(summary: dict[str, dict[str, float]], title: str = "") -> str:

@@ -71,10 +71,21 @@ def batch_terms(pred: Tensor, target: Tensor, eps: float = 1e-8) -> dict[str, Te
     return {"rmse": rmse, "pcc": pcc, "ccc": ccc}
 
 
-def emotion_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """1 - mean(CCC, PCC, 1 - RMSE) over arousal and valence, per sequence, averaged over the batch."""
+def emotion_loss(pred: Tensor, target: Tensor, flat_std: float = 0.0) -> Tensor:
+    """1 - mean(CCC, PCC, 1 - RMSE) over arousal and valence, per sequence, averaged over the batch.
+
+    ``flat_std`` > 0: where a sequence's target barely moves (its std over the sequence below
+    ``flat_std``), its PCC is undefined (as in :func:`song_metrics`) and its CCC says nothing
+    about movement: those two terms are replaced by ``1 - RMSE`` for that (sequence, dimension),
+    so a listener who rests the slider teaches the level only, not noise correlations.
+    """
     t = batch_terms(pred, target)
-    score = (t["ccc"] + t["pcc"] + (1 - t["rmse"])) / 3  # (B, 2)
+    fit = 1 - t["rmse"]  # (B, 2)
+    ccc, pcc = t["ccc"], t["pcc"]
+    if flat_std > 0:
+        flat = target.std(1, unbiased=False) < flat_std  # (B, 2)
+        ccc, pcc = torch.where(flat, fit, ccc), torch.where(flat, fit, pcc)
+    score = (ccc + pcc + fit) / 3  # (B, 2)
     return 1 - score.mean()
 
 

@@ -21,13 +21,16 @@ from pdmer.checkpoint import CheckpointError, atomic_write_text, load_tensors, l
 from pdmer.config import ExperimentConfig, config_hash
 from pdmer.data.loading import MIN_QUERY_STEPS, load_dataset, make_splits, role_curves
 from pdmer.data.types import Curve, DataError, Dataset
-from pdmer.evaluate import Adaptation, ListenerResult, evaluate_listener, evaluate_within_song, format_table, paired_gain, plot_listener, summarize
+from pdmer.evaluate import (Adaptation, ListenerResult, apply_weights, evaluate_listener, evaluate_within_song, format_table,
+                            paired_gains, plot_listener, summarize)
+from pdmer.personalize import COMPONENTS, Weights, choose_weights
+from pdmer.references import References
 from pdmer.meta.maml import attach_inner_lrs, call, meta_step, meta_step_batched, split_state, unrolled_lstm
 from pdmer.data.check import fit_to_audio
 from pdmer.meta.tasks import TaskSampler
 from pdmer.metrics import attention_loss, emotion_loss
 from pdmer.models.dsaml import DSAML, count_parameters
-from pdmer.runs import REPO, add_file_log, lock_run, prepare_run_dir, resolve_device, run_dir_for
+from pdmer.runs import STATE_PATH, REPO, add_file_log, check_restart, lock_run, prepare_run_dir, resolve_device, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class Context:
     splits: dict[str, list[str]]  # listeners: "train", "val", "test", "excluded"
     features: dict
     songs: dict[str, list[str]] | None = None  # song-disjoint split: "train", "val", "test" song ids
+    refs: References | None = None  # built on first use (train.references)
 
     def split_record(self) -> dict:
         """What ``splits.json`` holds: kind, seed, protocol, the listener lists (and song lists)."""
@@ -59,6 +63,7 @@ class Context:
 def make_loss_fn(cfg: ExperimentConfig):
     """The DSAML loss as a MAML task loss ``(model, params, buffers, batch) -> scalar``."""
     use_attn, w = cfg.train.attention_loss, cfg.train.attention_loss_weight
+    flat_std = cfg.train.flat_std
 
     bf16 = cfg.train.precision == "bf16"
 
@@ -70,7 +75,7 @@ def make_loss_fn(cfg: ExperimentConfig):
             out = type(out)(*(None if t is None else t.float() for t in (out.pred, out.attn_local, out.attn_global)))
         else:
             out = call(model, params, buffers, local, glob)
-        loss = emotion_loss(out.pred, target)
+        loss = emotion_loss(out.pred, target, flat_std)
         if use_attn:
             loss = loss + w * attention_loss(out.attn_local, out.attn_global)
         return loss
@@ -82,11 +87,12 @@ def meta_batch(model: nn.Module, tasks: list, loss_fn, cfg: ExperimentConfig) ->
     """One meta-batch's gradient into ``model``: tasks together (``meta.batch_tasks``) or one by one."""
     m = cfg.meta
     if m.batch_tasks:
-        return meta_step_batched(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order, m.task_chunk)
+        return meta_step_batched(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order, m.task_chunk,
+                                 m.generic_loss_weight)
     if not m.first_order and next(model.parameters()).is_cuda:
         with unrolled_lstm(model):  # cuDNN's LSTM has no double backward: only the LSTM leaves it
-            return meta_step(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order)
-    return meta_step(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order)
+            return meta_step(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order, m.generic_loss_weight)
+    return meta_step(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order, m.generic_loss_weight)
 
 
 def seed_everything(seed: int) -> None:
@@ -162,34 +168,66 @@ def build_model(ctx: Context) -> DSAML:
     return model.to(ctx.device)
 
 
-def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None = None, keep_curves: bool = False) -> tuple[dict, list[ListenerResult]]:
+def references(ctx: Context) -> References:
+    """The listener-blind references of ``ctx`` (built once: the others' averages, the ridge probe)."""
+    if ctx.refs is None:
+        train = [c for cs in ctx.train_curves().values() for c in cs]
+        ctx.refs = References(ctx.dataset.curves, train, ctx.features, ctx.cfg.train.seed)
+    return ctx.refs
+
+
+def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None = None, keep_curves: bool = False,
+                   weights: Weights | None = None, protocol: str | None = None) -> tuple[dict, list[ListenerResult]]:
     """Score every listener of ``split`` (at most ``limit``); see :mod:`pdmer.evaluate`.
 
     Listener split: each listener's support song(s) and queries are among all their songs.
     Song split: support from their train songs, queries on the split's songs only.
-    ``eval.protocol=within_song`` (test only): support = the first ``train.seq_len`` steps of
-    each query song, query = the rest of it.
+    ``protocol`` (default: ``eval.protocol`` for test, ``songs`` otherwise) ``within_song``: support =
+    the first ``train.seq_len`` steps of each query song, query = the rest of it.
+
+    ``weights``: the safe rule's population weights for the ``personalized`` condition; None
+    chooses them on these same listeners (:func:`pdmer.personalize.choose_weights`; in-sample, for
+    the checkpoint selection during training).
     """
     cfg = ctx.cfg
+    protocol = protocol or (cfg.eval.protocol if split == "test" else "songs")
     listeners = ctx.splits[split][:limit] if limit else ctx.splits[split]
     pools = role_curves(ctx.dataset, listeners, ctx.songs, split)
     how = Adaptation(make_loss_fn(cfg), cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.train.seq_len, cfg.eval.hop,
-                     cfg.eval.support_songs, cfg.train.seed, MIN_QUERY_STEPS)
+                     cfg.eval.support_songs, cfg.train.seed, MIN_QUERY_STEPS, cfg.eval.safe_check)
+    refs = references(ctx)
     k, results = cfg.eval.support_songs, []
     for a in listeners:
         pool, queries = pools[a]
-        if cfg.eval.protocol == "within_song" and split == "test":
-            r = evaluate_within_song(model, ctx.dataset, ctx.features, a, pool if queries is None else queries, how, keep_curves)
+        if protocol == "within_song":
+            r = evaluate_within_song(model, ctx.dataset, ctx.features, a, pool if queries is None else queries, how,
+                                     keep_curves, refs)
             if r is not None:
                 results.append(r)
         elif (len(pool) > k) if queries is None else (len(pool) >= k and queries):
-            results.append(evaluate_listener(model, ctx.dataset, ctx.features, a, pool, how, keep_curves, queries))
+            results.append(evaluate_listener(model, ctx.dataset, ctx.features, a, pool, how, keep_curves, queries, refs))
     if not results:
-        raise DataError(f"no {split} listener can be scored (split {ctx.split_record()['kind']}, protocol {cfg.eval.protocol})")
+        raise DataError(f"no {split} listener can be scored (split {ctx.split_record()['kind']}, protocol {protocol})")
+    if weights is None:
+        weights, _ = choose_weights([p for r in results for p in r.parts], f"{split} listeners (in-sample)",
+                                    use_gate=cfg.eval.safe_check)
+    apply_weights(results, weights, keep_curves)
     return summarize(results), results
 
 
-STATE_FILE = Path("checkpoints") / "state" / "latest.safetensors"  # full training state, relative to the run folder
+def choose_rule(model: nn.Module, ctx: Context) -> tuple[Weights, dict]:
+    """The safe rule's population weights, chosen on every validation listener under the test protocol."""
+    protocol = ctx.cfg.eval.protocol
+    _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol=protocol)
+    parts = [p for r in results for p in r.parts]
+    weights, report = choose_weights(parts, f"{len(results)} validation listeners, protocol {protocol}",
+                                     use_gate=ctx.cfg.eval.safe_check)
+    log.info("safe personalization: weights %s (%s)", {k: getattr(weights, k) for k in COMPONENTS}, weights.chosen_on)
+    return weights, report
+
+
+STATE_FILE = STATE_PATH  # full training state, relative to the run folder (pdmer.runs)
+RULE_FILE = "personalization.json"  # the safe rule's weights chosen on validation listeners (calibrate uses them)
 
 
 def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: TaskSampler, meta: dict) -> None:
@@ -257,7 +295,7 @@ def selection_metric(cfg: ExperimentConfig) -> tuple[str, str]:
 
 
 def train(cfg: ExperimentConfig, *, on_validate: Callable[[int, dict], None] | None = None,
-          hparams: dict | None = None, resume: bool = False) -> Path:
+          hparams: dict | None = None, resume: bool = False, force: bool = False) -> Path:
     """Train, select on validation listeners, evaluate on test listeners; returns the run folder.
 
     At every validation the full training state (weights, optimiser, iteration, best score, every
@@ -273,12 +311,14 @@ def train(cfg: ExperimentConfig, *, on_validate: Callable[[int, dict], None] | N
 
     One process at a time trains a run folder (:func:`pdmer.runs.lock_run`): a second one gets
     :class:`pdmer.runs.RunBusyError` before it writes anything. Data that fails its checks is
-    refused before the run folder exists.
+    refused before the run folder exists. A fresh start (no ``resume``) over an interrupted run
+    is refused (:class:`pdmer.runs.RunStartedError`) unless ``force`` (:func:`pdmer.runs.check_restart`).
     """
     seed_everything(cfg.train.seed)
     t0 = time.time()
     ctx = build_context(cfg)  # checks the data: a refused run creates no folder
     with lock_run(run_dir_for(cfg)):
+        check_restart(run_dir_for(cfg), resume, force)  # never throw an interrupted run's progress away silently
         return _train(cfg, ctx, t0, on_validate=on_validate, hparams=hparams, resume=resume)
 
 
@@ -382,7 +422,9 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
     """Score test listeners once, write results.json / results.md / curves.png."""
     cfg = ctx.cfg
     t0 = time.time()
-    test, per_listener = evaluate_split(model, ctx, "test", keep_curves=True)
+    weights, rule_report = choose_rule(model, ctx)
+    atomic_write_text(run / RULE_FILE, json.dumps({"weights": weights.to_json(), "report": rule_report}, indent=2, default=float))
+    test, per_listener = evaluate_split(model, ctx, "test", keep_curves=True, weights=weights)
     cond, metric = selection_metric(cfg)
     results = {
         "experiment": cfg.name,
@@ -398,9 +440,13 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
         "support_songs": cfg.eval.support_songs,
         "test": test,
         "gain_ccc_mean": test["personalized"]["ccc_mean"] - test["generic"]["ccc_mean"],
-        "gain_per_listener": paired_gain(per_listener),
+        "gain_per_listener": paired_gains(per_listener)["ccc_mean"],
+        "personalization": {"weights": weights.to_json(), "report": rule_report,
+                            "listeners_personalized": sum(any(any(u) for u in r.use) for r in per_listener)},
+        "paired": {c: paired_gains(per_listener, c) for c in ("personalized", "maml", "offset")},
         "per_listener": {
-            r.listener: {"support": r.support, **{c: {s: m for s, m in r.per_song[c].items()} for c in ("generic", "personalized")}}
+            r.listener: {"support": r.support, "use": r.use,
+                         **{c: {s: m for s, m in r.per_song[c].items()} for c in ("generic", "personalized", "maml")}}
             for r in per_listener
         },
         "eval_seconds": time.time() - t0,

@@ -4,8 +4,10 @@
   (``WorkerId`` first, then ``sample_15000ms, ...``), as DEAM is distributed.
 - :func:`write_pmemo`: ``chorus/<id>.mp3``, ``annotations/dynamic_annotations.csv`` (2 Hz from
   15.5 s, [0, 1]) and ``annotations/static_annotations.csv``, as PMEmo2019 is distributed.
-- :func:`official_overrides`: the data overrides that point an experiment whose source is DEAM
-  or PMEmo at such a fixture (used by ``test_experiments.py``).
+- :func:`write_vgmidi`: ``labelled/midi/*.mid`` and ``labelled/annotations/vgmidi_raw_1.json``, as
+  the VGMIDI repository holds them (its audio is rendered by the loader, with FluidSynth).
+- :func:`official_overrides`: the data overrides that point an experiment whose source is DEAM,
+  PMEmo or VGMIDI at such a fixture (used by ``test_experiments.py``).
 
 Clips are shorter than the real ones (25 s instead of 45 s) so that tests stay fast; the
 overrides shrink ``train.seq_len`` and the DEAM clip options to match.
@@ -165,4 +167,85 @@ def official_overrides(experiment: str, tmp: Path) -> list[str]:
         return deam_overrides(deam_fixture(tmp))
     if source == "pmemo":
         return pmemo_overrides(pmemo_fixture(tmp))
+    if source == "vgmidi":
+        return vgmidi_overrides(vgmidi_fixture(tmp), tmp)
     return []
+
+
+def write_midi(path: Path, seconds: float, seed: int = 0) -> float:
+    """A one-track piano MIDI of about ``seconds`` (notes every 0.5 s, tempo 120); returns its length."""
+    import mido
+
+    from pdmer.data.vgmidi import midi_length
+
+    rng = np.random.default_rng(seed)
+    mid = mido.MidiFile(ticks_per_beat=480)
+    track = mido.MidiTrack()
+    mid.tracks.append(track)
+    track.append(mido.MetaMessage("set_tempo", tempo=500000, time=0))  # 960 ticks per second
+    for _ in range(int(seconds * 2)):
+        note = int(rng.integers(48, 84))
+        track.append(mido.Message("note_on", note=note, velocity=int(rng.integers(40, 110)), time=0))
+        track.append(mido.Message("note_off", note=note, velocity=0, time=480))
+    track.append(mido.MetaMessage("end_of_track", time=0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mid.save(str(path))
+    return midi_length(path)
+
+
+VGMIDI_PIECES, VGMIDI_LISTENERS, VGMIDI_S = 5, 10, 14
+
+
+def write_vgmidi(root: Path) -> None:
+    """A VGMIDI repository in miniature: ``labelled/midi/*.mid`` and ``labelled/annotations/vgmidi_raw_1.json``.
+
+    Each listener rates 2-3 pieces (per-measure curves in [-1, 1], a few unrecorded bins).
+    """
+    import json
+
+    rng = np.random.default_rng(7)
+    pieces, ann, count = {}, {}, {}
+    for k in range(VGMIDI_PIECES):
+        length = write_midi(root / "labelled" / "midi" / f"Piece {k}.mid", VGMIDI_S, seed=k)
+        pieces[f"piece{k}"] = {"midi": f"Piece {k}.mid", "duration": int(length), "measures": 7, "name": f"Piece {k}"}
+    for j in range(VGMIDI_LISTENERS):
+        answers = {"age": "21-25", "gender": "Female", "country": "US", "musicianship": j % 3, "isKnown": False,
+                   "ex1_valence": "1", "ex1_arousal": "2", "ex1_description": f"listener {j}", "ex2_valence": "2",
+                   "ex2_arousal": "Calm"}
+        level = rng.uniform(-0.4, 0.4, 2)
+        for k in rng.choice(VGMIDI_PIECES, size=2 + j % 2, replace=False):
+            count[k] = count.get(k, 0) + 1
+            base = np.sin(np.arange(7) / 2 + k)[:, None] * [0.5, 0.3]
+            curve = np.clip(base + level + rng.normal(0, 0.1, (7, 2)), -1, 1).round(2)
+            curve[rng.integers(7)] = 0.0  # an unrecorded bin
+            ann[f"piece{k}_{count[k]}"] = {**answers, "arousal": curve[:, 0].tolist(), "valence": curve[:, 1].tolist()}
+    out = root / "labelled" / "annotations"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vgmidi_raw_1.json").write_text(json.dumps({"pieces": pieces, "annotations": ann}))
+
+
+def vgmidi_fixture(tmp: Path) -> Path:
+    root = Path(tmp) / "vgmidi"
+    if not (root / "done").exists():
+        write_vgmidi(root)
+        (root / "done").write_text("")
+    return root
+
+
+def vgmidi_overrides(root: Path, tmp: Path) -> list[str]:
+    """Point a VGMIDI experiment at :func:`write_vgmidi`'s fixture; skips the test without FluidSynth."""
+    import shutil
+
+    import pytest
+
+    from pdmer.data.types import DataError
+    from pdmer.data.vgmidi import find_soundfont
+
+    if shutil.which("fluidsynth") is None:
+        pytest.skip("FluidSynth is not installed (apt-get install fluidsynth fluid-soundfont-gm): VGMIDI audio cannot be rendered")
+    try:
+        find_soundfont()
+    except DataError as e:
+        pytest.skip(str(e))
+    return [f"data.root={root}", f"data.vgmidi.audio_dir={Path(tmp) / 'vgmidi-audio'}", f"train.seq_len={SEQ_LEN}",
+            "eval.hop=10"]

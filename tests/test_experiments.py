@@ -23,9 +23,11 @@ def test_experiment_smoke_run(name, session_tmp):
     run = train(cfg)
     res = json.loads((run / "results.json").read_text())
     assert res["experiment"] == name and res["problem"] == cfg.problem
-    conditions = {"deam": ("generic", "personalized", "consensus"), "pmemo": ("generic", "personalized")}
-    for cond in conditions.get(cfg.data.source, ("generic", "personalized", "consensus", "oracle")):
-        assert res["test"][cond]["n_songs"] > 0
+    conditions = {"deam": ("consensus", "others"), "pmemo": (), "vgmidi": ("others",)}
+    for cond in ("generic", "personalized", "maml", "offset", "ridge") + conditions.get(cfg.data.source, ("consensus", "oracle", "others")):
+        assert res["test"][cond]["n_songs"] > 0, cond
+    assert (run / "personalization.json").exists()
+    assert set(res["paired"]["personalized"]) >= {"ccc_mean", "rmse_arousal", "pcc_valence"}
     splits = json.loads((run / "splits.json").read_text())
     if splits["kind"] == "song-disjoint":
         songs = splits["songs"]

@@ -138,6 +138,7 @@ def meta_step(
     steps: int,
     lr: float,
     first_order: bool,
+    generic_weight: float = 0.0,
 ) -> dict[str, Tensor]:
     """Accumulate the meta-gradient of a meta-batch into ``model``'s ``.grad`` fields.
 
@@ -147,6 +148,9 @@ def meta_step(
 
     Args:
         tasks: list of (support batch, query batch).
+        generic_weight: adds ``generic_weight *`` the query loss of the un-adapted parameters
+            (the generic model's) to each task's loss, so the meta-learned initialisation is
+            also a good listener-blind model (``meta.generic_loss_weight``).
 
     Returns:
         {"query_loss": scalar, "inner_losses": (steps,)} averaged over tasks, detached.
@@ -158,7 +162,8 @@ def meta_step(
     for support, query in tasks:
         adapted, inner = inner_loop(model, params, buffers, support, loss_fn, steps, lr, first_order)
         loss = loss_fn(model, adapted, buffers, query)
-        (loss / n).backward()
+        total = loss + generic_weight * loss_fn(model, params, buffers, query) if generic_weight else loss
+        (total / n).backward()
         query_total = query_total + loss.detach()  # stays on the device: no host sync per task
         inner_total = inner_total + inner
     return {"query_loss": query_total / n, "inner_losses": inner_total / n}
@@ -247,6 +252,7 @@ def meta_step_batched(
     lr: float,
     first_order: bool,
     chunk: int = 0,
+    generic_weight: float = 0.0,
 ) -> dict[str, Tensor]:
     """:func:`meta_step` with the tasks adapted together (``meta.batch_tasks: true``).
 
@@ -271,7 +277,11 @@ def meta_step_batched(
             support, query = stack_tasks([s for s, _ in part]), stack_tasks([q for _, q in part])
             adapted, inner = batched_inner_loop(model, params, buffers, support, loss_fn, steps, lr, first_order)
             losses = vmap(lambda p, b: loss_fn(model, p, buffers, b), randomness="different")(adapted, query)  # (m,)
-            (losses.sum() / n).backward()
+            total = losses.sum()
+            if generic_weight:
+                generic = vmap(lambda b: loss_fn(model, params, buffers, b), randomness="different")(query)  # (m,)
+                total = total + generic_weight * generic.sum()
+            (total / n).backward()
             query_total = query_total + losses.detach().sum()
             inner_total = inner_total + inner.sum(0)
     if model.training and any(getattr(m, "track_running_stats", False) for m in model.modules()):

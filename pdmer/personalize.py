@@ -1,0 +1,236 @@
+"""Safe personalization: how much of a listener's adaptation to use, per listener.
+
+One-shot adaptation learns whatever the support song shows: the listener's level on that song,
+how far they move the cursor, and how their curve bends (the MAML-adapted model). On real
+listeners, what carries over to another song differs by kind (VGMIDI, DEAM: a listener's level
+does not, r < 0.1; how far they move does, r about 0.4), and within the same song their level
+does. The rule below therefore personalizes in three separate components, each with a
+population weight chosen on validation listeners under the protocol it is used with, and
+checks every listener's personal curve on a held-out later part of the support sequence:
+
+- ``offset``: the listener's mean error of the generic model on the support, ``o``;
+- ``scale``: how far they move against how far the generic curve moves, ``s = std(ratings) /
+  std(generic)`` on the support (clipped to [1/4, 4]);
+- ``maml``: the MAML-adapted model's change of the curve, ``a - g``.
+
+With the weights ``w`` (per dimension, each in [0, 1]) and ``m`` = the generic curve's mean
+over the predicted span, the personal curve is::
+
+    p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_offset * o
+
+``w = 0`` is the generic curve. The weights are the grid point that maximizes the validation
+listeners' mean CCC gain among those that make neither their mean RMSE nor their mean PCC worse
+than the generic model's (:func:`choose_weights`); none qualifying means ``w = 0``.
+
+The **held-out check** (per listener and dimension): the same rule, fitted on the first 2/3 of
+the support sequence (offset, scale, and a second adaptation), predicts its last third; unless
+it beats the generic curve there clearly in squared error (a one-sided test over the held-out
+steps) and does not lower the CCC, that dimension stays generic (:func:`gate`). A support song that says little about its listener (ratings unrelated to the
+music, or a listener who matches the generic curve) thus leaves the generic curve as it was.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pdmer.data.types import LABELS
+from pdmer.metrics import song_metrics
+
+COMPONENTS = ("offset", "scale", "maml")
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+SCALE_CLIP = (0.25, 4.0)
+CHECK_SHARE = 1 / 3  # the held-out later part of the support sequence
+MIN_CHECK_STEPS = 4
+GATE_Z = 2.0  # the held-out check's one-sided z
+
+
+@dataclass
+class Weights:
+    """Population weights of each component, per dimension (arousal, valence)."""
+
+    offset: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    scale: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    maml: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    chosen_on: str = ""  # what chose them, e.g. "val listeners (188), protocol songs"
+    gate: bool = True  # apply the held-out check
+
+    def of(self, d: int) -> tuple[float, float, float]:
+        return self.offset[d], self.scale[d], self.maml[d]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Weights":
+        return cls(**{k: d[k] for k in ("offset", "scale", "maml", "chosen_on", "gate") if k in d})
+
+    @classmethod
+    def plain_maml(cls) -> "Weights":
+        return cls(offset=[0.0, 0.0], scale=[0.0, 0.0], maml=[1.0, 1.0], chosen_on="plain MAML", gate=False)
+
+    def is_generic(self) -> bool:
+        return not any(self.offset + self.scale + self.maml)
+
+
+@dataclass
+class Support:
+    """What a listener's support says: offset and scale per dimension (from the support sequence)."""
+
+    offset: np.ndarray  # (2,)
+    scale: np.ndarray  # (2,)
+
+    @classmethod
+    def fit(cls, ratings: np.ndarray, generic: np.ndarray) -> "Support":
+        """From the support ratings (T, 2) and the generic prediction on the same steps (T, 2)."""
+        offset = (ratings - generic).mean(0)
+        sg, sr = generic.std(0), ratings.std(0)
+        scale = np.where(sg > 1e-6, sr / np.maximum(sg, 1e-6), 1.0)
+        return cls(offset.astype(np.float64), np.clip(scale, *SCALE_CLIP).astype(np.float64))
+
+    def to_json(self) -> dict:
+        return {"offset": self.offset.tolist(), "scale": self.scale.tolist()}
+
+
+def combine(generic: np.ndarray, adapted: np.ndarray, support: Support, weights: Weights,
+            use: np.ndarray | None = None) -> np.ndarray:
+    """The personal curve (T, 2) from the generic and adapted curves (module docstring).
+
+    ``use`` (2,) bool: the dimensions that passed the held-out check (False: generic).
+    """
+    out = generic.astype(np.float64).copy()
+    for d in range(2):
+        if use is not None and not use[d]:
+            continue
+        w_off, w_scale, w_maml = weights.of(d)
+        g = generic[:, d].astype(np.float64)
+        m = g.mean()
+        out[:, d] = m + support.scale[d] ** w_scale * (g - m) + w_maml * (adapted[:, d] - g) + w_off * support.offset[d]
+    return out
+
+
+@dataclass
+class Check:
+    """The held-out check of one listener: fitted on the first part, scored on the last part."""
+
+    ratings: np.ndarray  # (H, 2) ratings of the held-out part
+    generic: np.ndarray  # (H, 2) generic prediction there
+    adapted: np.ndarray  # (H, 2) prediction of the model adapted on the first part
+    support: Support  # offset and scale from the first part
+
+
+def gate(check: Check | None, weights: Weights) -> np.ndarray:
+    """Per dimension: does the rule, fitted on the first part, beat generic on the held-out part?
+
+    It must lower the squared error clearly, not by chance: with ``d_t`` the per-step change of
+    the squared error (personal minus generic) over the held-out steps, ``mean(d) + Z * sd(d) /
+    sqrt(H) < 0`` (a one-sided test at about 2.5 %), and it must not lower the CCC there. No
+    check possible (support too short): True.
+    """
+    if check is None or not weights.gate:
+        return np.ones(2, dtype=bool)
+    p = combine(check.generic, check.adapted, check.support, weights)
+    mp, mg = song_metrics(p, check.ratings), song_metrics(check.generic, check.ratings)
+    out = np.zeros(2, dtype=bool)
+    h = len(check.ratings)
+    for d, label in enumerate(LABELS):
+        if not any(weights.of(d)):
+            out[d] = True  # nothing to check: the curve is generic
+            continue
+        diff = (p[:, d] - check.ratings[:, d]) ** 2 - (check.generic[:, d] - check.ratings[:, d]) ** 2
+        clear = diff.mean() + GATE_Z * diff.std(ddof=1) / np.sqrt(h) < 0 if h > 1 else False
+        ccc_p, ccc_g = mp[f"ccc_{label}"], mg[f"ccc_{label}"]
+        ccc_ok = np.isfinite(ccc_p) and (not np.isfinite(ccc_g) or ccc_p >= ccc_g)
+        out[d] = bool(clear and ccc_ok)
+    return out
+
+
+@dataclass
+class Parts:
+    """One listener's predictions before the rule: what :func:`choose_weights` searches over."""
+
+    support: Support
+    check: Check | None
+    queries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # song -> (ratings, generic, adapted)
+
+
+def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool) -> tuple[float, float, float]:
+    """Mean over listeners of (CCC gain, RMSE change, PCC change) in dimension ``d`` for weights ``w``."""
+    label = LABELS[d]
+    weights = Weights(offset=[w[0]] * 2, scale=[w[1]] * 2, maml=[w[2]] * 2, gate=use_gate)
+    dccc, drmse, dpcc = [], [], []
+    for p in parts:
+        use = gate(p.check, weights)
+        if not use[d]:
+            dccc.append(0.0), drmse.append(0.0), dpcc.append(0.0)
+            continue
+        c, r, q = [], [], []
+        for ratings, g, a in p.queries.values():
+            mp = song_metrics(combine(g, a, p.support, weights), ratings)
+            mg = song_metrics(g, ratings)
+            c.append(mp[f"ccc_{label}"] - mg[f"ccc_{label}"])
+            r.append(mp[f"rmse_{label}"] - mg[f"rmse_{label}"])
+            if np.isfinite(mp[f"pcc_{label}"]) and np.isfinite(mg[f"pcc_{label}"]):
+                q.append(mp[f"pcc_{label}"] - mg[f"pcc_{label}"])
+        dccc.append(float(np.nanmean(c))), drmse.append(float(np.mean(r))), dpcc.append(float(np.mean(q)) if q else 0.0)
+    return float(np.mean(dccc)), float(np.mean(drmse)), float(np.mean(dpcc))
+
+
+def choose_weights(parts: list[Parts], chosen_on: str = "", grid: tuple[float, ...] = GRID, use_gate: bool = True
+                   ) -> tuple[Weights, dict]:
+    """The population weights, per dimension: best mean CCC gain with RMSE and PCC no worse.
+
+    Args:
+        parts: validation listeners' predictions (:class:`Parts`).
+        grid: the values tried for each component.
+
+    Returns:
+        (weights, report): the report lists, per dimension, the chosen point and its scores, and
+        the best point when the constraints are ignored (what they cost).
+    """
+    weights = Weights(chosen_on=chosen_on, gate=use_gate)
+    report: dict = {"grid": list(grid), "listeners": len(parts), "gate": use_gate}
+    if not parts:
+        report["note"] = "no listener to choose on: generic"
+        return weights, report
+    for d, label in enumerate(LABELS):
+        best, best_free = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+        for w in itertools.product(grid, repeat=len(COMPONENTS)):
+            if not any(w):
+                continue
+            s = _dim_scores(parts, d, w, use_gate)
+            if s[0] > best_free[1][0]:
+                best_free = (w, s)
+            if s[0] > best[1][0] and s[1] <= 0 and s[2] >= 0:
+                best = (w, s)
+        (w_off, w_scale, w_maml), scores = best
+        weights.offset[d], weights.scale[d], weights.maml[d] = w_off, w_scale, w_maml
+        report[label] = {"weights": dict(zip(COMPONENTS, best[0])), "ccc_gain": scores[0], "rmse_change": scores[1],
+                         "pcc_change": scores[2], "unconstrained": {"weights": dict(zip(COMPONENTS, best_free[0])),
+                                                                    "ccc_gain": best_free[1][0],
+                                                                    "rmse_change": best_free[1][1],
+                                                                    "pcc_change": best_free[1][2]}}
+    return weights, report
+
+
+def describe(weights: Weights, use: np.ndarray) -> str:
+    """One line a listener can read: how much was personalized, and why."""
+    if weights.is_generic():
+        return ("the base model's validation listeners gained nothing from any personal component under this protocol, "
+                "so your curve is the generic one")
+    parts = []
+    for d, label in enumerate(LABELS):
+        w = dict(zip(("offset", "scale", "maml"), weights.of(d)))
+        if not any(w.values()):
+            parts.append(f"{label}: generic (nothing carried over for validation listeners)")
+        elif not use[d]:
+            parts.append(f"{label}: generic (your personal curve did not predict the held-out end of your song better)")
+        else:
+            parts.append(f"{label}: personal ({', '.join(f'{k} {v:g}' for k, v in w.items() if v)})")
+    return "; ".join(parts)
+
+
+def dumps(weights: Weights, report: dict) -> str:
+    return json.dumps({"weights": weights.to_json(), "report": report}, indent=2, default=float)
