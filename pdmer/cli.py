@@ -140,6 +140,40 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_rate(args) -> int:
+    import webbrowser
+
+    from pdmer.personal import ProfileError
+    from pdmer.rate import RateServer, RateSession
+    from pdmer.rate.server import can_open_browser
+
+    try:
+        session = RateSession(
+            args.name, args.audio, args.predict or (), args.model, annotators_dir=args.annotators, out_dir=args.out,
+            keep_history=args.keep_history, practice_s=args.practice_s,
+        )
+    except ProfileError as e:  # a bad name, no usable model
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server = RateServer(session, args.host, args.port)
+    how = session.base.how + ("" if args.model else "; --model RUN_DIR picks another")
+    print(f"model: {_show(session.base.run)} ({how})")
+    for warning in (session.warning, server.warning):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+    print(f"rating page for {args.name!r}, {len(session.songs)} song(s): {server.url}", flush=True)
+    print("open it in a browser on this machine (the address holds the access token); Ctrl-C stops the server", flush=True)
+    if not args.no_browser and can_open_browser():
+        webbrowser.open(server.url)
+    try:
+        server.serve()
+    except KeyboardInterrupt:  # uvicorn has shut down cleanly and passes the signal on
+        pass
+    done = session.result
+    print(f"stopped; profile: {done['profile']}/" if done else "stopped; nothing was submitted, no profile written")
+    return 0
+
+
 def cmd_data_check(args) -> int:
     from pdmer.config import load_config
     from pdmer.data.check import check_data, format_report
@@ -239,6 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-plot", action="store_true", help="write the CSV files only")
     pr.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
     pr.set_defaults(func=cmd_predict)
+
+    ra = sub.add_parser(
+        "rate", help="rate songs in the browser (a local page), then calibrate: annotators/NAME/",
+        description="Serve a rating page on 127.0.0.1 (a random token in the printed address): it plays each --audio "
+        "song and records valence and arousal while it plays, on a 2-D pad or one dimension per pass, after a short "
+        "practice. On submit the ratings are binned to 2 Hz, calibrate runs (k-shot with several songs) and the page "
+        "shows the fit and the --predict songs' personal and generic curves.",
+    )
+    ra.add_argument("--name", required=True, help="listener name: letters, digits, - and _ (checked as calibrate does)")
+    ra.add_argument("--audio", required=True, action="extend", nargs="+", metavar="SONG",
+                    help="a song to rate (repeat for k-shot); wav, flac, mp3 or ogg; the page plays only these")
+    ra.add_argument("--predict", action="extend", nargs="+", metavar="SONG",
+                    help="songs to predict with the new profile: personal against generic curve (CSV + PNG)")
+    ra.add_argument("--model", metavar="RUN_DIR", help="base run (default: the latest finished run in runs/)")
+    ra.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1, this machine only; another one is warned about)")
+    ra.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    ra.add_argument("--no-browser", action="store_true", help="do not try to open the page in a browser")
+    ra.add_argument("--practice-s", type=float, default=8.0, metavar="S",
+                    help="seconds of practice at the song's start, not recorded (default 8; 0 = none)")
+    ra.add_argument("--keep-history", action="store_true", help="keep a replaced profile in annotators/.history/NAME/<time>/")
+    ra.add_argument("--out", metavar="DIR", help="where --predict curves go (default: predictions/)")
+    ra.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
+    ra.set_defaults(func=cmd_rate)
 
     d = sub.add_parser("data", help="dataset tools: `data check --format deam|pmemo|generic|synthetic ROOT`")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
