@@ -35,11 +35,14 @@ CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = Path(os.environ.get("PDMER_TEST_ARTIFACTS", REPO / "runs" / "test-artifacts"))
 SPEED = 2.0  # playback rate during the test
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason=f"needs a headless browser: chromium {'found' if CHROMIUM else 'missing'}, chromedriver "
-    f"{'found' if CHROMEDRIVER else 'missing'} (Debian: apt-get install chromium chromium-driver, or bash .ci/packages.sh)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason=f"needs a headless browser: chromium {'found' if CHROMIUM else 'missing'}, chromedriver "
+        f"{'found' if CHROMEDRIVER else 'missing'} (Debian: apt-get install chromium chromium-driver, or bash .ci/packages.sh)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
