@@ -439,7 +439,8 @@
     try {
       res = await fetch("api/submit", { method: "POST", headers: { "Content-Type": "application/json" },
                                          body: JSON.stringify({ mode: S.mode, songs }) });
-      body = await res.json().catch(async () => ({ ok: false, error: await res.text() }));
+      const text = await res.text(); // JSON from the page's routes; plain text from the guards (403, 413, ...)
+      try { body = JSON.parse(text); } catch (e) { body = { ok: false, error: `${res.status}: ${text.trim()}` }; }
     } catch (e) {
       body = { ok: false, error: `the server did not answer (${e.message}); is \`run.py rate\` still running?` };
     }
