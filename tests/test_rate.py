@@ -287,8 +287,10 @@ def test_page_and_assets_are_served_with_the_token_only(served):
 def test_wrong_or_missing_token_is_refused(served, path):
     tok = served.server.token
     path = path.format(bad=tok[::-1], tok=tok, short=tok[:-1])
-    st, _, body = request(served.server, "GET", path)
-    assert st == 403 and b"token" in body
+    for method in ("GET", "POST"):
+        st, _, body = request(served.server, method, path, b"{}" if method == "POST" else None)
+        assert st == 403 and b"token" in body, (method, path)
+    assert nothing_written(served)
 
 
 def test_foreign_host_header_is_refused(served):
@@ -296,6 +298,9 @@ def test_foreign_host_header_is_refused(served):
     for host in ("evil.example", f"evil.example:{s.port}", f"127.0.0.1:{s.port + 1}", "", f"localhost.evil.example:{s.port}"):
         st, _, body = request(s, "GET", served.prefix + "/api/session", host=host)
         assert st == 400 and b"Host" in body, host
+    t, v, a = trace(SONG_S)
+    st, _, _ = request(s, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode(), host="evil.example")
+    assert st == 400 and nothing_written(served)  # a DNS-rebinding page posting a good submission
     for host in (f"localhost:{s.port}", f"127.0.0.1:{s.port}"):
         assert request(s, "GET", served.prefix + "/api/session", host=host)[0] == 200
 
@@ -318,6 +323,7 @@ def test_path_traversal_reaches_nothing(served, path):
     st, _, body = request(served.server, "GET", served.prefix + path)
     assert st in (400, 403, 404), (path, st)
     assert b"import" not in body and b"root:" not in body
+    assert nothing_written(served)
 
 
 def test_nan_and_out_of_order_samples_are_refused_over_http(served):
