@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
         print(f"{run.name} has already finished with this exact config (use --force to train again):\n")
         _print_results(run)
         return 0
-    run = train(cfg, resume=args.resume)
+    run = train(cfg, resume=args.resume, force=args.force)
     print()
     _print_results(run)
     return 0
@@ -97,17 +97,18 @@ def _show(path) -> str:
 
 
 def cmd_calibrate(args) -> int:
-    from pdmer.personal import ProfileError, calibrate
+    from pdmer.config import check_setting
+    from pdmer.personal import calibrate
 
-    try:
-        prof = calibrate(
-            args.name, args.audio, args.ratings, args.model,
-            annotators_dir=args.annotators, keep_history=args.keep_history,
-            inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-        )
-    except ProfileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.inner_steps is not None:  # named as the user typed them; calibrate() checks them again
+        check_setting("meta.inner_steps", args.inner_steps, "--inner-steps")
+    if args.inner_lr is not None:
+        check_setting("meta.inner_lr", args.inner_lr, "--inner-lr")
+    prof = calibrate(
+        args.name, args.audio, args.ratings, args.model,
+        annotators_dir=args.annotators, keep_history=args.keep_history,
+        inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+    )
     info = prof.info
     base, ad, fit = info["base"], info["adaptation"], info["fit"]["mean"]
     how = "given" if args.model else "the latest trained run; --model RUN_DIR picks another"
@@ -123,13 +124,9 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from pdmer.personal import ProfileError, predict
+    from pdmer.personal import predict
 
-    try:
-        preds = predict(args.songs, args.name, args.model, out_dir=args.out, annotators_dir=args.annotators, plot=not args.no_plot)
-    except ProfileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    preds = predict(args.songs, args.name, args.model, out_dir=args.out, annotators_dir=args.annotators, plot=not args.no_plot)
     if preds:
         how = preds[0].model_how + ("" if args.model else "; --model RUN_DIR picks another")
         print(f"model: {_show(preds[0].model)} ({how})")
@@ -218,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"With no command, trains the default experiment ({DEFAULT_EXPERIMENT}) on the embedded benchmark.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error too (a mistake in the input otherwise prints one `error:` line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one experiment and evaluate it on test listeners")
@@ -368,12 +367,53 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        return report_error(e, args.debug)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a mistake in the input or the environment, not a bug: one `error:` line, exit 2."""
+    import yaml
+
     from pdmer.checkpoint import CheckpointError
     from pdmer.config import ConfigError
     from pdmer.data.types import DataError
+    from pdmer.personal import ProfileError
 
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    # OSError: a path that is missing, a folder where a file is expected, no permission, a full disk;
+    # FloatingPointError: training diverged (pdmer.train), a matter of settings
+    return ConfigError, DataError, CheckpointError, ProfileError, OSError, yaml.YAMLError, FloatingPointError
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return msg
+
+
+def report_error(e: Exception, debug: bool = False) -> int:
+    """Print an exception for the user and return the exit code.
+
+    A user mistake (:func:`user_errors`) prints ``error: <message>`` (the message may go on over
+    indented lines, e.g. a list of problems) and returns 2; ``debug`` adds the traceback. Anything
+    else is a bug: the traceback, then an ``error:`` line saying so, and 1.
+    """
+    import traceback
+
+    if isinstance(e, user_errors()):
+        if debug:
+            traceback.print_exception(e, file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    traceback.print_exception(e, file=sys.stderr)
+    print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (a bug in pdmer: please report it with the traceback above)",
+          file=sys.stderr)
+    return 1

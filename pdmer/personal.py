@@ -14,6 +14,7 @@ unless given)::
                           its header repeats the base model's hashes
     ratings.csv           a byte copy of the ratings file the profile was calibrated on
     fit.png               ratings, generic and personal curves on the support song(s)
+    MANIFEST.json         size and sha256 of each file above, written last: the profile is complete
 
 Safety:
 
@@ -25,10 +26,18 @@ Safety:
   the feature settings' hash and the checkpoint's sha256 must all match, otherwise the
   error names both models.
 
-Crash safety: a profile is written into ``<annotators>/.<NAME>.tmp-*`` and renamed into place
-only once complete; the previous profile is renamed aside first and deleted (or, with
-``keep_history``, moved to ``<annotators>/.history/<NAME>/<UTC time>/``) only after the new one
-is in place. Names cannot start with a dot, so these folders never clash with a profile.
+Crash safety (:mod:`pdmer.store`): one calibration of a name at a time (an ``flock`` on
+``<annotators>/.locks/<NAME>.lock``; a second one is refused at once). A profile is written into
+``<annotators>/.<NAME>.tmp-*`` with ``MANIFEST.json`` (sha256 of every file) last, and renamed into
+place only once complete; the previous profile is renamed aside first and deleted (or, with
+``keep_history``, moved to ``<annotators>/.history/<NAME>/<UTC time>/``) only after the new one is
+in place. After a crash at any point, the next calibration or read of that name restores a
+complete copy (one whose manifest verifies) and deletes every leftover. Names cannot start with
+a dot, so these folders never clash with a profile.
+
+Divergence: a calibration whose loss, weights or support curves are non-finite or absurd is
+refused (:func:`check_finite_adaptation`) and nothing is saved; a profile with non-finite weights
+is refused when read.
 
 Time convention (``pdmer.data.types``): step ``k`` covers audio ``[0.5 k, 0.5 k + 0.5)`` s and is
 written with ``time_s = 0.5 k``, so a prediction CSV read back as ratings lands on the same steps.
@@ -42,7 +51,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,8 +61,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pdmer.checkpoint import atomic_write_text, load_weights, read_meta, swap_dir
-from pdmer.config import ExperimentConfig, config_hash
+from pdmer import store
+from pdmer.checkpoint import atomic_write_text, load_weights, read_meta
+from pdmer.config import ConfigError, ExperimentConfig, check_setting, config_hash
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError
 
 log = logging.getLogger(__name__)
@@ -74,7 +83,7 @@ WEIGHTS_FILE = "weights.safetensors"
 PROFILE_FILE = "profile.json"
 RATINGS_FILE = "ratings.csv"
 FIT_FILE = "fit.png"
-HISTORY_DIR = ".history"
+HISTORY_DIR = store.HISTORY_DIR  # replaced profiles kept with keep_history
 
 
 class ProfileError(ValueError):
@@ -196,7 +205,47 @@ def _resolve_run(model: str | Path | None, runs_dir: str | Path | None) -> tuple
             p = alt
     if not (p / "config.json").is_file() or not (p / "checkpoints" / "best.safetensors").is_file():
         raise ProfileError(f"{model}: not a finished run folder (needs config.json and checkpoints/best.safetensors)")
+    if not (p / "results.json").is_file():
+        raise ProfileError(f"{model}: this run has not finished training (no results.json): {_run_activity(p)}; "
+                           "its checkpoint may still change. Pass a finished run, or none for the latest finished one")
     return p, "given"
+
+
+def _run_activity(run: Path) -> str:
+    """Whether a run folder without results is being trained now (the pid in its lock file is alive) or was stopped."""
+    from pdmer.runs import LOCK_FILE
+
+    try:
+        pid = int((run / LOCK_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if pid > 0:
+        try:
+            os.kill(pid, 0)
+            return f"it is being trained by process {pid}"
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            return f"it is being trained by process {pid}"
+    return "it was stopped before the end (continue it with `python run.py train ... --resume`)"
+
+
+def check_audio_file(path: str | Path) -> Path:
+    """An audio path that exists, is a file and is not empty.
+
+    Raises:
+        DataError: naming the path and what it is instead (missing, a folder, 0 bytes).
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not an audio file (give the file itself, e.g. {p}/song.wav)")
+    if not p.exists():
+        raise DataError(f"{p}: audio file not found")
+    if not p.is_file():
+        raise DataError(f"{p}: not a regular file (an audio file is needed)")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: the file is empty (0 bytes), not audio")
+    return p
 
 
 @dataclass
@@ -292,7 +341,15 @@ def load_base_model(model: str | Path | None = None, runs_dir: str | Path | None
         raise ProfileError(f"{ckpt}: not a safetensors checkpoint ({e})") from None
     except CheckpointError as e:
         raise ProfileError(str(e)) from None
-    net = net.to(resolve_device(device or cfg.runtime.device)).eval()
+    try:
+        dev = resolve_device(device or cfg.runtime.device)
+    except ConfigError:
+        if device is not None:
+            raise
+        log.warning("%s was trained with runtime.device=%s, which this machine lacks: using %s", run.name,
+                    cfg.runtime.device, resolve_device("auto"))
+        dev = resolve_device("auto")
+    net = net.to(dev).eval()
     return BaseModel(run, cfg, net, chash, features_hash(cfg), _sha256(ckpt), how)
 
 
@@ -337,9 +394,7 @@ def song_features(path: Path, extractor, stream_min_s: float | None = None, core
     core_s = STREAM_CORE_S if core_s is None else core_s
     margin_s = STREAM_MARGIN_S if margin_s is None else margin_s
     cfg = extractor.cfg
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: audio file not found")
+    path = check_audio_file(path)
     try:
         info = sf.info(str(path))
     except Exception as e:  # soundfile raises several types
@@ -408,6 +463,11 @@ def song_features(path: Path, extractor, stream_min_s: float | None = None, core
 # --------------------------------------------------------------------------------------------
 
 
+MAX_RATINGS_BYTES = 8 * 2**20  # 10 minutes rated at 300 Hz; the model uses 2 Hz
+DENSE_PER_STEP = 4  # ratings denser than this many per 0.5 s step are averaged over each step
+KNOWN_SCALES = ((0.0, 1.0), (1.0, 5.0), (1.0, 7.0), (1.0, 9.0), (0.0, 10.0), (-10.0, 10.0), (0.0, 100.0), (-100.0, 100.0))
+
+
 def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str = "deam") -> list[Curve]:
     """Read one listener's ratings, validated like a dataset and resampled to 2 Hz.
 
@@ -422,20 +482,83 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
         name: the listener's name (the annotator id when the file has none).
         scale: "deam" (values in [-1, 1], 5 % tolerance) or "unit" ([0, 1]).
 
+    Ratings up to ``DENSE_PER_STEP`` per 0.5 s step are linearly interpolated onto the grid
+    times ``0.5 k`` (as datasets are); denser ones (a slider logged at 50 Hz, say) are averaged
+    over ``[0.5 k - 0.25, 0.5 k + 0.25)`` instead, so the curve does not pick single samples.
+
     Returns:
         one Curve per song, in the order of ``songs``, values (arousal, valence) on the 2 Hz grid.
 
     Raises:
         DataError: every problem found, each naming the file, line and song: missing file or
-            column, non-numeric / NaN / out-of-range values, times not increasing, fewer than
-            2 ratings, a rated song that was not given, a given song that is not rated, more
-            than one annotator, or under ``MIN_RATED_S`` seconds rated.
+            column, non-numeric / NaN / out-of-range values (with a hint when the whole file
+            is on another scale, e.g. 1-9), times not increasing, fewer than 2 ratings, a rated
+            song that was not given, a given song that is not rated, more than one annotator,
+            under ``MIN_RATED_S`` seconds rated, or a file over ``MAX_RATINGS_BYTES``.
     """
+    return _read_ratings(path, songs, name, scale)[0]
+
+
+def _scale_hint(path: Path, rows: list[list[str]], header: list[str], scale: str) -> None:
+    """One error with a hint when many values lie outside the scale: the file is on another one (e.g. 1-9)."""
+    from pdmer.data.generic import DEAM_RANGE, UNIT_RANGE
+
+    lo, hi = (-DEAM_RANGE, DEAM_RANGE) if scale == "deam" else UNIT_RANGE
+    cols = {c: header.index(c) for c in ("valence", "arousal")}
+    vals: dict[str, list[float]] = {"valence": [], "arousal": []}
+    first = None
+    for i, row in enumerate(rows[1:], start=2):
+        for c, j in cols.items():
+            try:
+                v = float(row[j])
+            except (IndexError, ValueError):
+                continue
+            if np.isfinite(v):
+                vals[c].append(v)
+                if first is None and not lo <= v <= hi:
+                    first = (i, c, v)
+    every = vals["valence"] + vals["arousal"]
+    out = sum(not lo <= v <= hi for v in every)
+    if out < 5:  # a few stray values: the per-line errors say where
+        return
+    vmin, vmax = min(every), max(every)
+    guess = next(((a, b) for a, b in KNOWN_SCALES if a <= vmin and vmax <= b and (a, b) != (0.0, 1.0)), None)
+    nominal = "[-1, 1]" if scale == "deam" else "[0, 1]"
+    hint = ""
+    if guess is not None and scale == "deam":
+        mid, half = (guess[0] + guess[1]) / 2, (guess[1] - guess[0]) / 2
+        hint = f"; they look like a {guess[0]:g}-{guess[1]:g} scale: rescale them with x' = (x - {mid:g}) / {half:g}"
+    span = ", ".join(f"{c} {min(v):g} to {max(v):g}" for c, v in vals.items() if v)
+    raise DataError(f"ratings {path}: {out} of {len(every)} values lie outside {nominal} ({span}; first on line "
+                    f"{first[0]}: {first[1]}={first[2]:g}): ratings must be on the {nominal} scale{hint}")
+
+
+def _dense_average(curve: Curve, times: np.ndarray, values: np.ndarray) -> Curve:
+    """``curve`` with each step's value = the mean of the ratings within 0.25 s of its grid time (gaps keep theirs)."""
+    grid = (curve.start_step + np.arange(curve.n_steps)) * STEP_S  # (T,)
+    lo = np.searchsorted(times, grid - STEP_S / 2, side="left")
+    hi = np.searchsorted(times, grid + STEP_S / 2, side="left")
+    csum = np.concatenate([np.zeros((1, 2)), np.cumsum(values, axis=0)])  # (N + 1, 2)
+    n = (hi - lo)[:, None]  # (T, 1)
+    mean = (csum[hi] - csum[lo]) / np.maximum(n, 1)
+    out = np.where(n > 0, mean, curve.values)
+    return Curve(curve.song_id, curve.annotator_id, curve.start_step, out)
+
+
+def _read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str = "deam") -> tuple[list[Curve], dict]:
+    """:func:`read_ratings`, and ``{song_id: {"rate_hz", "resampling"}}`` of how each song was put on the grid."""
     from pdmer.data.generic import COLUMNS, Problems, read_curves
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a ratings file")
     if not path.is_file():
         raise DataError(f"{path}: ratings file not found")
+    size = path.stat().st_size
+    if size > MAX_RATINGS_BYTES:
+        raise DataError(f"{path}: {size / 2**20:.1f} MB of ratings, over the {MAX_RATINGS_BYTES / 2**20:g} MB a calibration "
+                        "reads; the model uses 2 Hz (one value per 0.5 s): average the ratings over 0.5 s (or 0.1 s) "
+                        "steps and calibrate with that file")
     raw = path.read_bytes().decode("utf-8-sig", errors="replace")
     rows = list(csv.reader(io.StringIO(raw, newline="")))
     header = [h.strip() for h in rows[0]] if rows else []
@@ -455,6 +578,7 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
         add.append(("song_id", songs[0]))
     if "annotator_id" not in header:
         add.append(("annotator_id", name))
+    _scale_hint(path, rows, header, scale)
     problems = Problems()
     with tempfile.TemporaryDirectory(prefix="pdmer-ratings-") as tmp:
         src = path
@@ -493,7 +617,24 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
             )
     if errors:
         raise DataError(f"{len(errors)} problem(s) in ratings {path}:\n" + "\n".join(f"  - {e}" for e in errors))
-    return [by_song[s] for s in songs]
+    # the rows are valid (read_curves checked them): their times and values, per song, in file order
+    col = {c: header.index(c) for c in header}
+    sid_of = (lambda row: row[col["song_id"]].strip()) if "song_id" in col else (lambda row: songs[0])
+    raw_rows: dict[str, list[tuple[float, float, float]]] = {}
+    for row in rows[1:]:
+        if any(x.strip() for x in row):
+            raw_rows.setdefault(sid_of(row), []).append(
+                (float(row[col["time_s"]]), float(row[col["arousal"]]), float(row[col["valence"]])))
+    notes = {}
+    for sid in songs:
+        arr = np.asarray(raw_rows[sid], dtype=np.float64)  # (N, 3): time, arousal, valence
+        dt = float(np.median(np.diff(arr[:, 0])))
+        dense = dt * DENSE_PER_STEP < STEP_S
+        if dense:
+            by_song[sid] = _dense_average(by_song[sid], arr[:, 0], arr[:, 1:])
+            log.info("%s: ratings of %s at %.3g Hz averaged over each 0.5 s step", path.name, sid, 1 / dt)
+        notes[sid] = {"rate_hz": round(1 / dt, 3), "resampling": "averaged per step" if dense else "interpolated"}
+    return [by_song[s] for s in songs], notes
 
 
 def _fit_to_audio(curves: list[Curve], feats: dict, audio: dict[str, Path], ratings: Path) -> tuple[list[Curve], list[dict]]:
@@ -548,7 +689,7 @@ class Profile:
 
     @property
     def files(self) -> list[Path]:
-        return [self.path / f for f in (PROFILE_FILE, WEIGHTS_FILE, RATINGS_FILE, FIT_FILE) if (self.path / f).exists()]
+        return [self.path / f for f in (PROFILE_FILE, WEIGHTS_FILE, RATINGS_FILE, FIT_FILE, store.MANIFEST) if (self.path / f).exists()]
 
 
 def _support_batches(curves: list[Curve], feats: dict, seq_len: int, device) -> list[tuple]:
@@ -568,10 +709,10 @@ def _support_batches(curves: list[Curve], feats: dict, seq_len: int, device) -> 
     return batches
 
 
-def _write_weights(path: Path, params: dict[str, torch.Tensor], meta: dict) -> None:
-    from safetensors.torch import save_file
+def _weights_bytes(params: dict[str, torch.Tensor], meta: dict) -> bytes:
+    from safetensors.torch import save
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(path), metadata={"pdmer": json.dumps(meta)})
+    return save({k: v.detach().contiguous().cpu() for k, v in params.items()}, metadata={"pdmer": json.dumps(meta)})
 
 
 def _plot_fit(path: Path, curves: list[Curve], generic: dict, personal: dict, fit: dict, name: str) -> None:
@@ -607,43 +748,134 @@ def _json_default(o):
     return str(o) if isinstance(o, Path) else float(o)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+def _finite_json(o):
+    """``o`` with every non-finite float replaced by None, so that the JSON written is valid (no ``Infinity``)."""
+    if isinstance(o, dict):
+        return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_json(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
 
 
-def _stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+def _json_bytes(info: dict) -> bytes:
+    return json.dumps(_finite_json(info), indent=2, default=_json_default, allow_nan=False).encode()
 
 
-def _recover(dest: Path) -> None:
-    """Put back a profile left renamed aside by a crash between the two renames of an install."""
-    if dest.exists():
-        return
-    aside = sorted(dest.parent.glob(f".{dest.name}.old-*"), key=lambda p: p.stat().st_mtime_ns)
-    if aside:
-        os.rename(aside[-1], dest)
-        log.warning("%s: restored the previous profile left aside by an interrupted calibration", dest)
+# --------------------------------------------------------------------------------------------
+# Divergence: the one check of an adapted model, before anything is saved or used
+# --------------------------------------------------------------------------------------------
+
+PRED_LIMIT = 5.0  # |curve| beyond this, on a [-1, 1] scale, is absurd
+DIVERGE_FACTOR = 2.0  # a support loss that ends above this times its start has diverged
 
 
-def _install(tmp: Path, dest: Path, keep_history: bool) -> Path | None:
-    """Rename the finished ``tmp`` folder to ``dest``; the old ``dest`` goes to history or away.
+class AdaptationError(ProfileError):
+    """An adaptation diverged or gave non-finite weights, losses or curves; nothing was saved."""
+
+
+def adaptation_problem(
+    losses: Sequence[float] | torch.Tensor | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+    curves: dict[str, np.ndarray] | None = None,
+    final_loss: float | None = None,
+) -> str | None:
+    """What is wrong with an adaptation's result, or None when it is sane.
+
+    Wrong: a non-finite support loss (``losses``, one per step, or ``final_loss``, the loss of
+    the adapted parameters), a non-finite adapted parameter, a non-finite curve or one beyond
+    ``PRED_LIMIT`` in absolute value, or a final loss above ``DIVERGE_FACTOR`` times the first.
+    Every argument is optional, so a caller checks what it has (``predict`` checks curves).
+
+    Args:
+        losses: (steps,) support loss before each inner step.
+        params: adapted parameters, name -> tensor.
+        curves: song id -> (T, 2) predicted curve.
+        final_loss: support loss after the last step.
 
     Returns:
-        where the previous profile was kept (``keep_history``), else None.
+        one sentence naming the first problem found, or None.
     """
-    old = swap_dir(tmp, dest)
-    if old is None:
-        return None
-    if keep_history:
-        kept = dest.parent / HISTORY_DIR / dest.name / _stamp()
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(old, kept)
-        return kept
-    shutil.rmtree(old, ignore_errors=True)
+    ls = [float(x) for x in (losses if losses is not None else [])]
+    if final_loss is not None:
+        ls_all = ls + [float(final_loss)]
+    else:
+        ls_all = ls
+    if any(not np.isfinite(x) for x in ls_all):
+        return "the support loss became non-finite (" + ", ".join(f"{x:.3g}" for x in ls_all) + ")"
+    for k, v in (params or {}).items():
+        if not bool(torch.isfinite(v).all()):
+            return f"the adapted parameter {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or infinite value(s)"
+    for sid, c in (curves or {}).items():
+        c = np.asarray(c)
+        if not np.isfinite(c).all():
+            return f"the personal curve of {sid} holds {int((~np.isfinite(c)).sum())} NaN or infinite value(s)"
+        peak = float(np.abs(c).max()) if c.size else 0.0
+        if peak > PRED_LIMIT:
+            return f"the personal curve of {sid} reaches {peak:.3g} on the [-1, 1] scale"
+    if len(ls_all) >= 2 and ls_all[-1] > DIVERGE_FACTOR * ls_all[0]:
+        return f"the support loss grew from {ls_all[0]:.3g} to {ls_all[-1]:.3g} instead of falling"
     return None
+
+
+def check_finite_adaptation(
+    losses: Sequence[float] | torch.Tensor | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+    curves: dict[str, np.ndarray] | None = None,
+    final_loss: float | None = None,
+    *,
+    what: str = "the adaptation",
+    advice: str = "",
+) -> None:
+    """Raise :class:`AdaptationError` when :func:`adaptation_problem` finds one.
+
+    Args:
+        what: who adapted, for the message (e.g. "calibration of 'alice'").
+        advice: what to do about it, appended to the message.
+    """
+    problem = adaptation_problem(losses, params, curves, final_loss)
+    if problem is not None:
+        raise AdaptationError(f"{what} diverged: {problem}. {advice}".strip())
+
+
+# --------------------------------------------------------------------------------------------
+# The profile store (pdmer.store): lock, manifest, atomic install, recovery
+# --------------------------------------------------------------------------------------------
+
+
+def _legacy_complete(folder: Path) -> str | None:
+    """Completeness of a profile written before manifests: profile.json readable and its files there."""
+    try:
+        info = json.loads((folder / PROFILE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{folder / PROFILE_FILE}: unreadable ({e})"
+    if not isinstance(info, dict) or info.get("format") != PROFILE_FORMAT:
+        return f"{folder / PROFILE_FILE}: not a pdmer profile"
+    for f in (WEIGHTS_FILE, RATINGS_FILE, (info.get("files") or {}).get("plot")):
+        if f and not (folder / f).is_file():
+            return f"{folder / f}: missing"
+    return None
+
+
+def _busy(e: store.StoreBusyError, name: str) -> ProfileError:
+    return ProfileError(f"{e.strerror}: another calibration of {name!r} is running; nothing was changed")
+
+
+def _settle(root: Path, name: str) -> None:
+    """Before reading a profile: repair a crashed write of it (if no one is writing it now)."""
+    dest = root / name
+    if not store.leftovers(root, name):  # nothing a crash left: nothing to restore or delete
+        return
+    try:
+        with store.locked(root, name):
+            store.repair(root, name, _legacy_complete)
+    except store.StoreBusyError:  # being calibrated: the swap of folders takes an instant
+        deadline = time.monotonic() + 2.0
+        while store.check_complete(dest, _legacy_complete) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except OSError as e:  # a read-only folder: read what is there
+        log.warning("%s: cannot repair (%s)", dest, e)
 
 
 def calibrate(
@@ -688,34 +920,53 @@ def calibrate(
         Profile: the saved profile (``profile.info`` holds the fit metrics).
 
     Raises:
-        ProfileError: bad name, no usable base run.
+        ProfileError: bad name, no usable base run, another calibration of ``name`` running now;
+            :class:`AdaptationError` when the adaptation diverged (non-finite or absurd weights,
+            losses or curves, see :func:`check_finite_adaptation`): then nothing is saved.
         DataError: bad audio or ratings (see :func:`read_ratings`), ratings beyond the audio.
+        ConfigError: ``inner_steps`` / ``inner_lr`` out of range (:func:`pdmer.config.check_setting`).
     """
-    from pdmer.evaluate import predict_steps, support_loss_fn
-    from pdmer.meta.maml import LR_PREFIX, adapt, split_state
-    from pdmer.metrics import average, song_metrics
-    from pdmer.train import make_loss_fn
-
     dest = profile_dir(name, annotators_dir)
     paths = [Path(audio)] if isinstance(audio, (str, Path)) else [Path(a) for a in audio]
     if not paths:
         raise DataError("calibrate needs at least one rated audio file")
     audio_map: dict[str, Path] = {}
     for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: audio file not found")
+        check_audio_file(p)
         if p.stem in audio_map:
             raise DataError(f"two audio files have the song id {p.stem!r}: {audio_map[p.stem]} and {p}")
         audio_map[p.stem] = p
     ratings = Path(ratings)
-    curves = read_ratings(ratings, list(audio_map), name)  # cheap checks before loading anything heavy
+    if inner_steps is not None:
+        check_setting("meta.inner_steps", inner_steps, "inner_steps")
+    if inner_lr is not None:
+        check_setting("meta.inner_lr", inner_lr, "inner_lr")
+    curves, rates = _read_ratings(ratings, list(audio_map), name)  # cheap checks before loading anything heavy
+    root = dest.parent
+    try:
+        with store.locked(root, name, what="calibrated"):  # one calibration of a name at a time
+            return _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base,
+                                     inner_steps, inner_lr, keep_history, plot)
+    except store.StoreBusyError as e:
+        raise _busy(e, name) from None
+
+
+def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base, inner_steps, inner_lr,
+                      keep_history, plot) -> Profile:
+    """:func:`calibrate` once its cheap checks passed, with the profile's lock held."""
+    from pdmer.evaluate import predict_steps, support_loss_fn
+    from pdmer.meta.maml import LR_PREFIX, adapt, split_state
+    from pdmer.metrics import average, song_metrics
+    from pdmer.train import make_loss_fn
+
+    root = dest.parent
+    store.repair(root, name, _legacy_complete)  # what a crashed calibration of this name left
+    store.repair_all(root, _legacy_complete)  # and of any other name not being calibrated now
     base = base or load_base_model(model, runs_dir, device)
     log.info("model: %s (%s)", _display(base.run), base.how)
     cfg = base.cfg
     steps = cfg.meta.inner_steps if inner_steps is None else int(inner_steps)
     lr = cfg.meta.inner_lr if inner_lr is None else float(inner_lr)
-    if steps < 1 or not lr > 0:
-        raise ValueError(f"inner_steps ({steps}) must be >= 1 and inner_lr ({lr}) > 0")
 
     feats = {sid: base.features(p) for sid, p in audio_map.items()}
     curves, trimmed = _fit_to_audio(curves, feats, audio_map, ratings)
@@ -723,12 +974,19 @@ def calibrate(
     net = base.model.eval()
     t0 = time.perf_counter()
     support = _support_batches(curves, feats, cfg.train.seq_len, base.device)
-    params, losses = adapt(net, support, support_loss_fn(make_loss_fn(cfg)), steps, lr)
+    support_loss = support_loss_fn(make_loss_fn(cfg))
+    params, losses = adapt(net, support, support_loss, steps, lr)
     start, rest = split_state(net)
+    with torch.no_grad():
+        final_loss = float(support_loss(net, params, {k: v.detach() for k, v in rest.items()}, support))
     learned_lr = any(k.startswith(LR_PREFIX) for k in rest)
     changed = {k: v.cpu() for k, v in params.items() if not torch.equal(v, start[k].detach())}
     log.info("%s: adapted in %.1f s, %d steps at lr %g, support loss %.4f -> %.4f",
-             name, time.perf_counter() - t0, steps, lr, float(losses[0]), float(losses[-1]))
+             name, time.perf_counter() - t0, steps, lr, float(losses[0]), final_loss)
+    what = f"calibration of {name!r}"
+    advice = (f"Nothing was saved{' (the existing profile is unchanged)' if dest.exists() else ''}; lower the inner "
+              f"learning rate (--inner-lr, {lr:g} here) or the number of steps (--inner-steps, {steps} here).")
+    check_finite_adaptation(losses, params, final_loss=final_loss, what=what, advice=advice)
 
     seq_len, hop = cfg.train.seq_len, cfg.eval.hop
     generic, personal, per_song = {}, {}, {}
@@ -737,6 +995,7 @@ def calibrate(
         generic[c.song_id] = predict_steps(net, f, c.start_step, c.end_step, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS)
         personal[c.song_id] = predict_steps(net, f, c.start_step, c.end_step, seq_len, hop, params, batch_windows=PREDICT_BATCH_WINDOWS)
         per_song[c.song_id] = {"generic": song_metrics(generic[c.song_id], c.values), "personalized": song_metrics(personal[c.song_id], c.values)}
+    check_finite_adaptation(curves=personal, what=what, advice=advice)
     fit = {
         "note": "on the support song(s) the adaptation was fitted to: not a held-out score",
         "per_song": per_song,
@@ -762,7 +1021,8 @@ def calibrate(
                     + (" + diagonal attention loss" if cfg.train.attention_loss else ""),
             "seq_len": seq_len,
             "support_windows": int(sum(b[0].shape[0] for b in support)),
-            "support_loss": [round(float(x), 6) for x in losses],
+            "support_loss": [round(float(x), 6) for x in losses],  # before each step
+            "support_loss_after": round(final_loss, 6),
             "parameters_saved": len(changed),
             "values_saved": int(sum(v.numel() for v in changed.values())),
         },
@@ -779,28 +1039,20 @@ def calibrate(
             for c in curves
         ],
         "trimmed": trimmed,
-        "ratings": {"file": RATINGS_FILE, "source": str(ratings), "annotator_id": curves[0].annotator_id, "scale": "deam", "resampled_to_hz": 1 / STEP_S},
+        "ratings": {"file": RATINGS_FILE, "source": str(ratings), "annotator_id": curves[0].annotator_id, "scale": "deam", "resampled_to_hz": 1 / STEP_S,
+                    "per_song": rates},
         "fit": fit,
         "files": {"weights": WEIGHTS_FILE, "ratings": RATINGS_FILE, "plot": FIT_FILE if plot else None},
     }
     weights_meta = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": name, **{f"base_{k}": v for k, v in base_info.items()}}
 
-    root = dest.parent
-    root.mkdir(parents=True, exist_ok=True)
-    _recover(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        _write_weights(tmp / WEIGHTS_FILE, changed, weights_meta)
-        shutil.copyfile(ratings, tmp / RATINGS_FILE)
-        if plot:
-            _plot_fit(tmp / FIT_FILE, curves, generic, personal, fit, name)
-        (tmp / PROFILE_FILE).write_text(json.dumps(info, indent=2, default=_json_default))
-        _fsync_tree(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        kept = _install(tmp, dest, keep_history)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = {WEIGHTS_FILE: _weights_bytes(changed, weights_meta), RATINGS_FILE: ratings.read_bytes()}
+    if plot:
+        png = io.BytesIO()
+        _plot_fit(png, curves, generic, personal, fit, name)
+        files[FIT_FILE] = png.getvalue()
+    files[PROFILE_FILE] = _json_bytes(info)
+    kept = store.install(root, name, files, keep_history)
     if kept is not None:
         log.info("%s: previous profile kept in %s", name, kept)
     m = fit["mean"]
@@ -846,20 +1098,24 @@ def load_profile(name: str, annotators_dir: str | Path | None = None, base: Base
         Profile.
 
     Raises:
-        ProfileError: bad name, missing or malformed profile, a weights file that is not
-            safetensors (never unpickled), or a base-model mismatch.
+        ProfileError: bad name, missing, incomplete (its manifest does not verify) or malformed
+            profile, a weights file that is not safetensors (never unpickled) or that holds
+            NaN / infinite values, or a base-model mismatch.
     """
     path = profile_dir(name, annotators_dir)
-    _recover(path)
+    _settle(path.parent, name)
     pj = path / PROFILE_FILE
     if not pj.is_file():
         known = sorted(p.name for p in _root(annotators_dir).iterdir() if (p / PROFILE_FILE).is_file()) if _root(annotators_dir).is_dir() else []
         raise ProfileError(f"no profile {name!r}: {pj} not found (profiles here: {', '.join(known) or 'none'}); "
                            f"create one with `python run.py calibrate --name {name} ...`")
+    def no_constants(c):
+        raise ValueError(f"{c} is not a JSON number (a diverged calibration?)")
+
     try:
-        info = json.loads(pj.read_text())
+        info = json.loads(pj.read_text(), parse_constant=no_constants)
     except ValueError as e:
-        raise ProfileError(f"{pj}: not valid JSON ({e})") from None
+        raise ProfileError(f"{pj}: not valid JSON ({e}); calibrate {name!r} again") from None
     if info.get("format") != PROFILE_FORMAT or not isinstance(info.get("base"), dict):
         raise ProfileError(f"{pj}: not a pdmer profile (format {info.get('format')!r})")
     if info.get("version", 0) > PROFILE_VERSION:
@@ -869,7 +1125,18 @@ def load_profile(name: str, annotators_dir: str | Path | None = None, base: Base
         if meta.get(f"base_{k}") != info["base"].get(k):
             raise ProfileError(f"{path}: profile.json and {WEIGHTS_FILE} disagree on the base model's {k} "
                                f"({info['base'].get(k)!r} vs {meta.get(f'base_{k}')!r}); calibrate again")
-    profile = Profile(info.get("name", name), path, info, params)
+    incomplete = store.check_complete(path, _legacy_complete)
+    if incomplete is not None:
+        raise ProfileError(f"profile {name!r} is incomplete or was changed after calibration ({incomplete}); "
+                           f"calibrate {name!r} again")
+    for k, v in params.items():
+        if not bool(torch.isfinite(v).all()):
+            raise ProfileError(f"{path / WEIGHTS_FILE}: tensor {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or "
+                               f"infinite value(s): this profile is unusable (its calibration diverged); calibrate "
+                               f"{name!r} again, with a lower --inner-lr")
+    if info.get("name") not in (None, name):  # a copied folder: its name is the folder's, not the one inside
+        log.warning("%s: profile.json names %r; the profile is %r (its folder)", pj, info.get("name"), name)
+    profile = Profile(name, path, info, params)
     if base is not None:
         check_compatible(profile, base)
     return profile
@@ -1045,10 +1312,12 @@ def predict(
     paths = [Path(songs)] if isinstance(songs, (str, Path)) else [Path(s) for s in songs]
     if not paths:
         raise DataError("predict needs at least one audio file")
+    out = Path(out_dir) if out_dir is not None else DEFAULT_PREDICTIONS_DIR
+    if write and out.exists() and not out.is_dir():
+        raise DataError(f"{out}: the output folder (--out) is a file; give a folder (it is created if missing)")
     seen: dict[str, Path] = {}
     for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: audio file not found")
+        check_audio_file(p)
         if p.stem in seen:
             raise DataError(f"two songs have the id {p.stem!r} ({seen[p.stem]} and {p}): their outputs would collide")
         seen[p.stem] = p
@@ -1072,7 +1341,6 @@ def predict(
 
         start, _ = split_state(base.model)
         params = {k: profile.params[k].to(base.device) if k in profile.params else p.detach() for k, p in start.items()}
-    out = Path(out_dir) if out_dir is not None else DEFAULT_PREDICTIONS_DIR
     net = base.model.eval()
     seq_len, hop = base.cfg.train.seq_len, base.cfg.eval.hop
     results = []
@@ -1081,6 +1349,11 @@ def predict(
         t0 = time.perf_counter()
         generic = predict_steps(net, f, 0, f.n_steps, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS)
         personal = predict_steps(net, f, 0, f.n_steps, seq_len, hop, params, batch_windows=PREDICT_BATCH_WINDOWS) if params is not None else None
+        if not np.isfinite(generic).all():
+            raise ProfileError(f"{path}: the base model {_display(base.run)} predicts NaN or infinite values for this song")
+        if personal is not None:
+            check_finite_adaptation(curves={sid: personal}, what=f"profile {name!r}",
+                                    advice=f"Nothing was written; calibrate {name!r} again, with a lower --inner-lr.")
         pred = SongPrediction(sid, path, np.arange(f.n_steps) * STEP_S, generic, personal, name, base.run, base.how)
         del f
         log.debug("%s: %d steps predicted in %.1f s", sid, len(generic), time.perf_counter() - t0)
@@ -1101,8 +1374,12 @@ __all__ = [
     "Profile",
     "ProfileError",
     "SongPrediction",
+    "AdaptationError",
+    "adaptation_problem",
     "calibrate",
+    "check_audio_file",
     "check_compatible",
+    "check_finite_adaptation",
     "check_name",
     "find_latest_run",
     "load_base_model",

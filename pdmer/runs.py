@@ -14,8 +14,8 @@ from typing import Iterator
 
 import torch
 
-from pdmer.checkpoint import CheckpointError, atomic_write_text
-from pdmer.config import ExperimentConfig, config_hash, from_dict, to_dict, to_yaml
+from pdmer.checkpoint import CheckpointError, atomic_write_text, read_meta
+from pdmer.config import ConfigError, ExperimentConfig, check_device_spec, config_hash, from_dict, to_dict, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -36,12 +36,25 @@ def git_info(exclude: tuple[str, ...] = ()) -> dict:
     return {"commit": commit or None, "dirty": dirty}
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, key: str = "runtime.device") -> torch.device:
+    """The torch device for ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises:
+        ConfigError: not a device name, or a device this machine does not have (naming those it has).
+    """
+    check_device_spec(spec, key)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"runtime.device={spec!r} but no CUDA device is available")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"{key}={spec!r} but this machine has no CUDA device; use {key}=cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{key}={spec!r} but this machine has {n} CUDA device(s): "
+                              + ", ".join(f"cuda:{i}" for i in range(n)))
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"{key}={spec!r} but MPS is not available on this machine; use {key}=cpu (or auto)")
     return dev
 
 
@@ -92,6 +105,50 @@ def lock_run(run: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+class RunStartedError(CheckpointError):
+    """A fresh start was asked for over a run folder that holds an interrupted run's progress."""
+
+
+STATE_PATH = Path("checkpoints") / "state" / "latest.safetensors"  # the training state, relative to a run folder
+# what a run folder's training writes; a forced fresh start removes it so that the folder holds one history
+RUN_OUTPUTS = ("train.log", "tb", "results.json", "results.md", "curves.png", "stopped.json", str(STATE_PATH))
+
+
+def check_restart(run: Path, resume: bool, force: bool) -> None:
+    """Refuse to start a run folder from iteration 0 over an interrupted run, unless ``force``.
+
+    A folder whose training began (a training state or a log) but did not finish (no
+    ``results.json``) holds progress that a fresh start would throw away: that needs
+    ``--resume`` (continue) or ``--force`` (start again). With ``force``, the earlier attempt's
+    log, tensorboard events, results and state are removed, so the folder holds one history.
+    Call it with the folder's lock held (:func:`lock_run`).
+
+    Raises:
+        RunStartedError: naming the folder, how far it got, and both ways on.
+    """
+    if resume:
+        return
+    state, logf, done = run / STATE_PATH, run / "train.log", (run / "results.json").exists()
+    if not done and (state.exists() or logf.exists()) and not force:
+        at = ""
+        if state.exists():
+            try:
+                at = f" (training state at iteration {read_meta(state).get('iteration')})"
+            except Exception:  # an unreadable state still counts as progress
+                at = " (training state present)"
+        raise RunStartedError(f"{run} holds an interrupted run{at} with no results yet; continue it with --resume, "
+                              "or start it again from iteration 0 with --force (its progress is then discarded)")
+    if force:
+        import shutil
+
+        gone = [name for name in RUN_OUTPUTS if (run / name).exists()]
+        for name in gone:
+            p = run / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if gone:
+            log.info("%s: starting again from iteration 0 (--force); removed %s", run.name, ", ".join(gone))
 
 
 def prepare_run_dir(cfg: ExperimentConfig, device: torch.device) -> Path:

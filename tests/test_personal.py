@@ -162,7 +162,7 @@ def test_calibrate_writes_a_complete_profile(tiny, base, tmp_path):
     prof = calibrate("P017", song(tiny, c.song_id), ratings, tiny.run, annotators_dir=tmp_path / "ann")
     d = tmp_path / "ann" / "P017"
     assert prof.path == d
-    assert sorted(p.name for p in d.iterdir()) == ["fit.png", "profile.json", "ratings.csv", "weights.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["MANIFEST.json", "fit.png", "profile.json", "ratings.csv", "weights.safetensors"]
     assert (d / "ratings.csv").read_bytes() == ratings.read_bytes()
     assert (d / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((d / "profile.json").read_text())
@@ -390,7 +390,7 @@ def test_a_crash_during_calibration_leaves_the_old_profile(tiny, base, tmp_path,
         calibrate("carol", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann)
     monkeypatch.undo()
     assert _snapshot(ann / "carol") == before
-    assert sorted(p.name for p in ann.iterdir()) == ["carol"]  # no temporary folder left
+    assert sorted(p.name for p in ann.iterdir()) == [".locks", "carol"]  # no temporary folder left
 
     # crash on the final rename: the old profile is put back
     real_rename = os.rename
@@ -408,7 +408,7 @@ def test_a_crash_during_calibration_leaves_the_old_profile(tiny, base, tmp_path,
     monkeypatch.undo()
     assert failed
     assert _snapshot(ann / "carol") == before
-    assert sorted(p.name for p in ann.iterdir()) == ["carol"]
+    assert sorted(p.name for p in ann.iterdir()) == [".locks", "carol"]
 
     # killed between the two renames: the profile set aside is restored on next use
     os.rename(ann / "carol", ann / ".carol.old-1-2")
@@ -422,7 +422,220 @@ def test_a_crash_during_calibration_leaves_the_old_profile(tiny, base, tmp_path,
     assert _snapshot(kept) == before
     calibrate("carol", song(tiny, c1.song_id), write_ratings(tmp_path / "1.csv", c1), base=base, annotators_dir=ann, plot=False)
     assert len(list((ann / ".history" / "carol").iterdir())) == 1  # without --keep-history: replaced, not kept
-    assert sorted(p.name for p in ann.iterdir()) == [".history", "carol"]
+    assert sorted(p.name for p in ann.iterdir()) == [".history", ".locks", "carol"]
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 18: nothing lost, nothing absurd (one test per numbered failure, and fault injection)
+# --------------------------------------------------------------------------------------------
+
+EXAMPLE = REPO / "annotators" / "example" / "ratings.csv"  # rates clip_000
+
+
+def _errors(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def _left(ann: Path) -> list[str]:
+    """Temporary or set-aside folders under ``ann``."""
+    return sorted(p.name for p in ann.iterdir() if ".tmp-" in p.name or ".old-" in p.name or ".keep-" in p.name)
+
+
+def _rewrite_weights(profile_dir: Path, change) -> None:
+    """Change a profile's weights in place and re-sign its manifest (a profile as an older pdmer could write it)."""
+    from safetensors.torch import save_file
+
+    from pdmer import store
+
+    w = profile_dir / "weights.safetensors"
+    with safe_open(str(w), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(change(tensors), str(w), metadata=meta)
+    m = json.loads((profile_dir / store.MANIFEST).read_text())
+    m["files"]["weights.safetensors"] = {"sha256": store.sha256_file(w), "bytes": w.stat().st_size}
+    (profile_dir / store.MANIFEST).write_text(json.dumps(m))
+
+
+def test_1_a_diverged_calibration_is_refused_and_never_saved(tiny, base, tmp_path, capsys):
+    from pdmer.cli import main
+
+    ann = tmp_path / "ann"
+    calibrate("x", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)
+    before = _snapshot(ann / "x")
+    with pytest.raises(personal.AdaptationError, match=r"calibration of 'x' diverged: the support loss became non-finite "
+                       r".*Nothing was saved \(the existing profile is unchanged\); lower the inner learning rate \(--inner-lr, 1e\+06"):
+        calibrate("x", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False, inner_lr=1e6)
+    assert _snapshot(ann / "x") == before and _left(ann) == []
+    args = ["calibrate", "--name", "y", "--audio", str(song(tiny, "clip_000")), "--ratings", str(EXAMPLE),
+            "--model", str(tiny.run), "--annotators", str(ann), "--inner-lr", "1e6"]
+    assert main(args) == 2
+    (line,) = _errors(capsys.readouterr().err)
+    assert "diverged" in line and not (ann / "y").exists()
+    # every profile.json is valid JSON: a non-finite metric is written as null, never Infinity
+    text = (ann / "x" / "profile.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in profile.json"))
+
+    # a profile whose weights hold a NaN (or an infinity) is refused, never predicted with
+    from pdmer.store import MANIFEST
+
+    saved = {f: (ann / "x" / f).read_bytes() for f in ("weights.safetensors", MANIFEST)}
+    _rewrite_weights(ann / "x", lambda t: {k: (v.clone().fill_(float("nan")) if i == 0 else v) for i, (k, v) in enumerate(t.items())})
+    with pytest.raises(ProfileError, match=r"weights\.safetensors: tensor '.*' holds \d+ NaN or infinite value\(s\): this "
+                       r"profile is unusable"):
+        load_profile("x", ann)
+    out = tmp_path / "out"
+    assert main(["predict", "--name", "x", "--annotators", str(ann), "--model", str(tiny.run), "--out", str(out),
+                 str(song(tiny, "clip_012"))]) == 2
+    (line,) = _errors(capsys.readouterr().err)
+    assert "NaN or infinite" in line and not out.exists()
+    # finite but absurd weights: predict refuses the curve instead of writing valence 4e22
+    for f, data in saved.items():
+        (ann / "x" / f).write_bytes(data)
+    _rewrite_weights(ann / "x", lambda t: {k: v + 1e3 if k == "head.2.bias" else v for k, v in t.items()})  # the output layer
+    with pytest.raises(personal.AdaptationError, match=r"profile 'x' diverged: the personal curve of clip_012 reaches"):
+        predict(song(tiny, "clip_012"), name="x", base=base, annotators_dir=ann, out_dir=out)
+    assert not out.exists()
+    # a profile.json holding Infinity (written before this check) is refused with its file named
+    (ann / "x" / "profile.json").write_text(text.replace('"support_loss_after": ', '"support_loss_after": Infinity, "was": '))
+    with pytest.raises(ProfileError, match=r"profile\.json: not valid JSON \(Infinity is not a JSON number"):
+        load_profile("x", ann)
+
+
+def test_adaptation_problem_names_what_is_wrong():
+    ok = {"w": torch.zeros(3)}
+    assert personal.adaptation_problem([0.7, 0.6], ok, {"s": np.zeros((4, 2))}, final_loss=0.5) is None
+    assert "non-finite" in personal.adaptation_problem([0.7, float("inf")])
+    assert "'w' holds 1 NaN" in personal.adaptation_problem(params={"w": torch.tensor([0.0, float("nan")])})
+    assert "reaches 4e+22" in personal.adaptation_problem(curves={"s": np.full((3, 2), 4e22)})
+    assert "grew from 0.5 to 1.2" in personal.adaptation_problem([0.5, 0.6], final_loss=1.2)
+
+
+def test_3_no_temporary_folder_survives_the_next_calibration(tiny, base, tmp_path):
+    ann = tmp_path / "ann"
+    calibrate("eve", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)
+    for leftover in (".eve.tmp-123-456", ".eve.tmp-1-2", ".bob.tmp-9-9"):  # as kill -9 during a write leaves them
+        (ann / leftover).mkdir()
+        shutil.copyfile(EXAMPLE, ann / leftover / "ratings.csv")  # a copy of a listener's ratings: personal data
+    load_profile("eve", ann)  # a read cleans its own name's leftovers
+    assert _left(ann) == [".bob.tmp-9-9"]
+    calibrate("eve", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)
+    assert _left(ann) == []  # any calibration cleans what no one is writing now, of every name
+
+
+def test_4_recovery_restores_the_complete_copy_not_the_newest(tiny, base, tmp_path):
+    """The issue's steps: a half-deleted copy (newer mtime, newer name) beside a complete one set aside."""
+    ann = tmp_path / "ann"
+    calibrate("A", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)
+    before = _snapshot(ann / "A")
+    shutil.copytree(ann / "A", ann / ".A.old-9-9")
+    (ann / ".A.old-9-9" / "weights.safetensors").unlink()
+    os.rename(ann / "A", ann / ".A.old-2-2")
+    os.utime(ann / ".A.old-9-9")
+    prof = load_profile("A", ann, base=base)
+    assert _snapshot(ann / "A") == before and prof.path == ann / "A" and _left(ann) == []
+
+
+def test_5_the_calibrate_again_hint_names_the_folder_not_the_copy(tiny, base, tmp_path):
+    ann = tmp_path / "ann"
+    calibrate("A", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)
+    shutil.copytree(ann / "A", ann / "B")
+    other = clone_run(tiny.run, tmp_path / "other", {"train.seed": 7})
+    with pytest.raises(ProfileError, match="different base model") as e:
+        predict(song(tiny, "clip_001"), name="B", model=other, annotators_dir=ann, write=False)
+    assert "calibrate --name B " in str(e.value) and "--name A" not in str(e.value)
+    assert "annotators/B/ratings.csv" in str(e.value).replace(str(ann), "annotators")
+    assert load_profile("B", ann).name == "B"
+
+
+def test_6_two_calibrations_of_one_name_never_both_succeed(tiny, base, tmp_path):
+    """A calibration holds the name's lock from its first write to its last: a second one is refused at once."""
+    ann = tmp_path / "ann"
+    calibrate("dana", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)
+    before = _snapshot(ann / "dana")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from pdmer import store\n"
+        "with store.locked(Path(sys.argv[1]), 'dana', what='calibrated'):\n    print('locked', flush=True); time.sleep(60)"),
+        str(ann)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ProfileError, match=rf"being calibrated by another process \(pid {holder.pid}\).*another "
+                           r"calibration of 'dana' is running; nothing was changed"):
+            calibrate("dana", song(tiny, "clip_001"), EXAMPLE.parent / "ratings.csv", base=base, annotators_dir=ann, plot=False)
+        assert load_profile("dana", ann).info["songs"][0]["song_id"] == "clip_000"  # reading is not blocked
+        calibrate("other", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)  # nor another name
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _snapshot(ann / "dana") == before
+    calibrate("dana", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)  # the lock died with it
+
+
+@pytest.mark.parametrize("keep_history", [False, True])
+def test_a_calibration_crashing_at_any_stage_leaves_the_old_or_the_new_profile(tiny, base, tmp_path, monkeypatch, keep_history):
+    """Fault injection through calibrate: raise at every stage of the write (``pdmer.store._fault``: after each
+    file, before and after each rename, while deleting the old profile), then the next command (predict's read of
+    the profile, then a calibration) finds the complete old profile or the complete new one, and no leftover
+    survives it. tests/test_store.py does the same with SIGKILL of a child process."""
+    from pdmer import store
+
+    lid = tiny.splits["test"][0]
+    c1, c2 = curves_of(tiny.ds, [lid])[lid][:2]
+    r1, r2 = write_ratings(tmp_path / "1.csv", c1), write_ratings(tmp_path / "2.csv", c2)
+    template = tmp_path / "template"
+    calibrate("kim", song(tiny, c1.song_id), r1, base=base, annotators_dir=template, plot=False)
+    shutil.copytree(template, tmp_path / "dry")
+    seen: list[str] = []
+    monkeypatch.setattr(store, "_fault", seen.append)
+    calibrate("kim", song(tiny, c2.song_id), r2, base=base, annotators_dir=tmp_path / "dry", plot=False, keep_history=keep_history)
+    monkeypatch.undo()
+    installed = seen.index("renamed the new entry into place")
+    assert seen[:installed] == ["wrote weights.safetensors", "wrote ratings.csv", "wrote profile.json", "wrote manifest",
+                                "before setting the old entry aside", "set the old entry aside"]
+    for k, stage in enumerate(seen):
+        ann = tmp_path / f"crash{k}"
+        shutil.copytree(template, ann)
+        calls = iter(range(len(seen)))
+
+        def fault(s):
+            if next(calls) == k:
+                raise KeyboardInterrupt(f"killed at {s!r}")
+
+        monkeypatch.setattr(store, "_fault", fault)
+        with pytest.raises(KeyboardInterrupt):
+            calibrate("kim", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann, plot=False, keep_history=keep_history)
+        monkeypatch.undo()
+        prof = load_profile("kim", ann, base=base)  # the next command
+        got = prof.info["songs"][0]["song_id"]
+        assert got == (c1.song_id if k < installed else c2.song_id), stage
+        assert store.check_complete(ann / "kim") is None and _left(ann) == [], stage
+        if keep_history and k >= installed:
+            (kept,) = (ann / ".history" / "kim").iterdir()
+            assert json.loads((kept / "profile.json").read_text())["songs"][0]["song_id"] == c1.song_id, stage
+    os.rename(ann / "kim", ann / ".kim.old-7-7")  # and a calibration after a crash between the renames
+    (ann / ".kim.tmp-8-8").mkdir()
+    calibrate("kim", song(tiny, c1.song_id), r1, base=base, annotators_dir=ann, plot=False)
+    assert _left(ann) == [] and load_profile("kim", ann).info["songs"][0]["song_id"] == c1.song_id
+
+
+def test_8_dense_ratings_are_averaged_over_each_step(tmp_path):
+    """A slider logged at 100 Hz: each 2 Hz step is the mean of what falls within 0.25 s of it, not one sample."""
+    t = np.round(np.arange(15.0, 45.0, 0.01), 4)
+    rng = np.random.default_rng(0)
+    v = 0.3 * np.sin(t / 3) + 0.2 * rng.standard_normal(len(t))  # a jittery hand
+    a = np.clip(-0.2 + 0.1 * rng.standard_normal(len(t)), -1, 1)
+    v = np.clip(v, -1, 1)
+    path = tmp_path / "r.csv"
+    path.write_text("time_s,valence,arousal\n" + "".join(f"{x:.2f},{y:.5f},{z:.5f}\n" for x, y, z in zip(t, v, a)))
+    (c,) = personal.read_ratings(path, ["clip_000"], "me")
+    assert c.start_step == 30 and c.n_steps == 60  # 15.0 .. 44.5 s
+    k = 40  # 20.0 s: the ratings in [19.75, 20.25)
+    inside = (t >= k * 0.5 - 0.25 - 1e-9) & (t < k * 0.5 + 0.25 - 1e-9)
+    np.testing.assert_allclose(c.values[k - 30, V], v[inside].mean(), atol=1e-4)
+    np.testing.assert_allclose(c.values[k - 30, A], a[inside].mean(), atol=1e-4)
+    assert np.std(c.values[:, A]) < 0.05  # averaged: far less jitter than one sample per step (0.1)
+    _, notes = personal._read_ratings(path, ["clip_000"], "me")
+    assert notes["clip_000"] == {"rate_hz": 100.0, "resampling": "averaged per step"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,6 +791,7 @@ def test_predict_on_a_10_minute_file_has_flat_memory(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(to_dict(cfg)))
     save_weights(run / "checkpoints" / "best.safetensors", m, {"config_hash": config_hash(cfg), "global_dim": m.global_dim})
+    (run / "results.json").write_text("{}")  # a finished run (an unfinished one is refused as a base model)
     env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "1048576"}  # freed buffers go back to the OS
     res = {}
     for minutes in (4, 10):
