@@ -162,6 +162,9 @@ class ModelConfig:
     use_local_branch: bool = True  # spectrogram CNN; False = global embedding only
     use_local_attention: bool = True
     use_global_attention: bool = True
+    # a linear path from the global features to the output, started at the ridge probe of the
+    # training listeners' average curves (pdmer.references.RidgeProbe): the network learns the rest
+    linear_skip: bool = False
 
 
 PAPER_MODEL = dict(
@@ -201,6 +204,8 @@ class TrainConfig:
     # a training sequence whose target's std is below this (per dimension) counts in the loss by
     # its RMSE only (its PCC is undefined, its CCC says nothing about movement); 0 = the paper's loss
     flat_std: float = 0.0
+    # weights of the loss terms (CCC, PCC, 1 - RMSE); the paper weighs them equally
+    loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; losses and norms stay fp32)
     eval_every: int = 50
@@ -507,6 +512,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.deam.clip_steps must be >= 1 (or null to keep whole curves)")
     if d.flat_mad is not None and not Bound(ge=0).accepts(d.flat_mad):
         raise ConfigError(f"data.deam.flat_mad={d.flat_mad!r} must be a finite number >= 0 (or null: off)")
+    lw = cfg.train.loss_weights
+    if len(lw) != 3 or not all(Bound(ge=0).accepts(x) for x in lw) or sum(lw) <= 0:
+        raise ConfigError(f"train.loss_weights={list(lw)!r} must be three finite numbers >= 0 (CCC, PCC, 1 - RMSE), "
+                          "not all 0")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

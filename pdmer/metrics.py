@@ -66,18 +66,19 @@ def batch_terms(pred: Tensor, target: Tensor, eps: float = 1e-8) -> dict[str, Te
     cov = (pc * tc).mean(1)  # (B, 2)
     pv, tv = (pc**2).mean(1), (tc**2).mean(1)  # (B, 2)
     rmse = ((pred - target) ** 2).mean(1).add(eps).sqrt()
-    pcc = cov / (pv.sqrt() * tv.sqrt() + eps)
+    pcc = cov / (pv * tv + eps**2).sqrt().clamp_min(eps)  # finite gradient where a curve is constant
     ccc = 2 * cov / (pv + tv + (pm - tm).squeeze(1) ** 2 + eps)
     return {"rmse": rmse, "pcc": pcc, "ccc": ccc}
 
 
-def emotion_loss(pred: Tensor, target: Tensor, flat_std: float = 0.0) -> Tensor:
+def emotion_loss(pred: Tensor, target: Tensor, flat_std: float = 0.0, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Tensor:
     """1 - mean(CCC, PCC, 1 - RMSE) over arousal and valence, per sequence, averaged over the batch.
 
     ``flat_std`` > 0: where a sequence's target barely moves (its std over the sequence below
     ``flat_std``), its PCC is undefined (as in :func:`song_metrics`) and its CCC says nothing
     about movement: those two terms are replaced by ``1 - RMSE`` for that (sequence, dimension),
     so a listener who rests the slider teaches the level only, not noise correlations.
+    ``weights`` (CCC, PCC, 1 - RMSE): the terms' weights (the paper's loss: equal).
     """
     t = batch_terms(pred, target)
     fit = 1 - t["rmse"]  # (B, 2)
@@ -85,7 +86,8 @@ def emotion_loss(pred: Tensor, target: Tensor, flat_std: float = 0.0) -> Tensor:
     if flat_std > 0:
         flat = target.std(1, unbiased=False) < flat_std  # (B, 2)
         ccc, pcc = torch.where(flat, fit, ccc), torch.where(flat, fit, pcc)
-    score = (ccc + pcc + fit) / 3  # (B, 2)
+    wc, wp, wf = weights
+    score = (wc * ccc + wp * pcc + wf * fit) / (wc + wp + wf)  # (B, 2)
     return 1 - score.mean()
 
 

@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pdmer.data.types import LABELS
-from pdmer.metrics import song_metrics
 
 COMPONENTS = ("offset", "scale", "maml")
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -45,6 +44,7 @@ SCALE_CLIP = (0.25, 4.0)
 CHECK_SHARE = 1 / 3  # the held-out later part of the support sequence
 MIN_CHECK_STEPS = 4
 GATE_Z = 2.0  # the held-out check's one-sided z
+TOL = 1e-9  # rounding allowed in "no worse"
 
 
 @dataclass
@@ -104,10 +104,8 @@ def combine(generic: np.ndarray, adapted: np.ndarray, support: Support, weights:
     for d in range(2):
         if use is not None and not use[d]:
             continue
-        w_off, w_scale, w_maml = weights.of(d)
-        g = generic[:, d].astype(np.float64)
-        m = g.mean()
-        out[:, d] = m + support.scale[d] ** w_scale * (g - m) + w_maml * (adapted[:, d] - g) + w_off * support.offset[d]
+        out[:, d] = _personal_1d(generic[:, d].astype(np.float64), adapted[:, d], support.offset[d], support.scale[d],
+                                 weights.of(d))
     return out
 
 
@@ -121,6 +119,34 @@ class Check:
     support: Support  # offset and scale from the first part
 
 
+def _metrics_1d(p: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
+    """(RMSE, PCC, CCC) of one dimension, as :func:`pdmer.metrics.song_metrics` computes them."""
+    sp, st = p.std(), t.std()
+    cov = np.mean((p - p.mean()) * (t - t.mean()))
+    pcc = cov / (sp * st) if sp > 0 and st > 0 else np.nan
+    denom = sp**2 + st**2 + (p.mean() - t.mean()) ** 2
+    ccc = 2 * cov / denom if denom > 0 else np.nan
+    return float(np.sqrt(np.mean((p - t) ** 2))), float(pcc), float(ccc)
+
+
+def _personal_1d(g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: tuple[float, float, float]) -> np.ndarray:
+    m = g.mean()
+    return m + scale ** w[1] * (g - m) + w[2] * (a - g) + w[0] * offset
+
+
+def _gate_1d(check: Check, d: int, w: tuple[float, float, float]) -> bool:
+    if not any(w):
+        return True  # nothing to check: the curve is generic
+    g, y = check.generic[:, d].astype(np.float64), check.ratings[:, d].astype(np.float64)
+    p = _personal_1d(g, check.adapted[:, d], check.support.offset[d], check.support.scale[d], w)
+    diff = (p - y) ** 2 - (g - y) ** 2
+    h = len(y)
+    if h < 2 or not diff.mean() + GATE_Z * diff.std(ddof=1) / np.sqrt(h) < 0:
+        return False
+    ccc_p, ccc_g = _metrics_1d(p, y)[2], _metrics_1d(g, y)[2]
+    return bool(np.isfinite(ccc_p) and (not np.isfinite(ccc_g) or ccc_p >= ccc_g))
+
+
 def gate(check: Check | None, weights: Weights) -> np.ndarray:
     """Per dimension: does the rule, fitted on the first part, beat generic on the held-out part?
 
@@ -131,20 +157,7 @@ def gate(check: Check | None, weights: Weights) -> np.ndarray:
     """
     if check is None or not weights.gate:
         return np.ones(2, dtype=bool)
-    p = combine(check.generic, check.adapted, check.support, weights)
-    mp, mg = song_metrics(p, check.ratings), song_metrics(check.generic, check.ratings)
-    out = np.zeros(2, dtype=bool)
-    h = len(check.ratings)
-    for d, label in enumerate(LABELS):
-        if not any(weights.of(d)):
-            out[d] = True  # nothing to check: the curve is generic
-            continue
-        diff = (p[:, d] - check.ratings[:, d]) ** 2 - (check.generic[:, d] - check.ratings[:, d]) ** 2
-        clear = diff.mean() + GATE_Z * diff.std(ddof=1) / np.sqrt(h) < 0 if h > 1 else False
-        ccc_p, ccc_g = mp[f"ccc_{label}"], mg[f"ccc_{label}"]
-        ccc_ok = np.isfinite(ccc_p) and (not np.isfinite(ccc_g) or ccc_p >= ccc_g)
-        out[d] = bool(clear and ccc_ok)
-    return out
+    return np.array([_gate_1d(check, d, weights.of(d)) for d in range(2)])
 
 
 @dataclass
@@ -156,25 +169,29 @@ class Parts:
     queries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # song -> (ratings, generic, adapted)
 
 
-def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool) -> tuple[float, float, float]:
+def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool,
+                generic_cache: dict) -> tuple[float, float, float]:
     """Mean over listeners of (CCC gain, RMSE change, PCC change) in dimension ``d`` for weights ``w``."""
-    label = LABELS[d]
-    weights = Weights(offset=[w[0]] * 2, scale=[w[1]] * 2, maml=[w[2]] * 2, gate=use_gate)
     dccc, drmse, dpcc = [], [], []
-    for p in parts:
-        use = gate(p.check, weights)
-        if not use[d]:
+    for i, p in enumerate(parts):
+        if use_gate and p.check is not None and not _gate_1d(p.check, d, w):
             dccc.append(0.0), drmse.append(0.0), dpcc.append(0.0)
             continue
         c, r, q = [], [], []
-        for ratings, g, a in p.queries.values():
-            mp = song_metrics(combine(g, a, p.support, weights), ratings)
-            mg = song_metrics(g, ratings)
-            c.append(mp[f"ccc_{label}"] - mg[f"ccc_{label}"])
-            r.append(mp[f"rmse_{label}"] - mg[f"rmse_{label}"])
-            if np.isfinite(mp[f"pcc_{label}"]) and np.isfinite(mg[f"pcc_{label}"]):
-                q.append(mp[f"pcc_{label}"] - mg[f"pcc_{label}"])
-        dccc.append(float(np.nanmean(c))), drmse.append(float(np.mean(r))), dpcc.append(float(np.mean(q)) if q else 0.0)
+        for sid, (ratings, g, a) in p.queries.items():
+            key = (i, sid, d)
+            if key not in generic_cache:
+                generic_cache[key] = _metrics_1d(g[:, d].astype(np.float64), ratings[:, d].astype(np.float64))
+            rg, pg, cg = generic_cache[key]
+            rp, pp, cp = _metrics_1d(_personal_1d(g[:, d].astype(np.float64), a[:, d], p.support.offset[d],
+                                                  p.support.scale[d], w), ratings[:, d].astype(np.float64))
+            c.append(cp - cg)
+            r.append(rp - rg)
+            if np.isfinite(pp) and np.isfinite(pg):
+                q.append(pp - pg)
+        dccc.append(float(np.nanmean(c)) if np.isfinite(c).any() else 0.0)
+        drmse.append(float(np.mean(r)))
+        dpcc.append(float(np.mean(q)) if q else 0.0)
     return float(np.mean(dccc)), float(np.mean(drmse)), float(np.mean(dpcc))
 
 
@@ -195,15 +212,16 @@ def choose_weights(parts: list[Parts], chosen_on: str = "", grid: tuple[float, .
     if not parts:
         report["note"] = "no listener to choose on: generic"
         return weights, report
+    cache: dict = {}
     for d, label in enumerate(LABELS):
         best, best_free = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
         for w in itertools.product(grid, repeat=len(COMPONENTS)):
             if not any(w):
                 continue
-            s = _dim_scores(parts, d, w, use_gate)
+            s = _dim_scores(parts, d, w, use_gate, cache)
             if s[0] > best_free[1][0]:
                 best_free = (w, s)
-            if s[0] > best[1][0] and s[1] <= 0 and s[2] >= 0:
+            if s[0] > best[1][0] and s[1] <= TOL and s[2] >= -TOL:  # (offsets and scales leave PCC as it is, up to rounding)
                 best = (w, s)
         (w_off, w_scale, w_maml), scores = best
         weights.offset[d], weights.scale[d], weights.maml[d] = w_off, w_scale, w_maml

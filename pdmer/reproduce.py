@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = (0, 1, 2)
 METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence")
+ROW_CONDITIONS = ("generic", "personalized", "maml", "offset", "others", "ridge")  # the columns of the summary table
 
 
 def base_hash(cfg: ExperimentConfig) -> str:
@@ -60,7 +61,46 @@ def aggregate(results: dict[int, dict]) -> dict:
     conditions = [c for c in per_seed[0] if all(c in t for t in per_seed)]
     table = {c: {m: mean_std([t[c][m] for t in per_seed]) for m in METRICS if m in per_seed[0][c]} for c in conditions}
     gain = mean_std([r["gain_ccc_mean"] for r in results.values()])
-    return {"test": table, "gain_ccc_mean": gain}
+    return {"test": table, "gain_ccc_mean": gain, "paired": aggregate_paired(results)}
+
+
+def aggregate_paired(results: dict[int, dict]) -> dict:
+    """Per condition compared with generic and per metric: the per-listener paired gains over seeds.
+
+    ``mean``: mean ± std over seeds of each seed's mean per-listener difference; ``ci95``: each
+    seed's 95 % bootstrap interval; ``worse_seeds``: the seeds whose interval lies wholly on the
+    bad side (below 0 for CCC / PCC, above 0 for RMSE); ``better_seeds`` likewise on the good side.
+    """
+    out: dict = {}
+    per_seed = {s: r.get("paired") or {} for s, r in results.items()}
+    conditions = set.intersection(*(set(p) for p in per_seed.values())) if per_seed else set()
+    for cond in sorted(conditions):
+        out[cond] = {}
+        for metric in METRICS:
+            gains = {s: p[cond].get(metric) for s, p in per_seed.items()}
+            if not all(gains.values()):
+                continue
+            lower_is_better = metric.startswith("rmse")
+
+            def above(g: dict) -> bool:
+                return g["ci95"][0] > 0
+
+            def below(g: dict) -> bool:
+                return g["ci95"][1] < 0
+
+            worse, better = (above, below) if lower_is_better else (below, above)
+            out[cond][metric] = {
+                "mean": mean_std([g["mean"] for g in gains.values()]),
+                "ci95": {str(s): g["ci95"] for s, g in gains.items()},
+                "worse_seeds": [s for s, g in gains.items() if worse(g)],
+                "better_seeds": [s for s, g in gains.items() if better(g)],
+            }
+    return out
+
+
+def worse_metrics(table: dict, cond: str = "personalized") -> list[str]:
+    """The metrics on which some seed's paired CI of ``cond`` minus generic lies wholly on the bad side."""
+    return [m for m, g in (table.get("paired") or {}).get(cond, {}).items() if g["worse_seeds"]]
 
 
 def format_cell(s: dict) -> str:
@@ -80,6 +120,24 @@ def format_reproduction(table: dict) -> str:
     for cond, m in table["test"].items():
         lines.append(f"| {cond} | " + " | ".join(format_cell(m[k]) if k in m else "" for k in METRICS) + " |")
     lines += ["", f"personalization gain (personalized - generic, mean CCC): {format_cell(table['gain_ccc_mean'])}"]
+    paired = table.get("paired") or {}
+    if paired:
+        lines += ["", "Paired per-listener differences from generic (mean ± std over seeds of each seed's mean; "
+                  "95 % bootstrap CIs over listeners per seed; ✗ = a seed's CI lies wholly on the bad side, "
+                  "✓ = wholly on the good side):", "",
+                  "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
+                  "|" + "---|" * (len(METRICS) + 1)]
+        for cond, by_metric in paired.items():
+            cells = []
+            for m in METRICS:
+                g = by_metric.get(m)
+                if g is None:
+                    cells.append("")
+                    continue
+                cis = "; ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in g["ci95"].values())
+                mark = " ✗" * bool(g["worse_seeds"]) or " ✓" * (len(g["better_seeds"]) == len(g["ci95"]))
+                cells.append(f"{format_cell(g['mean'])}{mark} ({cis})")
+            lines.append(f"| {cond} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -206,14 +264,7 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
         else:
             log.info("seed %d: training %s%s", s, run.name, " (resuming)" if resume else "")
             run = train(cfg, resume=resume)
-        res = json.loads((run / "results.json").read_text())
-        if "offset" not in res["test"]:  # finished before the offset baseline existed: re-score its best checkpoint
-            from pdmer.train import evaluate_run
-
-            log.info("seed %d: %s has no offset condition; re-scoring its best checkpoint on the test split", s, run.name)
-            res = {**res, **evaluate_run(run)}  # keeps what only training wrote (best, train_seconds)
-            atomic_write_text(run / "results.json", json.dumps(res, indent=2, default=float))
-        results[s] = res
+        results[s] = json.loads((run / "results.json").read_text())
         try:
             trained[s] = json.loads((run / "run.json").read_text()).get("git")
         except (OSError, json.JSONDecodeError):
@@ -262,10 +313,18 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
 
 - **generic**: the trained model, no adaptation. In `pdmer.*` rows it is the meta-trained
   model; in `dmer.*` rows it is the plain-DMER model (the *no-adaptation baseline*).
-- **personalized**: after the inner loop on the listener's one support song. In `dmer.*` rows
-  this is the *DMER model fine-tuned on the support song* baseline (same steps and rate).
+- **personalized**: the safe personalization rule (`pdmer/personalize.py`): the listener's
+  offset, movement scale and MAML adaptation, each weighted by a population weight chosen on
+  validation listeners under the test protocol, and kept only where a held-out later part of
+  the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
+  fine-tuned on the support song.
+- **maml**: plain MAML, the model after the inner loop on the listener's support song (in `dmer.*`
+  rows: the *DMER model fine-tuned on the support song* baseline, same steps and rate).
 - **offset**: the *offset-only personalization* baseline: the generic curve shifted by the
   listener's mean error of the generic model on the support song.
+- **others**: the leave-one-out average of the other listeners' curves of the song, and
+  **ridge**: a linear probe (ridge regression) of the global descriptor fitted to the training
+  listeners' average curves; both listener-blind references.
 - First- versus second-order MAML: `pdmer.synthetic.dsaml` (first order) against
   `pdmer.synthetic.second_order`.
 """
@@ -313,14 +372,16 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
         t = tables.get(f"{name}\0{base_hash(cfg)}")
         command = f"`python run.py reproduce {name} --seeds 0 1 2`"
         if t is None:
-            data = {"deam": "DEAM", "pmemo": "PMEmo", "generic": "dataset"}.get(cfg.data.source)
+            data = {"deam": "DEAM", "pmemo": "PMEmo", "generic": "dataset", "vgmidi": "VGMIDI"}.get(cfg.data.source)
             needs = f" (needs the {data} data)" if data else ""
-            cells = [f"not run yet{needs}", "", "", "", "", ""]
+            cells = [f"not run yet{needs}"] + [""] * (len(ROW_CONDITIONS) + 3)
         else:
             measured += 1
             test = t["test"]
-            cells = [format_cell(test[c]["ccc_mean"]) if c in test else "n/a" for c in ("generic", "personalized", "offset")]
-            cells += [format_cell(t["gain_ccc_mean"]), str(len(t["seeds"])), f"{t['date']}, {short_commit(t)}"]
+            cells = [format_cell(test[c]["ccc_mean"]) if c in test else "n/a" for c in ROW_CONDITIONS]
+            worse = worse_metrics(t)
+            cells += [format_cell(t["gain_ccc_mean"]), ", ".join(m.replace("_", " ") for m in worse) or "none",
+                      str(len(t["seeds"])), f"{t['date']}, {short_commit(t)}"]
             rel = t["_path"].parent
             try:
                 rel = rel.relative_to(REPO)
@@ -333,9 +394,12 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
     notes = path.parent / "NOTES.md"  # hand-written reading of the table (no numbers are generated from it)
     text = "\n".join([
         README_HEAD, "## Table", "", data_note, "",
-        "| experiment | what it tests | command | generic CCC | personalized CCC | offset CCC | gain | seeds | measured (date, training commit) |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, "",
-        "gain: personalized minus generic mean CCC, per seed, then mean ± std over seeds.", "",
+        "| experiment | what it tests | command | " + " | ".join(f"{c} CCC" for c in ROW_CONDITIONS)
+        + " | gain | personalized worse than generic on | seeds | measured (date, training commit) |",
+        "|" + "---|" * (len(ROW_CONDITIONS) + 7), *rows, "",
+        "gain: personalized minus generic mean CCC, per seed, then mean ± std over seeds. \"personalized worse than "
+        "generic on\": the metrics (CCC, PCC, RMSE of either dimension) on which some seed's paired per-listener 95 % "
+        "CI of personalized minus generic lies wholly on the bad side (the full tables list every CI).", "",
         "Regenerate: `python run.py tables`.",
         *(["", notes.read_text().strip()] if notes.exists() else []),
         "", "## Full tables", *(details or ["", "None yet."]), "",

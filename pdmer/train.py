@@ -63,7 +63,7 @@ class Context:
 def make_loss_fn(cfg: ExperimentConfig):
     """The DSAML loss as a MAML task loss ``(model, params, buffers, batch) -> scalar``."""
     use_attn, w = cfg.train.attention_loss, cfg.train.attention_loss_weight
-    flat_std = cfg.train.flat_std
+    flat_std, terms = cfg.train.flat_std, tuple(cfg.train.loss_weights)
 
     bf16 = cfg.train.precision == "bf16"
 
@@ -75,7 +75,7 @@ def make_loss_fn(cfg: ExperimentConfig):
             out = type(out)(*(None if t is None else t.float() for t in (out.pred, out.attn_local, out.attn_global)))
         else:
             out = call(model, params, buffers, local, glob)
-        loss = emotion_loss(out.pred, target, flat_std)
+        loss = emotion_loss(out.pred, target, flat_std, terms)
         if use_attn:
             loss = loss + w * attention_loss(out.attn_local, out.attn_global)
         return loss
@@ -163,6 +163,13 @@ def build_model(ctx: Context) -> DSAML:
     local = torch.cat([ctx.features[s].local[::7] for s in train_songs])  # subsample steps: the statistics only
     glob = torch.cat([ctx.features[s].global_ for s in train_songs])
     model.fit_input_stats(local, glob)
+    if ctx.cfg.model.linear_skip:
+        probe = references(ctx).ridge
+        if probe is None:
+            raise DataError("model.linear_skip needs training curves to fit its ridge probe")
+        f64 = torch.float64
+        model.init_linear_skip(torch.tensor(probe.coef, dtype=f64).float(), torch.tensor(probe.bias, dtype=f64).float(),
+                               torch.tensor(probe.mean, dtype=f64).float(), torch.tensor(probe.std, dtype=f64).float())
     if ctx.cfg.problem == "pdmer" and ctx.cfg.meta.learn_inner_lr:
         attach_inner_lrs(model, ctx.cfg.meta.inner_lr)
     return model.to(ctx.device)

@@ -296,6 +296,8 @@ class DSAML(nn.Module):
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.head_hidden, 2),
         )
+        if cfg.linear_skip:  # a linear probe of the global features, added to the output (init_linear_skip)
+            self.skip = nn.Linear(global_dim, 2)
 
     @torch.no_grad()
     def fit_input_stats(self, local: Tensor, global_: Tensor) -> None:
@@ -304,6 +306,17 @@ class DSAML(nn.Module):
         self.local_std.copy_(local.float().std().clamp_min(1e-3))
         self.global_mean.copy_(global_.float().mean(0))
         self.global_std.copy_(global_.float().std(0).clamp_min(1e-3))
+
+    @torch.no_grad()
+    def init_linear_skip(self, coef: Tensor, bias: Tensor, mean: Tensor, std: Tensor) -> None:
+        """Start the skip path at a ridge probe ``y = ((x - mean) / std) @ coef + bias`` (on raw global features
+        ``x``), expressed on the model's own standardised inputs, and the network's output layer at zero:
+        training starts from the probe and learns what it misses."""
+        scale = self.global_std / std  # (G,)
+        self.skip.weight.copy_((scale[:, None] * coef).T)
+        self.skip.bias.copy_(((self.global_mean - mean) / std) @ coef + bias)
+        self.head[-1].weight.zero_()
+        self.head[-1].bias.zero_()
 
     def forward(self, local: Tensor, global_: Tensor) -> Output:
         B, T = global_.shape[:2]
@@ -318,6 +331,8 @@ class DSAML(nn.Module):
         with torch.autocast(h.device.type, enabled=False):  # the recurrence and the output layer stay fp32
             h, _ = self.lstm(h.to(self.head[0].weight.dtype))  # (B, T, 2 * lstm_hidden)
             pred = self.head(h)
+            if self.cfg.linear_skip:
+                pred = pred + self.skip(g.to(pred.dtype))
         return Output(pred, attn_local, attn_global)
 
 

@@ -1,0 +1,144 @@
+"""The safe personalization rule: components, the held-out check, weights chosen on listeners."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pdmer.personalize import Check, Parts, Support, Weights, choose_weights, combine, gate
+
+ALL = Weights(offset=[1.0, 1.0], scale=[1.0, 1.0], maml=[1.0, 1.0])
+
+
+def generic_curve(n: int, seed: int) -> np.ndarray:
+    t = np.arange(n)
+    return np.stack([0.3 * np.sin(t / 7 + seed), 0.2 * np.cos(t / 5 + seed) + 0.1], 1)
+
+
+def listener_curve(g: np.ndarray, offset, scale) -> np.ndarray:
+    m = g.mean(0)
+    return m + np.asarray(scale) * (g - m) + np.asarray(offset)
+
+
+def test_zero_weights_are_the_generic_curve():
+    g = generic_curve(50, 0)
+    a = g + 0.3
+    s = Support.fit(listener_curve(g, [0.4, -0.2], [2, 2]), g)
+    np.testing.assert_allclose(combine(g, a, s, Weights()), g)
+    np.testing.assert_allclose(combine(g, a, s, ALL, use=np.array([False, False])), g)
+
+
+def test_components_recover_a_consistent_listener():
+    g = generic_curve(60, 1)
+    y = listener_curve(g, [0.4, -0.3], [1.8, 0.6])
+    s = Support.fit(y, g)
+    np.testing.assert_allclose(s.offset, [0.4, -0.3], atol=1e-9)
+    np.testing.assert_allclose(s.scale, [1.8, 0.6], rtol=1e-9)
+    w = Weights(offset=[1, 1], scale=[1, 1], maml=[0, 0])
+    g2 = generic_curve(80, 2)  # another song: the same listener's response carries over
+    np.testing.assert_allclose(combine(g2, g2, s, w), listener_curve(g2, [0.4, -0.3], [1.8, 0.6]), atol=1e-9)
+
+
+def check_for(ratings_fit, ratings_held, g_fit, g_held, a_held) -> Check:
+    return Check(ratings_held, g_held, a_held, Support.fit(ratings_fit, g_fit))
+
+
+def test_gate_falls_back_on_pure_noise():
+    """Ratings that are the generic curve plus white noise: nothing personal to learn."""
+    rng = np.random.default_rng(0)
+    passed = 0
+    for trial in range(40):
+        g = generic_curve(60, trial)
+        y = g + rng.normal(0, 0.3, g.shape)
+        a = g + rng.normal(0, 0.1, g.shape)  # an adaptation that fitted the noise
+        c = check_for(y[:40], y[40:], g[:40], g[40:], a[40:])
+        passed += int(gate(c, ALL).sum())
+        passed += int(gate(c, Weights(offset=[1, 1])).sum())
+    assert passed <= 0.1 * 160  # a one-sided 2.5 % test per dimension, a little slack
+
+
+def test_gate_follows_a_strong_consistent_response():
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        g = generic_curve(60, trial)
+        y = listener_curve(g, [0.5, -0.4], [2.0, 1.5]) + rng.normal(0, 0.05, g.shape)
+        c = check_for(y[:40], y[40:], g[:40], g[40:], g[40:])
+        assert gate(c, Weights(offset=[1, 1], scale=[1, 1])).all()
+
+
+def parts_population(carry: float, n: int = 60, seed: int = 0) -> list[Parts]:
+    """Listeners whose offset on the query song is ``carry`` x their support offset plus a new one."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        off = rng.normal(0, 0.4, 2)
+        g_s, g_q = generic_curve(60, i), generic_curve(80, i + 100)
+        y_s = listener_curve(g_s, off, [1, 1]) + rng.normal(0, 0.05, g_s.shape)
+        q_off = carry * off + np.sqrt(1 - carry**2) * rng.normal(0, 0.4, 2)
+        y_q = listener_curve(g_q, q_off, [1, 1]) + rng.normal(0, 0.05, g_q.shape)
+        check = check_for(y_s[:40], y_s[40:], g_s[:40], g_s[40:], g_s[40:])
+        out.append(Parts(Support.fit(y_s, g_s), check, {"q": (y_q, g_q, g_q)}))
+    return out
+
+
+def test_weights_follow_what_carries_over():
+    w, report = choose_weights(parts_population(carry=0.0))
+    assert w.offset == [0.0, 0.0]  # offsets that do not carry over are not applied
+    assert report["arousal"]["rmse_change"] <= 0
+    w, _ = choose_weights(parts_population(carry=0.95))
+    assert min(w.offset) >= 0.75  # offsets that carry over are
+
+
+def test_weights_never_worsen_rmse_or_pcc_on_the_listeners_they_are_chosen_on():
+    for carry in (0.0, 0.3, 0.9):
+        w, report = choose_weights(parts_population(carry, seed=3))
+        for label in ("arousal", "valence"):
+            assert report[label]["rmse_change"] <= 1e-9 and report[label]["pcc_change"] >= -1e-9
+
+
+def test_evaluate_listener_end_to_end_noise_and_response():
+    """Through the evaluation: noise around the generic curve stays generic; a strong response is followed."""
+    from pdmer.config import ModelConfig
+    from pdmer.data.types import Curve, Dataset
+    from pdmer.evaluate import Adaptation, apply_weights, evaluate_listener, predict_steps
+    from pdmer.meta.maml import call
+    from pdmer.models.dsaml import DSAML
+
+    torch.manual_seed(0)
+    model = DSAML(ModelConfig(hidden=16, layers=1, heads=2, ff=16, dropout=0.0, lstm_hidden=4, head_hidden=8), 4).eval()
+
+    class Feats:
+        def __init__(self, n, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.local = torch.randn(n, 51, 128, generator=g).half()
+            self.global_ = torch.randn(n, 4, generator=g)
+            self.n_steps = n
+
+    feats = {"s1": Feats(60, 1), "s2": Feats(80, 2)}
+    gen = {s: predict_steps(model, f, 0, f.n_steps, 60, 30) for s, f in feats.items()}
+
+    def loss_fn(model_, params, buffers, batch):
+        local, glob, target = batch
+        return ((call(model_, params, buffers, local, glob).pred - target) ** 2).mean()
+
+    how = Adaptation(loss_fn, 3, 0.05, 60, 30, 1, 0)
+    rng = np.random.default_rng(0)
+    for kind in ("noise", "response"):
+        if kind == "noise":
+            sup = gen["s1"] + rng.normal(0, 0.3, gen["s1"].shape)
+            qry = gen["s2"] + rng.normal(0, 0.3, gen["s2"].shape)
+        else:
+            sup, qry = gen["s1"] + [0.5, -0.5], gen["s2"] + [0.5, -0.5]
+        curves = [Curve("s1", "L", 0, sup.astype(np.float32)), Curve("s2", "L", 0, qry.astype(np.float32))]
+        ds = Dataset("t", Path("."), {}, curves)
+        r = evaluate_listener(model, ds, feats, "L", [curves[0]], how, True, [curves[1]])
+        apply_weights([r], Weights(offset=[1, 1], scale=[0, 0], maml=[0, 0]), keep_curves=True)
+        p = r.curves["personalized"]["s2"]
+        if kind == "noise":
+            assert r.use == [[False, False]]
+            np.testing.assert_allclose(p, gen["s2"], atol=1e-6)
+        else:
+            assert r.use == [[True, True]]
+            np.testing.assert_allclose(p, qry, atol=0.02)
