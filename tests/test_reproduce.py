@@ -144,3 +144,17 @@ def test_seeds_trained_in_parallel_processes_match_one_process(reproduction, ses
     a = json.loads((out / "table.json").read_text())
     b = json.loads((parallel / "table.json").read_text())
     assert a["runs"] != b["runs"] and a["test"] == b["test"]
+
+
+def test_readme_results_section_is_generated_between_its_markers(tmp_path):
+    from pdmer.reproduce import README_MARK, write_readme_results
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{README_MARK[0]}\nstale numbers 0.123\n{README_MARK[1]}\nafter\n")
+    assert write_readme_results(tmp_path / "runs", readme)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{README_MARK[1]}\nafter\n")
+    assert "stale numbers" not in text and "Not measured yet" in text and "`pdmer.vgmidi.dsaml`" in text
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not write_readme_results(tmp_path / "runs", plain) and plain.read_text() == "no markers\n"
