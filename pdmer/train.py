@@ -5,9 +5,11 @@ songs) only; the test split is scored once, at the end, with the selected checkp
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +299,28 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
 VAL_METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "rmse_arousal", "rmse_valence")  # logged as val/<condition>_<metric>
 
 
+def twin_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the songs test protocol: what training depends on is the same (validation
+    always uses the songs protocol, and a listener split does not depend on the protocol)."""
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, protocol="songs"))
+
+
+def training_twin(cfg: ExperimentConfig) -> Path | None:
+    """A finished run that trained exactly as ``cfg`` would, differing only in ``eval.protocol``.
+
+    Only for a listener split (a song split's roles depend on the protocol). Its best checkpoint
+    is then ``cfg``'s too, so a within-song evaluation of a trained experiment costs no training.
+    """
+    if cfg.eval.protocol == "songs" or cfg.data.split.kind != "listener":
+        return None
+    twin = twin_config(cfg)
+    for run in sorted(run_dir_for(twin).parent.glob(f"*-{config_hash(twin)}")):
+        if (run / "results.json").is_file() and (run / "checkpoints" / "best.safetensors").is_file() \
+                and (run / "checkpoints" / "last.safetensors").is_file():
+            return run
+    return None
+
+
 def selection_metric(cfg: ExperimentConfig) -> tuple[str, str]:
     return ("personalized" if cfg.problem == "pdmer" else "generic"), "ccc_mean"
 
@@ -386,6 +410,15 @@ def _train(cfg: ExperimentConfig, ctx: Context, t0: float, *, on_validate: Calla
                 handler.close()
                 raise
 
+    twin = training_twin(cfg) if start == 0 else None
+    if twin is not None:  # the same training, finished already: take its weights instead of training again
+        load_weights(twin / "checkpoints" / "best.safetensors", model, {"config_hash": config_hash(twin_config(cfg))})
+        twin_best = json.loads((twin / "results.json").read_text()).get("best") or {}
+        best.update(iteration=int(twin_best.get("iteration", cfg.train.iterations)), value=float(twin_best.get("value", 0.0)))
+        save_weights(run / "checkpoints" / "best.safetensors", model, {**meta, "iteration": best["iteration"], "twin": str(twin)})
+        log.info("%s trains exactly as the finished run %s (only eval.protocol differs): its weights are reused, "
+                 "training is skipped", run.name, twin.name)
+        start = cfg.train.iterations
     bar = tqdm(range(start + 1, cfg.train.iterations + 1), desc=f"{cfg.problem} {cfg.name}", initial=start,
                total=cfg.train.iterations, disable=not cfg.runtime.progress or None, dynamic_ncols=True)
     model.train()
@@ -414,7 +447,10 @@ def _train(cfg: ExperimentConfig, ctx: Context, t0: float, *, on_validate: Calla
             validate(it)
     if best["iteration"] < 0:  # iterations == 0: evaluate the initial model
         validate(0)
-    save_weights(run / "checkpoints" / "last.safetensors", model, {**meta, "iteration": cfg.train.iterations})
+    if twin is None:
+        save_weights(run / "checkpoints" / "last.safetensors", model, {**meta, "iteration": cfg.train.iterations})
+    else:
+        shutil.copyfile(twin / "checkpoints" / "last.safetensors", run / "checkpoints" / "last.safetensors")
     load_weights(run / "checkpoints" / "best.safetensors", model, {"config_hash": meta["config_hash"]})
     results = evaluate_and_report(model, ctx, run, writer, train_seconds=time.time() - t0, best=best)
     if hparams:

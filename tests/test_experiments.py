@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from official_layouts import official_overrides
@@ -49,3 +50,19 @@ def test_evaluate_command_reproduces_results(session_tmp):
     after = evaluate_run(run)["test"]
     for cond in before:
         assert after[cond]["ccc_mean"] == pytest.approx(before[cond]["ccc_mean"], abs=1e-6)
+
+
+def test_within_song_evaluation_reuses_the_finished_training_twin(session_tmp):
+    """Only eval.protocol differs: the weights of the finished songs-protocol run are reused, nothing is trained."""
+    from safetensors.torch import load_file
+
+    name = "pdmer.synthetic.dsaml"
+    ov = tiny_overrides(session_tmp, "twin") + ["train.seq_len=20", "eval.hop=10"]
+    first = train(load_config(name, ov))
+    second = train(load_config(name, ov + ["eval.protocol=within_song"]))
+    assert second != first
+    a, b = load_file(first / "checkpoints" / "best.safetensors"), load_file(second / "checkpoints" / "best.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((second / "results.json").read_text())["best"] == json.loads((first / "results.json").read_text())["best"]
+    res = json.loads((second / "results.json").read_text())
+    assert res["split"]["protocol"] == "within_song" and res["test"]["personalized"]["n_songs"] > 0
