@@ -66,10 +66,18 @@ def test_outputs_stripped(path):
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts: clear them before committing"
 
 
+def repo_outputs() -> set[str]:
+    """What the notebooks would leave in the repository if they ignored OUT (their defaults, alice's profile)."""
+    places = [REPO / "runs" / "notebooks", REPO / "annotators" / "alice", REPO / "predictions"]
+    return {str(p) for place in places if place.exists() for p in [place, *place.rglob("*")]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     out = tmp_path / "out"
+    before = repo_outputs()
     nb = execute(path, tmp_path, {"QUICK": True, "OUT": str(out), "REPO": str(REPO)})
     assert any(c.cell_type == "code" and c.outputs for c in nb.cells), f"{path.name}: no cell printed anything"
-    assert out.is_dir()
+    assert out.is_dir() and any(out.iterdir()), f"{path.name}: wrote nothing under OUT"
+    assert repo_outputs() <= before, f"{path.name} wrote into the repository: {sorted(repo_outputs() - before)[:5]}"
