@@ -65,6 +65,7 @@ from pdmer import store
 from pdmer.checkpoint import atomic_write_text, load_weights, read_meta
 from pdmer.config import ConfigError, ExperimentConfig, check_setting, config_hash
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError
+from pdmer.personalize import combine
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +152,6 @@ def features_hash(cfg: ExperimentConfig) -> str:
 
     blob = json.dumps({"settings": settings_key(cfg.features), "global_encoder": cfg.features.global_encoder}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _display(path: Path) -> str:
@@ -287,6 +280,25 @@ class BaseModel:
             self._extractor = FeatureExtractor(self.cfg.features)
         return song_features(Path(path), self._extractor)
 
+    @property
+    def rule(self):
+        """The safe personalization weights the run chose on its validation listeners (``personalization.json``).
+
+        A run without them (trained before the safe rule, or stopped before its test) personalizes
+        nothing: the weights are 0 and the curve stays generic, said in ``chosen_on``.
+        """
+        from pdmer.personalize import Weights
+        from pdmer.train import RULE_FILE
+
+        path = self.run / RULE_FILE
+        if not path.is_file():
+            return Weights(chosen_on=f"none: {_display(path)} is missing, so nothing is personalized "
+                                     "(run `python run.py evaluate RUN_DIR` to choose the weights)")
+        try:
+            return Weights.from_json(json.loads(path.read_text())["weights"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ProfileError(f"{path}: unreadable safe personalization weights ({e})") from None
+
     def describe(self) -> dict:
         return {
             "run": _display(self.run),
@@ -350,7 +362,7 @@ def load_base_model(model: str | Path | None = None, runs_dir: str | Path | None
                     cfg.runtime.device, resolve_device("auto"))
         dev = resolve_device("auto")
     net = net.to(dev).eval()
-    return BaseModel(run, cfg, net, chash, features_hash(cfg), _sha256(ckpt), how)
+    return BaseModel(run, cfg, net, chash, features_hash(cfg), store.sha256_file(ckpt), how)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +496,8 @@ def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str =
 
     Ratings up to ``DENSE_PER_STEP`` per 0.5 s step are linearly interpolated onto the grid
     times ``0.5 k`` (as datasets are); denser ones (a slider logged at 50 Hz, say) are averaged
-    over ``[0.5 k - 0.25, 0.5 k + 0.25)`` instead, so the curve does not pick single samples.
+    over each step's span ``[0.5 k, 0.5 k + 0.5)`` instead (the time convention above, and what
+    ``python run.py rate`` does), so the curve does not pick single samples.
 
     Returns:
         one Curve per song, in the order of ``songs``, values (arousal, valence) on the 2 Hz grid.
@@ -534,10 +547,11 @@ def _scale_hint(path: Path, rows: list[list[str]], header: list[str], scale: str
 
 
 def _dense_average(curve: Curve, times: np.ndarray, values: np.ndarray) -> Curve:
-    """``curve`` with each step's value = the mean of the ratings within 0.25 s of its grid time (gaps keep theirs)."""
+    """``curve`` with each step's value = the mean of the ratings in its span ``[0.5 k, 0.5 k + 0.5)`` (gaps keep theirs)."""
     grid = (curve.start_step + np.arange(curve.n_steps)) * STEP_S  # (T,)
-    lo = np.searchsorted(times, grid - STEP_S / 2, side="left")
-    hi = np.searchsorted(times, grid + STEP_S / 2, side="left")
+    eps = 1e-6  # a rating logged at 20.0 s as 19.9999999 belongs to the step from 20.0 s
+    lo = np.searchsorted(times, grid - eps, side="left")
+    hi = np.searchsorted(times, grid + STEP_S - eps, side="left")
     csum = np.concatenate([np.zeros((1, 2)), np.cumsum(values, axis=0)])  # (N + 1, 2)
     n = (hi - lo)[:, None]  # (T, 1)
     mean = (csum[hi] - csum[lo]) / np.maximum(n, 1)
@@ -690,6 +704,50 @@ class Profile:
     @property
     def files(self) -> list[Path]:
         return [self.path / f for f in (PROFILE_FILE, WEIGHTS_FILE, RATINGS_FILE, FIT_FILE, store.MANIFEST) if (self.path / f).exists()]
+
+
+
+def _safe_rule(net, feats: dict, curves: list[Curve], generic: dict, weights, support_loss, steps: int, lr: float,
+               seq_len: int, hop: int) -> dict:
+    """The safe rule's per-listener part (:mod:`pdmer.personalize`): support statistics and the held-out check.
+
+    The check adapts again on the first 2/3 of each rated span and scores the rule on the last third.
+    """
+    from pdmer.evaluate import predict_steps
+    from pdmer.meta.maml import adapt
+    from pdmer.personalize import CHECK_SHARE, MIN_CHECK_STEPS, Check, Support, describe, gate
+
+    ratings = np.concatenate([c.values for c in curves])
+    stats = Support.fit(ratings, np.concatenate([generic[c.song_id] for c in curves]))
+    held_n = [int(round(c.n_steps * CHECK_SHARE)) for c in curves]
+    check = None
+    if weights.gate and all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(held_n, curves)):
+        fit = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(curves, held_n)]
+        device = next(net.parameters()).device
+        p_fit, _ = adapt(net, _support_batches(fit, feats, seq_len, device), support_loss, steps, lr)
+        a_held = [predict_steps(net, feats[c.song_id], c.start_step, c.end_step, seq_len, hop, p_fit,
+                                batch_windows=PREDICT_BATCH_WINDOWS)[f.n_steps:] for c, f in zip(curves, fit)]
+        check = Check(np.concatenate([c.values[f.n_steps:] for c, f in zip(curves, fit)]),
+                      np.concatenate([generic[c.song_id][f.n_steps:] for c, f in zip(curves, fit)]),
+                      np.concatenate(a_held),
+                      Support.fit(np.concatenate([f.values for f in fit]),
+                                  np.concatenate([generic[c.song_id][: f.n_steps] for c, f in zip(curves, fit)])))
+    use = gate(check, weights)
+    return {"weights": weights, "stats": stats, "use": use, "held_out_steps": 0 if check is None else len(check.ratings),
+            "summary": describe(weights, use)}
+
+
+def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.ndarray) -> np.ndarray:
+    """A profile's personal curve: the safe rule with the weights, support statistics and checks it recorded."""
+    from pdmer.personalize import Support, Weights, combine
+
+    rule = profile.info.get("personalization")
+    if rule is None:
+        raise ProfileError(f"profile {profile.name!r} ({profile.path}) has no 'personalization' record: it was made "
+                           f"before the safe rule; calibrate {profile.name!r} again")
+    stats = Support(np.asarray(rule["support"]["offset"], float), np.asarray(rule["support"]["scale"], float))
+    use = np.array([bool(rule["use"]["arousal"]), bool(rule["use"]["valence"])])
+    return combine(generic, adapted, stats, Weights.from_json(rule["weights"]), use).astype(np.float32)
 
 
 def _support_batches(curves: list[Curve], feats: dict, seq_len: int, device) -> list[tuple]:
@@ -994,12 +1052,25 @@ def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs
         f = feats[c.song_id]
         generic[c.song_id] = predict_steps(net, f, c.start_step, c.end_step, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS)
         personal[c.song_id] = predict_steps(net, f, c.start_step, c.end_step, seq_len, hop, params, batch_windows=PREDICT_BATCH_WINDOWS)
-        per_song[c.song_id] = {"generic": song_metrics(generic[c.song_id], c.values), "personalized": song_metrics(personal[c.song_id], c.values)}
     check_finite_adaptation(curves=personal, what=what, advice=advice)
+    adapted = personal
+    safe = _safe_rule(net, feats, curves, generic, base.rule, support_loss, steps, lr, seq_len, hop)
+    personal = {sid: combine(generic[sid], adapted[sid], safe["stats"], safe["weights"], safe["use"]).astype(np.float32)
+                for sid in generic}
+    for c in curves:
+        per_song[c.song_id] = {"generic": song_metrics(generic[c.song_id], c.values),
+                               "personalized": song_metrics(personal[c.song_id], c.values),
+                               "maml": song_metrics(adapted[c.song_id], c.values)}
+    if not safe["use"].any() or safe["weights"].is_generic():
+        log.warning("%s: your rating%s said little that carries over to other songs (%s); your curves stay the generic "
+                    "ones. Rating a second song helps: calibrate with two --audio/--ratings songs (k-shot).",
+                    name, "s" if len(curves) > 1 else "", safe["summary"])
+    else:
+        log.info("%s: personalized: %s", name, safe["summary"])
     fit = {
         "note": "on the support song(s) the adaptation was fitted to: not a held-out score",
         "per_song": per_song,
-        "mean": {k: average([m[k] for m in per_song.values()]) for k in ("generic", "personalized")},
+        "mean": {k: average([m[k] for m in per_song.values()]) for k in ("generic", "personalized", "maml")},
     }
     from pdmer import __version__
     from pdmer.features.cache import file_hash
@@ -1038,6 +1109,16 @@ def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs
             }
             for c in curves
         ],
+        "personalization": {
+            "rule": "pdmer.personalize: generic + the offset, scale and MAML components, weighted by the base run's "
+                    "weights and kept per dimension where a held-out last third of the rated span confirms them",
+            "weights": safe["weights"].to_json(),
+            "use": {label: bool(u) for label, u in zip(("arousal", "valence"), safe["use"])},
+            "support": safe["stats"].to_json(),
+            "held_out_steps": safe["held_out_steps"],
+            "personalized": bool(safe["use"].any() and not safe["weights"].is_generic()),
+            "summary": safe["summary"],
+        },
         "trimmed": trimmed,
         "ratings": {"file": RATINGS_FILE, "source": str(ratings), "annotator_id": curves[0].annotator_id, "scale": "deam", "resampled_to_hz": 1 / STEP_S,
                     "per_song": rates},
@@ -1349,6 +1430,8 @@ def predict(
         t0 = time.perf_counter()
         generic = predict_steps(net, f, 0, f.n_steps, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS)
         personal = predict_steps(net, f, 0, f.n_steps, seq_len, hop, params, batch_windows=PREDICT_BATCH_WINDOWS) if params is not None else None
+        if personal is not None:  # the safe rule, as calibrate chose it (pdmer.personalize)
+            personal = _apply_profile_rule(profile, generic, personal)
         if not np.isfinite(generic).all():
             raise ProfileError(f"{path}: the base model {_display(base.run)} predicts NaN or infinite values for this song")
         if personal is not None:

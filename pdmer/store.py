@@ -3,7 +3,7 @@
 Layout under a root folder (``annotators/`` for profiles)::
 
     <NAME>/                       the live entry: its files and MANIFEST (sha256 and size of each)
-    .locks/<NAME>.lock            flock held by whoever writes or repairs <NAME>
+    .locks/<NAME>.lock            flock held by whoever writes or repairs <NAME> (removed on release)
     .<NAME>.tmp-<ns>-<pid>/       an entry being written (renamed to <NAME> once complete)
     .<NAME>.old-<ns>-<pid>/       the previous entry, set aside during the swap (deleted after it)
     .<NAME>.keep-<ns>-<pid>/      the same, to be moved to .history/<NAME>/ (``keep_history``)
@@ -62,7 +62,9 @@ def locked(root: Path, name: str, wait_s: float = 0.0, what: str = "written") ->
     """Hold the exclusive lock of entry ``name`` (``<root>/.locks/<name>.lock``, an ``flock``).
 
     The kernel releases it when the holder ends, however it ends (SIGKILL included), so a crash
-    never leaves a stale lock.
+    never leaves a stale lock. The holder removes the lock file (and ``.locks/`` when empty) on
+    release, so nothing is left behind; a waiter that locked a file removed meanwhile notices
+    (its path no longer names that file) and starts again.
 
     Args:
         wait_s: how long to wait for another holder (0 = fail at once).
@@ -77,28 +79,42 @@ def locked(root: Path, name: str, wait_s: float = 0.0, what: str = "written") ->
         yield
         return
     locks = Path(root) / LOCKS_DIR
-    locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    path = locks / f"{name}.lock"
+    deadline = time.monotonic() + wait_s
+    while True:
+        locks.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # .locks/ removed by a holder releasing meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise StoreBusyError(errno.EBUSY, f"{Path(root) / name} is being {what} by another process "
+                                     f"(pid {holder}); wait for it to end and try again") from None
+            time.sleep(0.05)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its holder removed on release: lock the current one
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                    raise StoreBusyError(errno.EBUSY, f"{Path(root) / name} is being {what} by another process "
-                                         f"(pid {holder}); wait for it to end and try again") from None
-                time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
+        try:
+            path.unlink()  # while still holding it: whoever waits on this file starts again
+            locks.rmdir()
+        except OSError:  # another lock file in .locks/, or already gone
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
