@@ -1430,13 +1430,12 @@ def predict(
         t0 = time.perf_counter()
         generic = predict_steps(net, f, 0, f.n_steps, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS)
         personal = predict_steps(net, f, 0, f.n_steps, seq_len, hop, params, batch_windows=PREDICT_BATCH_WINDOWS) if params is not None else None
-        if personal is not None:  # the safe rule, as calibrate chose it (pdmer.personalize)
-            personal = _apply_profile_rule(profile, generic, personal)
         if not np.isfinite(generic).all():
             raise ProfileError(f"{path}: the base model {_display(base.run)} predicts NaN or infinite values for this song")
-        if personal is not None:
+        if personal is not None:  # the adapted model must be sane before the safe rule uses it
             check_finite_adaptation(curves={sid: personal}, what=f"profile {name!r}",
                                     advice=f"Nothing was written; calibrate {name!r} again, with a lower --inner-lr.")
+            personal = _apply_profile_rule(profile, generic, personal)  # as calibrate chose it (pdmer.personalize)
         pred = SongPrediction(sid, path, np.arange(f.n_steps) * STEP_S, generic, personal, name, base.run, base.how)
         del f
         log.debug("%s: %d steps predicted in %.1f s", sid, len(generic), time.perf_counter() - t0)
