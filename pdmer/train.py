@@ -485,7 +485,8 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
         "gain_ccc_mean": test["personalized"]["ccc_mean"] - test["generic"]["ccc_mean"],
         "gain_per_listener": paired_gains(per_listener)["ccc_mean"],
         "personalization": {"weights": weights.to_json(), "report": rule_report,
-                            "listeners_personalized": sum(any(any(u) for u in r.use) for r in per_listener)},
+                            "listeners_personalized": sum(any(u[d] and any(weights.of(d)) for u in r.use for d in range(2))
+                                                          for r in per_listener)},
         "paired": {c: paired_gains(per_listener, c) for c in ("personalized", "maml", "offset")},
         "per_listener": {
             r.listener: {"support": r.support, "use": r.use,
