@@ -50,6 +50,7 @@ import numpy as np
 
 from pdmer.data.deam import Problem, drop_record, raise_problems
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
+from pdmer.features.cache import file_hash
 
 log = logging.getLogger(__name__)
 
@@ -333,17 +334,9 @@ def find_soundfont(soundfont: str | Path | None = None) -> Path:
                     "or set data.vgmidi.soundfont")
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def render_key(piece: Piece, soundfont_digest: str) -> str:
     """The cache key of a rendering: MIDI bytes, duration, soundfont bytes (their sha256), settings."""
-    spec = {"midi": _file_digest(piece.midi), "duration": piece.duration, "soundfont": soundfont_digest,
+    spec = {"midi": file_hash(piece.midi), "duration": piece.duration, "soundfont": soundfont_digest,
             "sr": SAMPLE_RATE, "gain": GAIN, "version": RENDER_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -392,7 +385,7 @@ def audio_paths(pieces: list[Piece], audio_dir: str | Path | None, soundfont: st
         return {p.song_id: folder / f"{p.song_id}.wav" for p in pieces}
     out = {}
     todo = []
-    sf2_digest = _file_digest(sf2)
+    sf2_digest = file_hash(sf2)
     for p in pieces:
         path = folder / f"{p.song_id}-{render_key(p, sf2_digest)}.wav"
         out[p.song_id] = path
