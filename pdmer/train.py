@@ -227,7 +227,14 @@ def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None
 def choose_rule(model: nn.Module, ctx: Context) -> tuple[Weights, dict]:
     """The safe rule's population weights, chosen on every validation listener under the test protocol."""
     protocol = ctx.cfg.eval.protocol
-    _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol=protocol)
+    try:
+        _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol=protocol)
+    except DataError as e:  # e.g. DEAM's validation clips are no longer than one support sequence
+        if protocol == "songs":
+            raise
+        log.warning("safe personalization: %s; the weights are chosen under the songs protocol instead", e)
+        protocol = f"songs (no validation listener can be scored {protocol})"
+        _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol="songs")
     parts = [p for r in results for p in r.parts]
     weights, report = choose_weights(parts, f"{len(results)} validation listeners, protocol {protocol}",
                                      use_gate=ctx.cfg.eval.safe_check)
