@@ -387,7 +387,7 @@ def test_deam_and_pmemo_train_from_the_cli(session_tmp, capsys):
     assert splits["songs"]["test"] == list(TEST_IDS) and not set(splits["songs"]["train"]) & set(TEST_IDS)
     res = json.loads((run / "results.json").read_text())
     assert res["label_scale"] == "deam" and res["split"]["songs"] == {"train": 5, "val": 1, "test": 2}
-    assert set(res["test"]) == {"generic", "personalized", "offset", "consensus"}
+    assert set(res["test"]) == {"generic", "personalized", "maml", "offset", "others", "ridge", "consensus"}
     # every test song is scored only on its query part (after the 10 s support), never trained on
     for r in res["per_listener"].values():
         assert set(r["generic"]) <= set(TEST_IDS)
@@ -400,7 +400,7 @@ def test_deam_and_pmemo_train_from_the_cli(session_tmp, capsys):
     run = Path(out.split("run folder: ")[1].split()[0])
     res = json.loads((run / "results.json").read_text())
     assert res["label_scale"] == "deam" and "labels on the deam scale" in (run / "results.md").read_text()
-    assert set(res["test"]) == {"generic", "personalized", "offset"}  # PMEmo's "listener" is the consensus itself
+    assert set(res["test"]) == {"generic", "personalized", "maml", "offset", "ridge"}  # PMEmo's "listener" is the consensus itself
 
 
 # --------------------------------------------------------------------------------------------- real PMEmo
