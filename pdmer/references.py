@@ -26,13 +26,13 @@ CV_FOLDS = 5
 class OthersAverage:
     """Per-song sums of every listener's curve, for leave-one-out averages."""
 
-    def __init__(self, curves: list[Curve]) -> None:
+    def __init__(self, curves: list[Curve], include_consensus: bool = False) -> None:
         self._sum: dict[str, np.ndarray] = {}
         self._count: dict[str, np.ndarray] = {}
         self._own: dict[tuple[str, str], Curve] = {}
         by_song: dict[str, list[Curve]] = defaultdict(list)
         for c in curves:
-            if c.annotator_id != "consensus":
+            if include_consensus or c.annotator_id != "consensus":
                 by_song[c.song_id].append(c)
                 self._own[c.annotator_id, c.song_id] = c
         for sid, cs in by_song.items():
@@ -64,10 +64,10 @@ class RidgeProbe:
     """Ridge regression of the average training curve on the global features, per step."""
 
     def __init__(self, train_curves: list[Curve], features: dict, seed: int = 0) -> None:
-        avg = OthersAverage(train_curves)
+        avg = OthersAverage(train_curves, include_consensus=True)  # PMEmo: the averaged curves are all there is
         xs, ys, groups = [], [], []
         for i, sid in enumerate(sorted({c.song_id for c in train_curves})):
-            if sid not in features:
+            if sid not in features or sid not in avg._count:
                 continue
             count = avg._count[sid][:, 0]
             steps = np.flatnonzero(count > 0)
