@@ -412,7 +412,7 @@ def test_submission_calibrates_and_predicts(served, base, tiny):
     assert info["name"] == "P017" and info["base"]["run"].endswith(tiny.run.name)
     assert info["songs"][0]["song_id"] == "song40" and info["songs"][0]["rated_steps"] == 80
     load_profile("P017", served.ann, base=base)
-    assert res["profile"].endswith("P017") and set(res["fit"]) == {"generic", "personalized"}
+    assert res["profile"].endswith("P017") and set(res["fit"]) == {"generic", "personalized", "maml"}
     assert "synthetic benchmark only" in res["warning"]
     st, h, png = request(served.server, "GET", served.prefix + "/" + res["fit_png"])
     assert st == 200 and h["content-type"] == "image/png" and png[:8] == b"\x89PNG\r\n\x1a\n"
