@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+from pdmer.data.check import FORMATS
+
 DEFAULT_EXPERIMENT = "pdmer.synthetic.dsaml"
 
 
@@ -73,10 +75,12 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_tables(args) -> int:
-    from pdmer.reproduce import write_experiments_readme
+    from pdmer.reproduce import write_experiments_readme, write_readme_results
 
     path, n, measured = write_experiments_readme(args.runs)
     print(f"wrote {path}: {n} experiments, {measured} with results")
+    if write_readme_results(args.runs):
+        print("wrote the results section of README.md")
     return 0
 
 
@@ -297,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
     ra.set_defaults(func=cmd_rate)
 
-    d = sub.add_parser("data", help="dataset tools: `data check --format deam|pmemo|generic|synthetic ROOT`")
+    d = sub.add_parser("data", help="dataset tools: `data check --format deam|pmemo|vgmidi|generic|synthetic ROOT`")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     dc = dsub.add_parser(
         "check", help="validate a dataset and print a summary; exit 1 listing every problem",
@@ -305,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "label ranges, what was filtered and why, and every problem with its file and line or song. Exit 0 when "
         "there is none, 1 otherwise.",
     )
-    dc.add_argument("--format", required=True, choices=("deam", "pmemo", "generic", "synthetic"),
+    dc.add_argument("--format", required=True, choices=FORMATS,
                     help="deam / pmemo: the official folders; generic: audio/ + ratings.csv; synthetic: the embedded benchmark")
     dc.add_argument("root", nargs="?", help="dataset folder (synthetic: optional, default = the default benchmark)")
     dc.add_argument("overrides", nargs="*", help="data options, e.g. data.deam.min_songs_per_listener=10 data.pmemo.scale=deam")
