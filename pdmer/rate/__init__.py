@@ -15,7 +15,7 @@ Example::
 
     session = RateSession("P017", ["calibration.wav"], predict=["other.mp3"])
     server = RateServer(session)      # 127.0.0.1, a free port, a random token
-    print(server.url)
+    url = server.url                  # the address to open, with its access token
     server.serve()                    # until Ctrl-C
 """
 from pdmer.rate.server import RateServer, RateSession, make_app, synthetic_warning
