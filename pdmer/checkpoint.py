@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -27,28 +26,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
-
-
-def swap_dir(tmp: Path, dest: Path) -> Path | None:
-    """Put the finished folder ``tmp`` in place of ``dest`` by renames, never leaving a half-written ``dest``.
-
-    The previous ``dest`` is first renamed aside to ``.<name>.old-<pid>-<ns>`` beside it; if the
-    final rename fails, it is put back and the error propagates.
-
-    Returns:
-        the folder set aside (the caller deletes or keeps it), or None if ``dest`` did not exist.
-    """
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
-        if old is not None and not dest.exists():
-            os.rename(old, dest)  # put the previous version back
-        raise
-    return old
 
 
 def save_weights(path: Path, model: nn.Module, meta: dict | None = None) -> None:

@@ -123,6 +123,33 @@ def locked(root: Path, name: str, wait_s: float = 0.0, what: str = "written") ->
 # --------------------------------------------------------------------------------------------
 
 
+def swap_dir(tmp: Path, dest: Path, aside: Path | None = None, fault=None) -> Path | None:
+    """Put the finished folder ``tmp`` in place of ``dest`` by renames, never leaving a half-written ``dest``.
+
+    The previous ``dest`` is first renamed to ``aside`` (default ``.<name>.old-<pid>-<ns>`` beside
+    it); if the final rename fails, it is put back and the error propagates. ``fault(stage)``, when
+    given, is called before and after the previous folder is set aside (fault-injection tests).
+
+    Returns:
+        the folder set aside (the caller deletes or keeps it), or None if ``dest`` did not exist.
+    """
+    old = None
+    if dest.exists():
+        if fault is not None:
+            fault("before setting the old entry aside")
+        old = aside or dest.parent / f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(dest, old)
+        if fault is not None:
+            fault("set the old entry aside")
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        if old is not None and not dest.exists():
+            os.rename(old, dest)  # put the previous version back
+        raise
+    return old
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -308,18 +335,7 @@ def install(root: Path, name: str, files: dict[str, bytes], keep_history: bool =
         _write_file(tmp / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": manifest}, indent=2).encode())
         _fsync_dir(tmp)
         _fault("wrote manifest")
-        old = None
-        if dest.exists():
-            _fault("before setting the old entry aside")
-            old = root / f".{name}.{'keep' if keep_history else 'old'}-{tag}"
-            os.rename(dest, old)
-            _fault("set the old entry aside")
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            if old is not None and not dest.exists():
-                os.rename(old, dest)  # put the previous entry back
-            raise
+        old = swap_dir(tmp, dest, aside=root / f".{name}.{'keep' if keep_history else 'old'}-{tag}", fault=_fault)
         _fsync_dir(root)
         _fault("renamed the new entry into place")
     except BaseException:

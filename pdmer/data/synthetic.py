@@ -62,7 +62,7 @@ import numpy as np
 from scipy.signal import lfilter
 from scipy.special import ndtr, ndtri
 
-from pdmer.checkpoint import swap_dir
+from pdmer.store import swap_dir
 from pdmer.config import ConfigError, SyntheticConfig
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 
