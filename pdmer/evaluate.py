@@ -135,20 +135,6 @@ def support_loss_fn(loss_fn):
     return f
 
 
-def support_offset(model: nn.Module, features: dict, curves: list[Curve], seq_len: int, hop: int) -> np.ndarray:
-    """Mean (ratings - generic prediction) over the support sequences: the ``offset`` condition's shift.
-
-    The support sequences are those the inner loop adapts on (the first ``seq_len`` steps of
-    each support curve). Returns a (2,) float32 array (arousal, valence).
-    """
-    errors = []
-    for c in curves:
-        n = min(seq_len, c.n_steps)
-        pred = predict_steps(model, features[c.song_id], c.start_step, c.start_step + n, seq_len, hop)  # (n, 2)
-        errors.append(c.values[:n] - pred)
-    return np.concatenate(errors).mean(0).astype(np.float32)
-
-
 @dataclass
 class ListenerResult:
     listener: str
@@ -233,7 +219,7 @@ def evaluate_listener(
         queries = [c for i, c in enumerate(curves) if i not in idx]
     model.eval()
     params, stats, check = _support_parts(model, features, support, how)
-    offset = support_offset(model, features, support, how.seq_len, how.hop)
+    offset = stats.offset.astype(np.float32)  # the offset condition's shift: mean support error of the generic model
     result = ListenerResult(listener, [c.song_id for c in support], {c: {} for c in CONDITIONS},
                             {c: {} for c in (*CONDITIONS, "ratings")})
     part = Parts(stats, check, {})
@@ -272,7 +258,7 @@ def evaluate_within_song(
         support = Curve(c.song_id, c.annotator_id, c.start_step, c.values[:seq_len])
         query = Curve(c.song_id, c.annotator_id, c.start_step + seq_len, c.values[seq_len:])
         params, stats, check = _support_parts(model, features, [support], how)
-        offset = support_offset(model, features, [support], seq_len, how.hop)
+        offset = stats.offset.astype(np.float32)
         part = Parts(stats, check, {})
         part.queries[query.song_id] = _score_query(model, dataset, features, listener, query, params, how, result,
                                                    keep_curves, offset, references)
