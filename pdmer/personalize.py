@@ -31,7 +31,6 @@ music, or a listener who matches the generic curve) thus leaves the generic curv
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -66,10 +65,6 @@ class Weights:
     @classmethod
     def from_json(cls, d: dict) -> "Weights":
         return cls(**{k: d[k] for k in ("offset", "scale", "maml", "chosen_on", "gate") if k in d})
-
-    @classmethod
-    def plain_maml(cls) -> "Weights":
-        return cls(offset=[0.0, 0.0], scale=[0.0, 0.0], maml=[1.0, 1.0], chosen_on="plain MAML", gate=False)
 
     def is_generic(self) -> bool:
         return not any(self.offset + self.scale + self.maml)
@@ -249,6 +244,3 @@ def describe(weights: Weights, use: np.ndarray) -> str:
             parts.append(f"{label}: personal ({', '.join(f'{k} {v:g}' for k, v in w.items() if v)})")
     return "; ".join(parts)
 
-
-def dumps(weights: Weights, report: dict) -> str:
-    return json.dumps({"weights": weights.to_json(), "report": report}, indent=2, default=float)
