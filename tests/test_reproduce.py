@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from pdmer.config import EXPERIMENTS_DIR, load_config
@@ -19,8 +20,15 @@ def not_run(readme: str) -> int:
 
 @pytest.fixture(scope="module")
 def reproduction(session_tmp):
-    ov = tiny_overrides(session_tmp, "reproduce") + ["eval.plot=false", f"runtime.out_dir={session_tmp / 'runs-reproduce'}"]
-    return reproduce(NAME, [0, 1], ov), ov
+    # one thread in every process: the sequential fixture and the --jobs run must reduce in the same order to
+    # give the same floats (torch's default thread count differs between this process and a fresh one)
+    ov = tiny_overrides(session_tmp, "reproduce") + [
+        "eval.plot=false", "runtime.threads=1", f"runtime.out_dir={session_tmp / 'runs-reproduce'}"]
+    threads = torch.get_num_threads()
+    try:
+        return reproduce(NAME, [0, 1], ov), ov
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_table_has_mean_and_std_of_every_metric(reproduction):
