@@ -21,7 +21,9 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+from pdmer.paths import experiments_dir
+
+EXPERIMENTS_DIR = experiments_dir()  # pdmer.paths says where (the project folder, else the source checkout)
 
 
 class ConfigError(ValueError):

@@ -15,9 +15,10 @@ from typing import Iterator
 import torch
 
 from pdmer.checkpoint import CheckpointError, atomic_write_text, read_meta
+from pdmer import paths
 from pdmer.config import ConfigError, ExperimentConfig, check_device_spec, config_hash, from_dict, to_dict, to_yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = paths.home()  # outputs' home (pdmer.paths: $PDMER_HOME, else the working folder's project)
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +27,7 @@ def git_info(exclude: tuple[str, ...] = ()) -> dict:
 
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=paths.code_root(), capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 

@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlsplit
 
+from pdmer import paths
 from pdmer.rate.submission import MAX_RATE_HZ, SubmissionError, parse_submission, ratings_csv
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-REPO = Path(__file__).resolve().parents[2]
+REPO = paths.home()  # outputs' home (pdmer.paths)
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg"}
 PRACTICE_S = 8.0  # the practice run, from the start of the song, not recorded
 SAMPLE_HZ = 40  # the page samples the pointer this often (against the audio clock)
@@ -88,11 +89,8 @@ def _audio_info(path: Path) -> float:
 
 
 def _display(path: Path) -> str:
-    """A path relative to the repository when inside it (what the page and the command show)."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
+    """A path relative to the home folder when inside it (what the page and the command show)."""
+    return paths.display(path, REPO)
 
 
 def synthetic_warning(base) -> str | None:
