@@ -2,39 +2,24 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pdmer.io import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: F401  (the last two: re-exported)
+
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model or config it is loaded into."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def save_weights(path: Path, model: nn.Module, meta: dict | None = None) -> None:
     """Save ``model.state_dict()`` (parameters and buffers) to ``path``; ``meta`` goes in the header."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"pdmer": json.dumps(meta or {})})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"pdmer": json.dumps(meta or {})}))
 
 
 def read_meta(path: Path) -> dict:
@@ -78,11 +63,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"pdmer": json.dumps(meta or {}, default=float)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"pdmer": json.dumps(meta or {}, default=float)}))
 
 
 def load_tensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:

@@ -61,18 +61,19 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pdmer import store
-from pdmer.checkpoint import atomic_write_text, load_weights, read_meta
+from pdmer import paths, store
+from pdmer.checkpoint import load_weights, read_meta
+from pdmer.io import atomic_write_text, sha256_file
 from pdmer.config import ConfigError, ExperimentConfig, check_setting, config_hash
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError
 from pdmer.personalize import combine
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_ANNOTATORS_DIR = REPO / "annotators"
-DEFAULT_RUNS_DIR = REPO / "runs"
-DEFAULT_PREDICTIONS_DIR = REPO / "predictions"
+REPO = paths.home()  # outputs' home (pdmer.paths: $PDMER_HOME, else the working folder's project)
+DEFAULT_ANNOTATORS_DIR = paths.annotators_dir()
+DEFAULT_RUNS_DIR = paths.runs_dir()
+DEFAULT_PREDICTIONS_DIR = paths.predictions_dir()
 
 PROFILE_FORMAT = "pdmer-profile"
 PROFILE_VERSION = 1
@@ -155,11 +156,8 @@ def features_hash(cfg: ExperimentConfig) -> str:
 
 
 def _display(path: Path) -> str:
-    """A path relative to the repository when inside it (what profile.json and messages show)."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
+    """A path relative to the home folder when inside it (what profile.json and messages show)."""
+    return paths.display(path, REPO)
 
 
 def find_latest_run(runs_dir: str | Path | None = None) -> Path:
@@ -362,7 +360,7 @@ def load_base_model(model: str | Path | None = None, runs_dir: str | Path | None
                     cfg.runtime.device, resolve_device("auto"))
         dev = resolve_device("auto")
     net = net.to(dev).eval()
-    return BaseModel(run, cfg, net, chash, features_hash(cfg), store.sha256_file(ckpt), how)
+    return BaseModel(run, cfg, net, chash, features_hash(cfg), sha256_file(ckpt), how)
 
 
 # --------------------------------------------------------------------------------------------

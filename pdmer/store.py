@@ -23,7 +23,6 @@ Only the standard library is used here (a child process that imports it starts a
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
+
+from pdmer.io import fsync_dir, sha256_bytes, sha256_file, swap_dir, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -121,45 +122,6 @@ def locked(root: Path, name: str, wait_s: float = 0.0, what: str = "written") ->
 # --------------------------------------------------------------------------------------------
 # Manifest
 # --------------------------------------------------------------------------------------------
-
-
-def swap_dir(tmp: Path, dest: Path, aside: Path | None = None, fault=None) -> Path | None:
-    """Put the finished folder ``tmp`` in place of ``dest`` by renames, never leaving a half-written ``dest``.
-
-    The previous ``dest`` is first renamed to ``aside`` (default ``.<name>.old-<pid>-<ns>`` beside
-    it); if the final rename fails, it is put back and the error propagates. ``fault(stage)``, when
-    given, is called before and after the previous folder is set aside (fault-injection tests).
-
-    Returns:
-        the folder set aside (the caller deletes or keeps it), or None if ``dest`` did not exist.
-    """
-    old = None
-    if dest.exists():
-        if fault is not None:
-            fault("before setting the old entry aside")
-        old = aside or dest.parent / f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(dest, old)
-        if fault is not None:
-            fault("set the old entry aside")
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
-        if old is not None and not dest.exists():
-            os.rename(old, dest)  # put the previous version back
-        raise
-    return old
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(folder: Path) -> dict[str, dict]:
@@ -289,26 +251,6 @@ def repair_all(root: Path, legacy: Callable[[Path], str | None] | None = None) -
 # --------------------------------------------------------------------------------------------
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def install(root: Path, name: str, files: dict[str, bytes], keep_history: bool = False) -> Path | None:
     """Write entry ``name`` = ``files`` (name -> content), replacing the old one only once complete.
 
@@ -329,14 +271,14 @@ def install(root: Path, name: str, files: dict[str, bytes], keep_history: bool =
     try:
         manifest = {}
         for fname, data in files.items():
-            _write_file(tmp / fname, data)
+            write_synced(tmp / fname, data)
             manifest[fname] = {"sha256": sha256_bytes(data), "bytes": len(data)}
             _fault(f"wrote {fname}")
-        _write_file(tmp / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": manifest}, indent=2).encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": manifest}, indent=2).encode())
+        fsync_dir(tmp)
         _fault("wrote manifest")
         old = swap_dir(tmp, dest, aside=root / f".{name}.{'keep' if keep_history else 'old'}-{tag}", fault=_fault)
-        _fsync_dir(root)
+        fsync_dir(root)
         _fault("renamed the new entry into place")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,4 +298,4 @@ def install(root: Path, name: str, files: dict[str, bytes], keep_history: bool =
 
 
 __all__ = ["MANIFEST", "StoreBusyError", "check_complete", "install", "leftovers", "locked", "read_manifest", "repair",
-           "repair_all", "sha256_file"]
+           "repair_all"]

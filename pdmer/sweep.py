@@ -55,8 +55,8 @@ import optuna
 import yaml
 from omegaconf import OmegaConf
 
-from pdmer.checkpoint import atomic_write_text
 from pdmer.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, find_yaml, load_config, to_yaml
+from pdmer.io import atomic_write, atomic_write_text
 from pdmer.runs import REPO
 
 log = logging.getLogger(__name__)
@@ -891,10 +891,10 @@ def _plots(study, sweep: Sweep, sweep_dir: Path) -> dict:
                 warnings.simplefilter("ignore")
                 ax = draw()
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            tmp = sweep_dir / f".{fname}.{os.getpid()}.png"
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
-            plt.close(fig)
-            os.replace(tmp, sweep_dir / fname)
+            try:
+                atomic_write(sweep_dir / fname, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+            finally:
+                plt.close(fig)
             out[fname] = "written"
         except Exception as e:  # noqa: BLE001
             plt.close("all")

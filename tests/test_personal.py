@@ -35,6 +35,7 @@ from pdmer.checkpoint import save_weights
 from pdmer.config import config_hash, from_dict, load_config, to_dict
 from pdmer.data.loading import curves_of, load_dataset
 from pdmer.data.types import LABELS, DataError
+from pdmer.io import sha256_file
 from pdmer.evaluate import choose_support
 from pdmer.metrics import average, song_metrics
 from pdmer.personal import ProfileError, calibrate, check_name, load_base_model, load_profile, predict
@@ -460,7 +461,7 @@ def _rewrite_weights(profile_dir: Path, change) -> None:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(change(tensors), str(w), metadata=meta)
     m = json.loads((profile_dir / store.MANIFEST).read_text())
-    m["files"]["weights.safetensors"] = {"sha256": store.sha256_file(w), "bytes": w.stat().st_size}
+    m["files"]["weights.safetensors"] = {"sha256": sha256_file(w), "bytes": w.stat().st_size}
     (profile_dir / store.MANIFEST).write_text(json.dumps(m))
 
 

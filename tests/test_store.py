@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pdmer import store
+from pdmer.io import sha256_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = {"weights.safetensors": b"old weights" * 100, "ratings.csv": b"time_s,valence,arousal\n1,0,0\n", "profile.json": b'{"v": 1}'}
@@ -127,7 +128,7 @@ def test_recovery_restores_a_complete_copy_not_the_newest(tmp_path):
     for name, data in NEW.items():  # a newer copy whose deletion was interrupted
         (half / name).write_bytes(data)
     (half / store.MANIFEST).write_text(json.dumps({"format": "pdmer-manifest", "files": {
-        n: {"sha256": store.sha256_bytes(d), "bytes": len(d)} for n, d in NEW.items()}}))
+        n: {"sha256": sha256_bytes(d), "bytes": len(d)} for n, d in NEW.items()}}))
     (half / "weights.safetensors").unlink()
     os.utime(half, (time.time() + 100, time.time() + 100))
     assert store.check_complete(half) is not None

@@ -62,15 +62,15 @@ import numpy as np
 from scipy.signal import lfilter
 from scipy.special import ndtr, ndtri
 
-from pdmer.store import swap_dir
+from pdmer import paths
 from pdmer.config import ConfigError, SyntheticConfig
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
+from pdmer.io import swap_dir
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "3"
 SAMPLE_RATE = 44100
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONSENSUS_ID = "consensus"
 
 FACTORS = ("tempo", "loudness", "brightness", "mode", "consonance", "register")
@@ -792,7 +792,7 @@ def config_hash(cfg: SyntheticConfig) -> str:
 
 def default_root(cfg: SyntheticConfig) -> Path:
     """``<repo>/data/synthetic-<hash>``."""
-    return REPO_ROOT / "data" / f"synthetic-{config_hash(cfg)}"
+    return paths.data_dir() / f"synthetic-{config_hash(cfg)}"
 
 
 def _replace_dir(tmp: Path, root: Path) -> None:
@@ -1032,7 +1032,7 @@ def deam_calibration_stats(deam_dir: Path | None = None) -> dict:
     Raises:
         FileNotFoundError: a file is missing.
     """
-    deam_dir = Path(deam_dir) if deam_dir is not None else REPO_ROOT.parent / "shared" / "data" / "deam"
+    deam_dir = Path(deam_dir) if deam_dir is not None else paths.shared_data_dir() / "deam"
     out: dict = {"frame_std": {}, "spread": {}, "within": {}}
     for lab in LABELS:
         sd = _read_deam_matrix(deam_dir / f"2013_{lab}_cont_std.csv")

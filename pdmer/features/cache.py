@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,18 +24,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pdmer import paths
 from pdmer.config import FeatureConfig
 from pdmer.data.types import DataError, Song
 from pdmer.features import descriptor as _desc
 from pdmer.features.audio import check_waveform, load_audio, resample
 from pdmer.features.embeddings import embedding_dim, load_embeddings
+from pdmer.io import atomic_write, sha256_file
 from pdmer.features.local import frames_per_step, log_mel, n_steps_for, patches_from_log_mel
 
 log = logging.getLogger(__name__)
 
 FEATURES_VERSION = "1"  # bump when the local pipeline's numbers change: part of the cache key
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "cache" / "features"
-_HASH_CHUNK = 1 << 20
+DEFAULT_CACHE_DIR = paths.features_cache_dir()
 
 
 @dataclass
@@ -108,11 +107,7 @@ def file_hash(path: str | Path) -> str:
     st = path.stat()
     memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _file_hashes:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-                h.update(chunk)
-        _file_hashes[memo] = h.hexdigest()
+        _file_hashes[memo] = sha256_file(path)
     return _file_hashes[memo]
 
 
@@ -285,14 +280,8 @@ class FeatureExtractor:
         }
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=cache_file.stem, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({"local": local.contiguous(), "global": desc.contiguous()}, tmp, metadata=meta)
-                os.replace(tmp, cache_file)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            tensors = {"local": local.contiguous(), "global": desc.contiguous()}
+            atomic_write(cache_file, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         except OSError as e:  # a read-only or full disk must not stop training
             log.warning("%s: could not write the feature cache (%s)", cache_file, e)
 
