@@ -19,7 +19,7 @@ from pdmer.data.types import Curve
 
 log = logging.getLogger(__name__)
 
-ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 1e4, 1e5, 1e6)  # VGMIDI chooses 1e4-1e5
 CV_FOLDS = 5
 
 

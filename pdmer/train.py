@@ -85,8 +85,21 @@ def make_loss_fn(cfg: ExperimentConfig):
     return loss_fn
 
 
-def meta_batch(model: nn.Module, tasks: list, loss_fn, cfg: ExperimentConfig) -> dict:
-    """One meta-batch's gradient into ``model``: tasks together (``meta.batch_tasks``) or one by one."""
+def meta_batch(model: nn.Module, tasks: list, loss_fn, cfg: ExperimentConfig, sampler: TaskSampler | None = None) -> dict:
+    """One meta-batch's gradient into ``model``: tasks together (``meta.batch_tasks``) or one by one.
+
+    With ``train.target=consensus`` the generic term (``meta.generic_loss_weight``) is not each
+    task's un-adapted query loss but the DMER loss of one consensus batch of ``train.batch_songs``
+    crops from ``sampler``: the meta-learned start is trained as a listener-blind model on the
+    listener-blind target.
+    """
+    if cfg.train.target == "consensus" and cfg.meta.generic_loss_weight > 0:
+        plain = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, generic_loss_weight=0.0))
+        stats = meta_batch(model, tasks, loss_fn, plain)
+        batch = sampler.dmer_batch(cfg.train.batch_songs, consensus=True)
+        generic = loss_fn(model, *split_state(model), batch)
+        (cfg.meta.generic_loss_weight * generic).backward()
+        return {**stats, "generic_loss": generic.detach()}
     m = cfg.meta
     if m.batch_tasks:
         return meta_step_batched(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order, m.task_chunk,
@@ -433,13 +446,13 @@ def _train(cfg: ExperimentConfig, ctx: Context, t0: float, *, on_validate: Calla
         optimizer.zero_grad(set_to_none=True)
         if cfg.problem == "pdmer":
             tasks = [sampler.task(cfg.meta.query_songs, cfg.meta.task_sampling == "listener") for _ in range(cfg.meta.tasks_per_batch)]
-            stats = meta_batch(model, tasks, loss_fn, cfg)
+            stats = meta_batch(model, tasks, loss_fn, cfg, sampler)
             loss = stats["query_loss"]
             inner = stats["inner_losses"].cpu()  # one host sync per meta-batch
             writer.add_scalar("train/inner_loss_first", inner[0].item(), it)
             writer.add_scalar("train/inner_loss_last", inner[-1].item(), it)
         else:
-            batch = sampler.dmer_batch(cfg.train.batch_songs)
+            batch = sampler.dmer_batch(cfg.train.batch_songs, cfg.train.target == "consensus")
             loss = loss_fn(model, *split_state(model), batch)
             loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else torch.zeros(())

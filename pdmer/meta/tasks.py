@@ -56,6 +56,29 @@ def make_batch(crops: list[tuple[Curve, int, int]], features: dict, device: torc
     )
 
 
+def consensus_curves(curves: list[Curve]) -> dict[str, Curve]:
+    """Song id -> the mean of ``curves`` of that song, per step, over the listeners that rated it.
+
+    A step no curve covers (between two that do not overlap) takes the mean of the nearest
+    covered steps before and after; crops of rated curves never reach it anyway.
+    """
+    by_song: dict[str, list[Curve]] = {}
+    for c in curves:
+        by_song.setdefault(c.song_id, []).append(c)
+    out = {}
+    for sid, cs in by_song.items():
+        start, end = min(c.start_step for c in cs), max(c.end_step for c in cs)
+        total, count = np.zeros((end - start, 2)), np.zeros(end - start)
+        for c in cs:
+            total[c.start_step - start : c.end_step - start] += c.values
+            count[c.start_step - start : c.end_step - start] += 1
+        steps = np.flatnonzero(count > 0)
+        mean = total[steps] / count[steps, None]
+        full = np.stack([np.interp(np.arange(end - start), steps, mean[:, d]) for d in range(2)], 1)
+        out[sid] = Curve(sid, "consensus", start, full.astype(np.float32))
+    return out
+
+
 @dataclass
 class TaskSampler:
     """Draws DMER batches and PDMER tasks from training listeners' curves.
@@ -65,6 +88,11 @@ class TaskSampler:
         features: song id -> SongFeatures.
         seq_len: steps per sequence; curves shorter than this are left out of training.
         rng: numpy Generator (the sampler's only source of randomness).
+        device: where batches go.
+
+    ``dmer_batch(..., consensus=True)`` targets each drawn crop with the training listeners' mean
+    curve of its song on the same steps (``train.target=consensus``), averaged over every curve
+    given here, the short ones included.
     """
 
     curves: dict[str, list[Curve]]
@@ -74,6 +102,7 @@ class TaskSampler:
     device: torch.device | str = "cpu"
 
     def __post_init__(self) -> None:
+        self.consensus = consensus_curves([c for cs in self.curves.values() for c in cs])
         kept = {a: [c for c in cs if c.n_steps >= self.seq_len] for a, cs in self.curves.items()}
         short = sum(len(cs) for cs in self.curves.values()) - sum(len(cs) for cs in kept.values())
         if short:
@@ -88,9 +117,17 @@ class TaskSampler:
         offset = int(self.rng.integers(0, curve.n_steps - self.seq_len + 1))
         return curve, offset, self.seq_len
 
-    def dmer_batch(self, batch_songs: int) -> Batch:
+    def dmer_batch(self, batch_songs: int, consensus: bool = False) -> Batch:
+        """``batch_songs`` crops of curves drawn uniformly (with their listener's or the consensus target)."""
         idx = self.rng.choice(len(self.all_curves), size=batch_songs, replace=len(self.all_curves) < batch_songs)
-        return make_batch([self.crop(self.all_curves[i]) for i in idx], self.features, self.device)
+        crops = [self.crop(self.all_curves[i]) for i in idx]
+        if consensus:
+            crops = [self._as_consensus(*crop) for crop in crops]
+        return make_batch(crops, self.features, self.device)
+
+    def _as_consensus(self, curve: Curve, offset: int, length: int) -> tuple[Curve, int, int]:
+        mean = self.consensus[curve.song_id]
+        return mean, curve.start_step + offset - mean.start_step, length
 
     def task(self, query_songs: int, by_listener: bool = True) -> tuple[Batch, Batch]:
         """One task: (support batch of 1 sequence, query batch of ``query_songs`` sequences).
