@@ -394,7 +394,7 @@ def test_a_crash_during_calibration_leaves_the_old_profile(tiny, base, tmp_path,
         raise OSError("disk full (simulated)")
 
     # crash while writing the new profile (the weights are already written, the plot fails)
-    monkeypatch.setattr(personal, "_plot_fit", boom)
+    monkeypatch.setattr(personal.calibration, "_plot_fit", boom)
     with pytest.raises(OSError, match="simulated"):
         calibrate("carol", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann)
     monkeypatch.undo()
@@ -411,7 +411,7 @@ def test_a_crash_during_calibration_leaves_the_old_profile(tiny, base, tmp_path,
             raise OSError("rename failed (simulated)")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(personal.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
         calibrate("carol", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann, plot=False)
     monkeypatch.undo()
@@ -657,7 +657,7 @@ def test_predict_writes_csv_and_png_and_says_which_model(tiny, tmp_path, monkeyp
 
     # an unfinished run (no results.json) is newer but never picked
     (tiny.runs / "pdmer.unfinished-00000000" / "checkpoints").mkdir(parents=True, exist_ok=True)
-    monkeypatch.setattr(personal, "DEFAULT_RUNS_DIR", tiny.runs)
+    monkeypatch.setattr(personal.base, "DEFAULT_RUNS_DIR", tiny.runs)
     out = tmp_path / "out"
     s = song(tiny, "clip_003")
     assert main(["predict", str(s), "--out", str(out)]) == 0
@@ -704,9 +704,9 @@ def test_readme_example_commands_work(tiny, tmp_path, monkeypatch, capsys):
     """The README's calibrate / predict example, as written, on the tiny benchmark's audio."""
     from pdmer.cli import main
 
-    monkeypatch.setattr(personal, "DEFAULT_RUNS_DIR", tiny.runs)
-    monkeypatch.setattr(personal, "DEFAULT_ANNOTATORS_DIR", tmp_path / "annotators")
-    monkeypatch.setattr(personal, "DEFAULT_PREDICTIONS_DIR", tmp_path / "predictions")
+    monkeypatch.setattr(personal.base, "DEFAULT_RUNS_DIR", tiny.runs)
+    monkeypatch.setattr(personal.names, "DEFAULT_ANNOTATORS_DIR", tmp_path / "annotators")
+    monkeypatch.setattr(personal.prediction, "DEFAULT_PREDICTIONS_DIR", tmp_path / "predictions")
     monkeypatch.chdir(REPO)  # the README's paths are relative to the repository
     songs = None
     ran = []

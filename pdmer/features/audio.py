@@ -156,3 +156,21 @@ def load_audio(path: str | Path, sample_rate: int = 44100) -> np.ndarray:
         log.debug("%s: resampling %d Hz -> %d Hz", path, sr, sample_rate)
         wave = resample(wave, sr, sample_rate)
     return wave
+
+
+def check_audio_file(path: str | Path) -> Path:
+    """An audio path that exists, is a file and is not empty.
+
+    Raises:
+        DataError: naming the path and what it is instead (missing, a folder, 0 bytes).
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not an audio file (give the file itself, e.g. {p}/song.wav)")
+    if not p.exists():
+        raise DataError(f"{p}: audio file not found")
+    if not p.is_file():
+        raise DataError(f"{p}: not a regular file (an audio file is needed)")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: the file is empty (0 bytes), not audio")
+    return p

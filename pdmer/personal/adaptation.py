@@ -1,0 +1,155 @@
+"""Adapting the base model to a listener: support batches, the safe rule, and the one divergence check."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from pdmer.data.types import Curve
+from pdmer.personal.names import ProfileError
+
+if TYPE_CHECKING:
+    from pdmer.personal.profile import Profile
+
+log = logging.getLogger(__name__)
+
+PREDICT_BATCH_WINDOWS = 4  # sliding windows per forward pass in predict: bounds memory
+PRED_LIMIT = 5.0  # |curve| beyond this, on a [-1, 1] scale, is absurd
+DIVERGE_FACTOR = 2.0  # a support loss that ends above this times its start has diverged
+
+
+class AdaptationError(ProfileError):
+    """An adaptation diverged or gave non-finite weights, losses or curves; nothing was saved."""
+
+
+def adaptation_problem(
+    losses: Sequence[float] | torch.Tensor | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+    curves: dict[str, np.ndarray] | None = None,
+    final_loss: float | None = None,
+) -> str | None:
+    """What is wrong with an adaptation's result, or None when it is sane.
+
+    Wrong: a non-finite support loss (``losses``, one per step, or ``final_loss``, the loss of
+    the adapted parameters), a non-finite adapted parameter, a non-finite curve or one beyond
+    ``PRED_LIMIT`` in absolute value, or a final loss above ``DIVERGE_FACTOR`` times the first.
+    Every argument is optional, so a caller checks what it has (``predict`` checks curves).
+
+    Args:
+        losses: (steps,) support loss before each inner step.
+        params: adapted parameters, name -> tensor.
+        curves: song id -> (T, 2) predicted curve.
+        final_loss: support loss after the last step.
+
+    Returns:
+        one sentence naming the first problem found, or None.
+    """
+    ls = [float(x) for x in (losses if losses is not None else [])]
+    if final_loss is not None:
+        ls_all = ls + [float(final_loss)]
+    else:
+        ls_all = ls
+    if any(not np.isfinite(x) for x in ls_all):
+        return "the support loss became non-finite (" + ", ".join(f"{x:.3g}" for x in ls_all) + ")"
+    for k, v in (params or {}).items():
+        if not bool(torch.isfinite(v).all()):
+            return f"the adapted parameter {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or infinite value(s)"
+    for sid, c in (curves or {}).items():
+        c = np.asarray(c)
+        if not np.isfinite(c).all():
+            return f"the personal curve of {sid} holds {int((~np.isfinite(c)).sum())} NaN or infinite value(s)"
+        peak = float(np.abs(c).max()) if c.size else 0.0
+        if peak > PRED_LIMIT:
+            return f"the personal curve of {sid} reaches {peak:.3g} on the [-1, 1] scale"
+    if len(ls_all) >= 2 and ls_all[-1] > DIVERGE_FACTOR * ls_all[0]:
+        return f"the support loss grew from {ls_all[0]:.3g} to {ls_all[-1]:.3g} instead of falling"
+    return None
+
+
+def check_finite_adaptation(
+    losses: Sequence[float] | torch.Tensor | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+    curves: dict[str, np.ndarray] | None = None,
+    final_loss: float | None = None,
+    *,
+    what: str = "the adaptation",
+    advice: str = "",
+) -> None:
+    """Raise :class:`AdaptationError` when :func:`adaptation_problem` finds one.
+
+    Args:
+        what: who adapted, for the message (e.g. "calibration of 'alice'").
+        advice: what to do about it, appended to the message.
+    """
+    problem = adaptation_problem(losses, params, curves, final_loss)
+    if problem is not None:
+        raise AdaptationError(f"{what} diverged: {problem}. {advice}".strip())
+
+
+def _safe_rule(net, feats: dict, curves: list[Curve], generic: dict, weights, support_loss, steps: int, lr: float,
+               seq_len: int, hop: int) -> dict:
+    """The safe rule's per-listener part (:mod:`pdmer.personalize`): support statistics and the held-out check.
+
+    The check adapts again on the first 2/3 of each rated span and scores the rule on the last third.
+    """
+    from pdmer.evaluate import predict_steps
+    from pdmer.meta.maml import adapt
+    from pdmer.personalize import (
+        CHECK_SHARE,
+        MIN_CHECK_STEPS,
+        Check,
+        Support,
+        describe,
+        gate,
+    )
+
+    ratings = np.concatenate([c.values for c in curves])
+    stats = Support.fit(ratings, np.concatenate([generic[c.song_id] for c in curves]))
+    held_n = [int(round(c.n_steps * CHECK_SHARE)) for c in curves]
+    check = None
+    if weights.gate and all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(held_n, curves)):
+        fit = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(curves, held_n)]
+        device = next(net.parameters()).device
+        p_fit, _ = adapt(net, _support_batches(fit, feats, seq_len, device), support_loss, steps, lr)
+        a_held = [predict_steps(net, feats[c.song_id], c.start_step, c.end_step, seq_len, hop, p_fit,
+                                batch_windows=PREDICT_BATCH_WINDOWS)[f.n_steps:] for c, f in zip(curves, fit)]
+        check = Check(np.concatenate([c.values[f.n_steps:] for c, f in zip(curves, fit)]),
+                      np.concatenate([generic[c.song_id][f.n_steps:] for c, f in zip(curves, fit)]),
+                      np.concatenate(a_held),
+                      Support.fit(np.concatenate([f.values for f in fit]),
+                                  np.concatenate([generic[c.song_id][: f.n_steps] for c, f in zip(curves, fit)])))
+    use = gate(check, weights)
+    return {"weights": weights, "stats": stats, "use": use, "held_out_steps": 0 if check is None else len(check.ratings),
+            "summary": describe(weights, use)}
+
+
+def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.ndarray) -> np.ndarray:
+    """A profile's personal curve: the safe rule with the weights, support statistics and checks it recorded."""
+    from pdmer.personalize import Support, Weights, combine
+
+    rule = profile.info.get("personalization")
+    if rule is None:
+        raise ProfileError(f"profile {profile.name!r} ({profile.path}) has no 'personalization' record: it was made "
+                           f"before the safe rule; calibrate {profile.name!r} again")
+    stats = Support(np.asarray(rule["support"]["offset"], float), np.asarray(rule["support"]["scale"], float))
+    use = np.array([bool(rule["use"]["arousal"]), bool(rule["use"]["valence"])])
+    return combine(generic, adapted, stats, Weights.from_json(rule["weights"]), use).astype(np.float32)
+
+
+def _support_batches(curves: list[Curve], feats: dict, seq_len: int, device) -> list[tuple]:
+    """One batch per song: its whole rated span cut into windows of ``seq_len`` steps.
+
+    A 30 s rating (60 steps) is one window, the paper's support sequence; a longer one adds
+    windows (the last one aligned to the end), a shorter one is a single shorter window.
+    """
+    from pdmer.evaluate import window_starts
+    from pdmer.meta.tasks import make_batch
+
+    batches = []
+    for c in curves:
+        length = min(seq_len, c.n_steps)
+        crops = [(c, s, length) for s in window_starts(c.n_steps, length, length)]
+        batches.append(make_batch(crops, feats, device))  # (W, length, ...)
+    return batches
