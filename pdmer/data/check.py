@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pdmer.data.sources import SOURCES, read_source
 from pdmer.data.types import STEP_S, Curve, DataError, Dataset, Song
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("deam", "pmemo", "vgmidi", "generic", "synthetic")
+FORMATS = tuple(SOURCES)  # deam, pmemo, vgmidi, generic, synthetic
 AUDIO_MODES = ("decode", "header", "none")
 _LISTED = 50  # problems / records printed by format_report before "... and N more"
 
@@ -87,7 +88,7 @@ def fit_to_audio(curves: list[Curve], n_steps: dict[str, int], songs: dict[str, 
         "audio"); the problems of :func:`alignment_problems` (a curve that runs more than one step
         past its audio, or a song without audio), naming the file.
     """
-    from pdmer.data.deam import drop_record
+    from pdmer.data.common import drop_record
 
     bad = [c for c in curves if c.song_id not in n_steps or c.start_step < 0 or c.end_step > n_steps[c.song_id] + 1]
     problems = alignment_problems(bad, n_steps, songs)
@@ -210,11 +211,10 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
     Returns:
         {"format", "root", "ok", "summary", "scale", "split", "filters", "dropped", "audio",
         "problems", "notes"}: ``ok`` is True when ``problems`` is empty; ``summary`` as
-        :func:`pdmer.data.deam.summarize` (None when the labels could not be read at all).
+        :func:`pdmer.data.common.summarize` (None when the labels could not be read at all).
     """
     from pdmer.config import ExperimentConfig
-    from pdmer.data.deam import summarize
-    from pdmer.data.loading import deam_options, pmemo_options, vgmidi_options
+    from pdmer.data.common import summarize
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -227,33 +227,23 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
         return report
     ds: Dataset | None = None
     try:
-        if fmt == "deam":
-            from pdmer.data.deam import load_deam
-
-            ds = load_deam(root, **deam_options(cfg.data.deam), require_audio=False, strict=False)
-        elif fmt == "pmemo":
-            from pdmer.data.pmemo import load_pmemo
-
-            ds = load_pmemo(root, **pmemo_options(cfg.data.pmemo), require_audio=False, strict=False)
-            report["notes"].append("PMEmo publishes averaged curves only: they are one pseudo-listener 'consensus' "
-                                   "(DMER training; no personalized tasks)")
+        if fmt in ("deam", "pmemo"):
+            ds = read_source(fmt, root, cfg.data, require_audio=False, strict=False)
         elif fmt == "vgmidi":
-            from pdmer.data.vgmidi import load_vgmidi
-
-            ds = load_vgmidi(root, **vgmidi_options(cfg.data.vgmidi), render=audio != "none", strict=False)
-            report["notes"].append(f"collection round(s) {', '.join(ds.info['rounds'])}; audio rendered from MIDI "
-                                   "(FluidSynth) into the cache")
-        elif fmt == "generic" or root is not None:
-            from pdmer.data.generic import load_generic
-
-            ds = load_generic(Path(root), scale=cfg.data.generic.scale if fmt == "generic" else "deam")
+            ds = read_source(fmt, root, cfg.data, render=audio != "none", strict=False)
+        elif fmt == "generic" or root is not None:  # a synthetic benchmark's folder is written in the generic layout
+            ds = read_source("generic", root, cfg.data, **({} if fmt == "generic" else {"scale": "deam"}))
             if fmt == "synthetic" and (ds.oracle is None or ds.consensus is None):
                 problems.append(f"{root}: synthetic benchmark without oracle.csv / consensus.csv")
         else:
-            from pdmer.data.synthetic import load_synthetic
-
-            ds = load_synthetic(cfg.data.synthetic, None)
+            ds = read_source("synthetic", None, cfg.data)
             report["root"] = str(ds.root)
+        if fmt == "pmemo":
+            report["notes"].append("PMEmo publishes averaged curves only: they are one pseudo-listener 'consensus' "
+                                   "(DMER training; no personalized tasks)")
+        elif fmt == "vgmidi":
+            report["notes"].append(f"collection round(s) {', '.join(ds.info['rounds'])}; audio rendered from MIDI "
+                                   "(FluidSynth) into the cache")
     except DataError as e:
         problems.extend(_problem_lines(e))
         return report

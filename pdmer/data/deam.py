@@ -24,17 +24,18 @@ Two kinds of findings are kept apart:
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pdmer.config import DeamConfig
+from pdmer.data.common import (CONSENSUS, Problem, canonical_id, drop_record, parse_value, raise_problems,  # noqa: F401
+                               read_csv_rows, song_sort_key, summarize)
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 
 log = logging.getLogger(__name__)
@@ -42,128 +43,14 @@ log = logging.getLogger(__name__)
 AUDIO_DIR = Path("MEMD_audio")
 AVERAGED_DIR = Path("annotations", "annotations averaged per song", "dynamic (per second annotations)")
 RATERS_DIR = Path("annotations", "annotations per each rater", "dynamic (per second annotations)")
-CONSENSUS = "consensus"  # annotator_id of an averaged curve
-TEST_IDS = range(2001, 2059)  # the 58 full-length songs of DEAM 2015, the authors' test set
+_D = DeamConfig()  # the DEAM options' defaults, declared once: pdmer.config.DeamConfig (data.deam)
+TEST_IDS = range(_D.test_first_id, _D.test_last_id + 1)  # the 58 full-length songs of DEAM 2015, the authors' test set
 
 _SAMPLE_COLUMN = re.compile(r"^sample_(\d+(?:\.\d*)?)ms$")
-_MAX_LISTED = 50  # problems listed in one DataError message
-
-
-# ---------------------------------------------------------------------------------------------
-# Findings shared by the readers (pdmer.data.pmemo uses them too)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong in an input file."""
-
-    file: Path
-    line: int | None  # 1-based line of the file (1 = header); None for the whole file
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else f"{self.file}"
-        return f"{where}: {self.message}"
-
-
-def raise_problems(problems: list[Problem], what: str) -> None:
-    """Raise one ``DataError`` listing every problem (file and line each), if there are any."""
-    if not problems:
-        return
-    lines = [f"  {p}" for p in problems[:_MAX_LISTED]]
-    if len(problems) > _MAX_LISTED:
-        lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
-    raise DataError(f"{len(problems)} problem(s) in {what}:\n" + "\n".join(lines))
-
-
-def drop_record(stage: str, action: str, reason: str, *, song_id: str | None = None,
-                annotator_id: str | None = None, file: Path | None = None, **extra) -> dict:
-    """One entry of ``Dataset.info["dropped"]`` (plain types, JSON-ready)."""
-    rec = {"stage": stage, "action": action, "reason": reason, "song_id": song_id,
-           "annotator_id": annotator_id, "file": None if file is None else str(file)}
-    rec.update(extra)
-    return rec
-
-
-def canonical_id(raw: str) -> str | None:
-    """``"2"``, ``" 2 "``, ``"2.0"`` -> ``"2"``; None when not a non-negative integer."""
-    s = raw.strip()
-    try:
-        x = float(s)
-    except ValueError:
-        return None
-    if not math.isfinite(x) or x < 0 or x != int(x):
-        return None
-    return str(int(x))
-
-
-def parse_value(cell: str) -> float | None:
-    """A numeric cell -> float (NaN for an empty or NaN cell); None when not a number."""
-    s = cell.strip()
-    if s == "" or s.lower() == "nan":
-        return math.nan
-    try:
-        return float(s)
-    except ValueError:
-        return None
-
-
-def summarize(dataset: Dataset) -> dict:
-    """Counts and ranges of a dataset, for ``check_*`` reports (plain types, JSON-ready).
-
-    Returns:
-        songs, listeners (annotators other than "consensus"), curves, songs_per_listener
-        (min / median / max), steps_per_curve (min / median / max), labelled time in seconds
-        of the per-listener curves and of the consensus, and per-label [min, max] ranges.
-    """
-    def stats(xs: list[int]) -> dict:
-        if not xs:
-            return {"min": None, "median": None, "max": None}
-        return {"min": int(min(xs)), "median": float(np.median(xs)), "max": int(max(xs))}
-
-    def ranges(curves: list[Curve]) -> dict:
-        if not curves:
-            return {name: None for name in LABELS}
-        v = np.concatenate([c.values for c in curves], axis=0)  # (sum T, 2)
-        return {name: [float(v[:, i].min()), float(v[:, i].max())] for i, name in enumerate(LABELS)}
-
-    listeners = [c for c in dataset.curves if c.annotator_id != CONSENSUS]
-    songs_per = Counter(c.annotator_id for c in listeners)
-    consensus = list((dataset.consensus or {}).values())
-    return {
-        "songs": len(dataset.songs),
-        "listeners": len(songs_per),
-        "curves": len(dataset.curves),
-        "songs_per_listener": stats(list(songs_per.values())),
-        "steps_per_curve": stats([c.n_steps for c in dataset.curves]),
-        "labelled_time_s": {
-            "curves": float(sum(c.n_steps for c in dataset.curves) * STEP_S),
-            "consensus": float(sum(c.n_steps for c in consensus) * STEP_S),
-        },
-        "label_range": {"curves": ranges(dataset.curves), "consensus": ranges(consensus)},
-        "scale": dataset.scale,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
 # CSV pieces
-
-
-def read_csv_rows(path: Path, problems: list[Problem]) -> list[tuple[int, list[str]]] | None:
-    """All rows of a CSV file with their 1-based line numbers; None (and a problem) if unreadable."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            rows = []
-            for row in reader:
-                rows.append((reader.line_num, row))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        problems.append(Problem(path, None, f"cannot read: {e}"))
-        return None
-    if not rows:
-        problems.append(Problem(path, None, "empty file (no header)"))
-        return None
-    return rows
 
 
 def _header(row: list[str]) -> list[str]:
@@ -268,9 +155,6 @@ def _join(song_id: str, annotator_id: str, a: tuple[int, np.ndarray], v: tuple[i
     return Curve(song_id, annotator_id, start, values)
 
 
-def song_sort_key(song_id: str) -> tuple[int, str]:
-    """Integer ids in numeric order, any other id after them."""
-    return (int(song_id), song_id) if song_id.isdigit() else (1 << 62, song_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +220,7 @@ def _read_averaged(root: Path, problems: list[Problem], dropped: list[dict], ran
     return out
 
 
-def read_deam_averaged(root: str | Path, *, range_tol: float = 0.01, strict: bool = True,
+def read_deam_averaged(root: str | Path, *, range_tol: float = _D.range_tol, strict: bool = True,
                        problems: list[Problem] | None = None, dropped: list[dict] | None = None) -> dict[str, Curve]:
     """The averaged ("consensus") dynamic labels of every song.
 
@@ -449,7 +333,7 @@ def _read_raters(root: Path, problems: list[Problem], dropped: list[dict], range
     return curves
 
 
-def read_deam_raters(root: str | Path, *, range_tol: float = 0.01, strict: bool = True,
+def read_deam_raters(root: str | Path, *, range_tol: float = _D.range_tol, strict: bool = True,
                      problems: list[Problem] | None = None, dropped: list[dict] | None = None) -> list[Curve]:
     """Every listener's dynamic labels, arousal and valence joined by (song, WorkerId); no filters.
 
@@ -487,11 +371,11 @@ def _flat_channels(curve: Curve, window: int, threshold: float) -> tuple[list[st
     return [LABELS[i] for i in range(2) if mad[i] < threshold], [float(m) for m in mad]
 
 
-def load_deam(root: str | Path, *, train_max_id: int = 2000, test_ids: Iterable[int] = TEST_IDS,
-              clip_steps: int | None = 60, clip_start_s: float = 15.0,
-              flat_mad: float | None = 0.01, flat_window: int = 60,
-              min_songs_per_listener: int = 16, min_songs_scope: str = "all",
-              range_tol: float = 0.01, require_audio: bool = False, strict: bool = True) -> Dataset:
+def load_deam(root: str | Path, *, train_max_id: int = _D.train_max_id, test_ids: Iterable[int] = TEST_IDS,
+              clip_steps: int | None = _D.clip_steps, clip_start_s: float = _D.clip_start_s,
+              flat_mad: float | None = _D.flat_mad, flat_window: int = _D.flat_window,
+              min_songs_per_listener: int = _D.min_songs_per_listener, min_songs_scope: str = _D.min_songs_scope,
+              range_tol: float = _D.range_tol, require_audio: bool = False, strict: bool = True) -> Dataset:
     """DEAM as the DSAML authors used it: per-listener curves plus the averaged consensus.
 
     Filters run in this order, each recording what it removed in ``info["filters"][name]`` and

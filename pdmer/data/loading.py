@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
@@ -66,32 +65,10 @@ def load_dataset(cfg: DataConfig, require_audio: bool = False) -> Dataset:
     Raises:
         DataError: the data failed validation (the message lists every problem).
     """
-    if cfg.source == "synthetic":
-        from pdmer.data.synthetic import load_synthetic
+    from pdmer.data.sources import read_source
 
-        return load_synthetic(cfg.synthetic, Path(cfg.root) if cfg.root else None)
-    if not cfg.root:
-        layout = {"generic": "audio/ and ratings.csv", "deam": "MEMD_audio/ and annotations/",
-                  "pmemo": "chorus/ and annotations/", "vgmidi": "labelled/annotations/ and labelled/midi/"}.get(cfg.source, "the dataset")
-        raise DataError(f"data.source={cfg.source} needs data.root=<folder with {layout}>")
-    root = Path(cfg.root)
-    if cfg.source == "generic":
-        from pdmer.data.generic import load_generic
-
-        return load_generic(root, scale=cfg.generic.scale)
-    if cfg.source == "deam":
-        from pdmer.data.deam import load_deam
-
-        return load_deam(root, **deam_options(cfg.deam), require_audio=require_audio)
-    if cfg.source == "pmemo":
-        from pdmer.data.pmemo import load_pmemo
-
-        return load_pmemo(root, **pmemo_options(cfg.pmemo), require_audio=require_audio)
-    if cfg.source == "vgmidi":
-        from pdmer.data.vgmidi import load_vgmidi
-
-        return load_vgmidi(root, **vgmidi_options(cfg.vgmidi))
-    raise DataError(f"unknown data.source {cfg.source!r}")
+    kw = {"require_audio": require_audio} if cfg.source in ("deam", "pmemo") else {}
+    return read_source(cfg.source, cfg.root, cfg, **kw)
 
 
 def _count(value: float, n: int) -> int:
@@ -148,7 +125,7 @@ def split_songs(dataset: Dataset, cfg: DataConfig) -> dict[str, list[str]]:
     Raises:
         DataError: a role would get no song.
     """
-    from pdmer.data.deam import song_sort_key
+    from pdmer.data.common import song_sort_key
 
     rated = sorted({c.song_id for c in dataset.curves}, key=song_sort_key)
     rng = np.random.default_rng(cfg.split.seed)

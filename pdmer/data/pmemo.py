@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pdmer.data.deam import (CONSENSUS, Problem, canonical_id, drop_record, parse_value, raise_problems,
-                             read_csv_rows, song_sort_key, summarize)
+from pdmer.data.common import (CONSENSUS, Problem, canonical_id, drop_record, parse_value, raise_problems,
+                               read_csv_rows, song_sort_key, summarize)
 from pdmer.data.types import STEP_S, Curve, DataError, Dataset, Song
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdmer.data.deam import Problem, drop_record, raise_problems
+from pdmer.data.common import Problem, drop_record, raise_problems
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 from pdmer.features.cache import file_hash
 
