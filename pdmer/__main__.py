@@ -1,4 +1,5 @@
 """``python -m pdmer ...``: the same commands as ``python run.py ...`` (for an installed package)."""
+
 import sys
 
 from pdmer.cli import main

@@ -6,6 +6,7 @@
 - :func:`swap_dir` does the same for a whole folder (by renames).
 - :func:`sha256_file` hashes a file's bytes in chunks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -123,6 +124,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 __all__ = [
-    "atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "fsync_file", "sha256_bytes",
-    "sha256_file", "swap_dir", "write_synced",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "fsync_file",
+    "sha256_bytes",
+    "sha256_file",
+    "swap_dir",
+    "write_synced",
 ]

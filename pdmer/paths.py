@@ -15,6 +15,7 @@ Experiment files (``experiments/*.yaml``) are read from ``<home>/experiments/`` 
 else from the source checkout the package was imported from (an editable install), else from
 ``$PDMER_HOME``'s or the working folder's ``experiments/`` (named in the error of an unknown name).
 """
+
 from __future__ import annotations
 
 import os
@@ -113,7 +114,18 @@ def display(path: str | Path, root: str | Path | None = None) -> str:
 
 
 __all__ = [
-    "ENV", "PACKAGE_DIR", "annotators_dir", "code_root", "data_dir", "display", "experiments_dir",
-    "features_cache_dir", "find_project", "home", "predictions_dir", "runs_dir", "shared_data_dir",
+    "ENV",
+    "PACKAGE_DIR",
+    "annotators_dir",
+    "code_root",
+    "data_dir",
+    "display",
+    "experiments_dir",
+    "features_cache_dir",
+    "find_project",
+    "home",
+    "predictions_dir",
+    "runs_dir",
+    "shared_data_dir",
     "source_root",
 ]

@@ -4,6 +4,7 @@ A reader collects :class:`Problem` items (file, line, message) in a list and end
 :func:`raise_problems`, which raises them all as one ``DataError``; ``strict=False`` readers return
 them instead. What is left out on purpose is a :func:`drop_record` in ``Dataset.info["dropped"]``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,11 +44,25 @@ def raise_problems(problems: list[Problem], what: str) -> None:
     raise DataError(f"{len(problems)} problem(s) in {what}:\n" + "\n".join(lines))
 
 
-def drop_record(stage: str, action: str, reason: str, *, song_id: str | None = None,
-                annotator_id: str | None = None, file: Path | None = None, **extra) -> dict:
+def drop_record(
+    stage: str,
+    action: str,
+    reason: str,
+    *,
+    song_id: str | None = None,
+    annotator_id: str | None = None,
+    file: Path | None = None,
+    **extra,
+) -> dict:
     """One entry of ``Dataset.info["dropped"]`` (plain types, JSON-ready)."""
-    rec = {"stage": stage, "action": action, "reason": reason, "song_id": song_id,
-           "annotator_id": annotator_id, "file": None if file is None else str(file)}
+    rec = {
+        "stage": stage,
+        "action": action,
+        "reason": reason,
+        "song_id": song_id,
+        "annotator_id": annotator_id,
+        "file": None if file is None else str(file),
+    }
     rec.update(extra)
     return rec
 
@@ -83,6 +98,7 @@ def summarize(dataset: Dataset) -> dict:
         (min / median / max), steps_per_curve (min / median / max), labelled time in seconds
         of the per-listener curves and of the consensus, and per-label [min, max] ranges.
     """
+
     def stats(xs: list[int]) -> dict:
         if not xs:
             return {"min": None, "median": None, "max": None}
@@ -134,5 +150,14 @@ def song_sort_key(song_id: str) -> tuple[int, str]:
     return (int(song_id), song_id) if song_id.isdigit() else (1 << 62, song_id)
 
 
-__all__ = ["CONSENSUS", "Problem", "canonical_id", "drop_record", "parse_value", "raise_problems", "read_csv_rows",
-           "song_sort_key", "summarize"]
+__all__ = [
+    "CONSENSUS",
+    "Problem",
+    "canonical_id",
+    "drop_record",
+    "parse_value",
+    "raise_problems",
+    "read_csv_rows",
+    "song_sort_key",
+    "summarize",
+]

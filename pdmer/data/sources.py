@@ -4,6 +4,7 @@ Each :class:`Source` names the folder layout ``data.root`` must hold and reads a
 options of its ``data.<source>`` config section; the caller adds what differs between training and
 ``data check`` (``require_audio``, ``strict``, ``render``) as keyword arguments.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,13 +63,16 @@ class Source:
     read: Callable[..., Dataset]
 
 
-SOURCES: dict[str, Source] = {s.name: s for s in (
-    Source("deam", "MEMD_audio/ and annotations/", _deam),
-    Source("pmemo", "chorus/ and annotations/", _pmemo),
-    Source("vgmidi", "labelled/annotations/ and labelled/midi/", _vgmidi),
-    Source("generic", "audio/ and ratings.csv", _generic),
-    Source("synthetic", None, _synthetic),
-)}
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in (
+        Source("deam", "MEMD_audio/ and annotations/", _deam),
+        Source("pmemo", "chorus/ and annotations/", _pmemo),
+        Source("vgmidi", "labelled/annotations/ and labelled/midi/", _vgmidi),
+        Source("generic", "audio/ and ratings.csv", _generic),
+        Source("synthetic", None, _synthetic),
+    )
+}
 
 
 def read_source(name: str, root: str | Path | None, cfg: DataConfig, **kw) -> Dataset:
