@@ -19,9 +19,9 @@ over the predicted span, the personal curve is::
     p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_offset * o
 
 ``w = 0`` is the generic curve. The weights are the grid point that maximizes the validation
-listeners' mean CCC gain plus mean RMSE reduction among those that make neither their mean RMSE
-nor their mean PCC worse than the generic model's (:func:`choose_weights`); none qualifying
-means ``w = 0``.
+listeners' mean CCC gain plus mean RMSE reduction among those that make none of CCC, RMSE and
+PCC worse than the generic model's, by a one-sided test over the listeners
+(:func:`choose_weights`); none qualifying means ``w = 0``.
 
 The **held-out check** (per listener and dimension): the same rule, fitted on the first 2/3 of
 the support sequence (offset, scale, and a second adaptation), predicts its last third; unless
@@ -46,6 +46,7 @@ SCALE_CLIP = (0.25, 4.0)
 CHECK_SHARE = 1 / 3  # the held-out later part of the support sequence
 MIN_CHECK_STEPS = 4
 GATE_Z = 2.0  # the held-out check's one-sided z
+CHOICE_Z = 1.645  # the weights' one-sided "not worse" test over validation listeners (about 5 %)
 TOL = 1e-9  # rounding allowed in "no worse"
 
 
@@ -168,13 +169,12 @@ class Parts:
 
 
 def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool,
-                generic_cache: dict) -> tuple[float, float, float]:
-    """Mean over listeners of (CCC gain, RMSE change, PCC change) in dimension ``d`` for weights ``w``."""
-    dccc, drmse, dpcc = [], [], []
+                generic_cache: dict) -> np.ndarray:
+    """Per listener, (CCC gain, RMSE change, PCC change) in dimension ``d`` for weights ``w``: (n, 3)."""
+    out = np.zeros((len(parts), 3))
     for i, p in enumerate(parts):
         if use_gate and p.check is not None and not _gate_1d(p.check, d, w):
-            dccc.append(0.0), drmse.append(0.0), dpcc.append(0.0)
-            continue
+            continue  # generic for this listener: no change
         c, r, q = [], [], []
         for sid, (ratings, g, a) in p.queries.items():
             key = (i, sid, d)
@@ -187,10 +187,22 @@ def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_g
             r.append(rp - rg)
             if np.isfinite(pp) and np.isfinite(pg):
                 q.append(pp - pg)
-        dccc.append(float(np.nanmean(c)) if np.isfinite(c).any() else 0.0)
-        drmse.append(float(np.mean(r)))
-        dpcc.append(float(np.mean(q)) if q else 0.0)
-    return float(np.mean(dccc)), float(np.mean(drmse)), float(np.mean(dpcc))
+        out[i] = (float(np.nanmean(c)) if np.isfinite(c).any() else 0.0, float(np.mean(r)),
+                  float(np.mean(q)) if q else 0.0)
+    return out
+
+
+def _summary(changes: np.ndarray) -> tuple[tuple[float, float, float], bool]:
+    """The mean (CCC gain, RMSE change, PCC change) and whether none of them is worse, with confidence.
+
+    "Not worse" is a one-sided test over listeners: the bound ``mean -/+ CHOICE_Z * sd / sqrt(n)``
+    on the bad side must not cross zero (CCC and PCC: mean - ...; RMSE: mean + ...). An unchanged
+    metric (PCC under an offset or a scale) has sd 0 and passes.
+    """
+    mean = changes.mean(0)
+    se = changes.std(0, ddof=1) / np.sqrt(len(changes)) if len(changes) > 1 else np.full(3, np.inf)
+    safe = mean[0] - CHOICE_Z * se[0] >= -TOL and mean[1] + CHOICE_Z * se[1] <= TOL and mean[2] - CHOICE_Z * se[2] >= -TOL
+    return (float(mean[0]), float(mean[1]), float(mean[2])), bool(safe)
 
 
 def objective(scores: tuple[float, float, float]) -> float:
@@ -200,11 +212,13 @@ def objective(scores: tuple[float, float, float]) -> float:
 
 def choose_weights(parts: list[Parts], chosen_on: str = "", grid: tuple[float, ...] = GRID, use_gate: bool = True
                    ) -> tuple[Weights, dict]:
-    """The population weights, per dimension: the best CCC gain plus RMSE reduction, RMSE and PCC no worse.
+    """The population weights, per dimension: the best CCC gain plus RMSE reduction, nothing worse.
 
-    Every grid point ``w`` is scored on ``parts`` by its mean change of CCC, RMSE and PCC against
-    the generic curve; among the points that make neither the mean RMSE nor the mean PCC worse,
-    the one with the largest :func:`objective` wins (none: ``w = 0``, the generic curve). Both
+    Every grid point ``w`` is scored on ``parts`` by each listener's change of CCC, RMSE and PCC
+    against the generic curve; among the points that make none of the three worse with confidence
+    (a one-sided test over listeners at ``CHOICE_Z``, :func:`_summary`: an audit, not a mean that
+    may be better by chance alone), the one with the largest mean :func:`objective` wins (none:
+    ``w = 0``, the generic curve). Both
     metrics count: within a song the listener's level carries over and mostly lowers RMSE, across
     songs it does not and a CCC-only choice would miss it or trade it away.
 
@@ -245,10 +259,10 @@ def _choose(parts: list[Parts], grid: tuple[float, ...], use_gate: bool, weights
         for w in itertools.product(grid, repeat=len(COMPONENTS)):
             if not any(w):
                 continue
-            s = _dim_scores(parts, d, w, use_gate, cache)
+            s, safe = _summary(_dim_scores(parts, d, w, use_gate, cache))
             if objective(s) > objective(best_free[1]):
                 best_free = (w, s)
-            if objective(s) > objective(best[1]) and s[1] <= TOL and s[2] >= -TOL:  # (offsets and scales leave PCC as it is, up to rounding)
+            if safe and objective(s) > objective(best[1]):
                 best = (w, s)
         (w_off, w_scale, w_maml), scores = best
         weights.offset[d], weights.scale[d], weights.maml[d] = w_off, w_scale, w_maml

@@ -147,12 +147,12 @@ def test_evaluate_listener_end_to_end_noise_and_response():
 def test_where_levels_carry_over_the_rule_is_at_least_as_good_as_the_offset_shift():
     """Within a song a listener's level carries over: the chosen rule must not trail the plain offset
     shift (weight 1, no check) in RMSE or CCC on the listeners it is chosen on."""
-    from pdmer.personalize import _dim_scores
+    from pdmer.personalize import _dim_scores, _summary
 
     parts = parts_population(carry=0.9, seed=5)
     w, report = choose_weights(parts)
     for d, label in enumerate(("arousal", "valence")):
-        ccc, rmse, _ = _dim_scores(parts, d, (1.0, 0.0, 0.0), False, {})
+        (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0), False, {}))
         assert rmse < 0  # the shift helps here
         chosen = report[label]
         assert chosen["ccc_gain"] - chosen["rmse_change"] >= ccc - rmse - 1e-12
