@@ -722,8 +722,6 @@ class _TrialRunner:
                 raise optuna.TrialPruned(f"pruned at iteration {it}: {self.sweep.metric} = {value:.4f}")
 
         hparams = {k: _hparam(v) for k, v in {**values, **{p.key: p.value for p in self.sweep.fixed}}.items()}
-        pdmer_log = logging.getLogger("pdmer")
-        handlers = list(pdmer_log.handlers)
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
         try:
             train(cfg, on_validate=on_validate, hparams=hparams)
@@ -744,11 +742,6 @@ class _TrialRunner:
             if run.is_dir() and not (run / "stopped.json").exists():
                 _write_stopped(run, type(e).__name__, why)
             raise
-        finally:
-            for h in list(pdmer_log.handlers):  # a run stopped by an exception may leave its log file open
-                if h not in handlers:
-                    pdmer_log.removeHandler(h)
-                    h.close()
         self.ran.append(trial.number)
         if best["value"] is None:  # NaN at every validation: ranked like a diverged trial
             trial.set_user_attr("diverged", f"{self.sweep.metric} was never finite")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pdmer import distributed
 from pdmer.checkpoint import CheckpointError, atomic_write_text, load_tensors, load_weights, save_tensors, save_weights
 from pdmer.config import ExperimentConfig, config_hash
 from pdmer.data.loading import MIN_QUERY_STEPS, load_dataset, make_splits, role_curves
@@ -108,6 +109,39 @@ def meta_batch(model: nn.Module, tasks: list, loss_fn, cfg: ExperimentConfig, sa
         with unrolled_lstm(model):  # cuDNN's LSTM has no double backward: only the LSTM leaves it
             return meta_step(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order, m.generic_loss_weight)
     return meta_step(model, tasks, loss_fn, m.inner_steps, m.inner_lr, m.first_order, m.generic_loss_weight)
+
+
+def outer_step(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: TaskSampler, loss_fn, cfg: ExperimentConfig,
+               iteration: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """One outer step: zero the gradients, one meta-batch (PDMER) or batch (DMER), clip, step.
+
+    Under torchrun (:mod:`pdmer.distributed`) every rank draws the whole meta-batch, so the
+    sampler stays in step with a one-process run's, computes the meta-gradient of its share of
+    the tasks, and the gradients are averaged over all tasks before the step: each rank takes the
+    one-process step (up to floating-point order). DMER: every rank computes the same batch.
+
+    Returns:
+        (loss, stats of :func:`meta_batch` or {}, gradient norm before clipping)
+    """
+    optimizer.zero_grad(set_to_none=True)
+    distributed.seed_step(cfg.train.seed, iteration)
+    stats: dict = {}
+    if cfg.problem == "pdmer":
+        tasks = [sampler.task(cfg.meta.query_songs, cfg.meta.task_sampling == "listener") for _ in range(cfg.meta.tasks_per_batch)]
+        mine = distributed.shard(tasks)
+        before = distributed.running_stats(model)  # BatchNorm's, merged over the ranks after the meta-batch
+        stats = meta_batch(model, mine, loss_fn, cfg, sampler)
+        distributed.merge_running_stats(model, before, tasks if cfg.meta.batch_tasks else None)
+        stats = distributed.average_task_gradients(model, stats, len(mine), len(tasks))
+        loss = stats["query_loss"]
+    else:
+        batch = sampler.dmer_batch(cfg.train.batch_songs, cfg.train.target == "consensus")
+        loss = loss_fn(model, *split_state(model), batch)
+        loss.backward()
+        distributed.broadcast_gradients(model)  # and BatchNorm's running statistics
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else torch.zeros(())
+    optimizer.step()
+    return loss, stats, grad_norm
 
 
 def seed_everything(seed: int) -> None:
@@ -367,7 +401,13 @@ def train(cfg: ExperimentConfig, *, on_validate: Callable[[int, dict], None] | N
     """
     seed_everything(cfg.train.seed)
     t0 = time.time()
-    ctx = build_context(cfg)  # checks the data: a refused run creates no folder
+    if distributed.init(resolve_device(cfg.runtime.device)) and cfg.problem == "pdmer":
+        distributed.check_shardable(cfg.meta.tasks_per_batch)
+    with distributed.main_first():  # rank 0 writes the data and feature caches, the others read them
+        ctx = build_context(cfg)  # checks the data: a refused run creates no folder
+    if not distributed.is_main():  # torchrun: rank 0 writes the run folder
+        _follow(cfg, ctx)
+        return run_dir_for(cfg)
     with lock_run(run_dir_for(cfg)):
         check_restart(run_dir_for(cfg), resume, force)  # never throw an interrupted run's progress away silently
         return _train(cfg, ctx, t0, on_validate=on_validate, hparams=hparams, resume=resume)
@@ -375,18 +415,25 @@ def train(cfg: ExperimentConfig, *, on_validate: Callable[[int, dict], None] | N
 
 def _train(cfg: ExperimentConfig, ctx: Context, t0: float, *, on_validate: Callable[[int, dict], None] | None,
            hparams: dict | None, resume: bool) -> Path:
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
-
     run = prepare_run_dir(cfg, ctx.device)
     (run / "stopped.json").unlink(missing_ok=True)  # left by an earlier, stopped attempt
     handler = add_file_log(run)
+    try:
+        return _train_in(run, cfg, ctx, t0, on_validate=on_validate, hparams=hparams, resume=resume)
+    finally:  # the run's log file is closed however training ends (error, pruned trial, Ctrl-C)
+        logging.getLogger("pdmer").removeHandler(handler)
+        handler.close()
+
+
+def _train_in(run: Path, cfg: ExperimentConfig, ctx: Context, t0: float, *,
+              on_validate: Callable[[int, dict], None] | None, hparams: dict | None, resume: bool) -> Path:
+    """:func:`_train` inside its run folder, its log file open."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
     atomic_write_text(run / "splits.json", json.dumps(ctx.split_record(), indent=2))
-    model = build_model(ctx)
+    model, sampler, optimizer, loss_fn = training_parts(ctx)
     log.info("run %s: %s model, %d parameters, device %s", run.name, cfg.size, count_parameters(model), ctx.device)
-    sampler = TaskSampler(ctx.train_curves(), ctx.features, cfg.train.seq_len, np.random.default_rng(cfg.train.seed), ctx.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.outer_lr)
-    loss_fn = make_loss_fn(cfg)
     cond, metric = selection_metric(cfg)
     best = {"iteration": -1, "value": -float("inf")}
     selected: dict = {}  # validation summary of the best (selected) checkpoint
@@ -426,8 +473,6 @@ def _train(cfg: ExperimentConfig, ctx: Context, t0: float, *, on_validate: Calla
                 atomic_write_text(run / "stopped.json", json.dumps(
                     {"iteration": it, "reason": type(e).__name__, "message": str(e), "val": summary}, indent=2, default=float))
                 writer.close()
-                logging.getLogger("pdmer").removeHandler(handler)
-                handler.close()
                 raise
 
     twin = training_twin(cfg) if start == 0 else None
@@ -439,24 +484,16 @@ def _train(cfg: ExperimentConfig, ctx: Context, t0: float, *, on_validate: Calla
         log.info("%s trains exactly as the finished run %s (only eval.protocol differs): its weights are reused, "
                  "training is skipped", run.name, twin.name)
         start = cfg.train.iterations
+    start = distributed.share_state(model, optimizer, sampler, start)  # torchrun: rank 0's state on every rank
     bar = tqdm(range(start + 1, cfg.train.iterations + 1), desc=f"{cfg.problem} {cfg.name}", initial=start,
                total=cfg.train.iterations, disable=not cfg.runtime.progress or None, dynamic_ncols=True)
     model.train()
     for it in bar:
-        optimizer.zero_grad(set_to_none=True)
+        loss, stats, grad_norm = outer_step(model, optimizer, sampler, loss_fn, cfg, it)
         if cfg.problem == "pdmer":
-            tasks = [sampler.task(cfg.meta.query_songs, cfg.meta.task_sampling == "listener") for _ in range(cfg.meta.tasks_per_batch)]
-            stats = meta_batch(model, tasks, loss_fn, cfg, sampler)
-            loss = stats["query_loss"]
             inner = stats["inner_losses"].cpu()  # one host sync per meta-batch
             writer.add_scalar("train/inner_loss_first", inner[0].item(), it)
             writer.add_scalar("train/inner_loss_last", inner[-1].item(), it)
-        else:
-            batch = sampler.dmer_batch(cfg.train.batch_songs, cfg.train.target == "consensus")
-            loss = loss_fn(model, *split_state(model), batch)
-            loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else torch.zeros(())
-        optimizer.step()
         loss_value = float(loss.detach())
         writer.add_scalar("train/loss", loss_value, it)
         writer.add_scalar("train/grad_norm", float(grad_norm), it)
@@ -472,13 +509,36 @@ def _train(cfg: ExperimentConfig, ctx: Context, t0: float, *, on_validate: Calla
     else:
         shutil.copyfile(twin / "checkpoints" / "last.safetensors", run / "checkpoints" / "last.safetensors")
     load_weights(run / "checkpoints" / "best.safetensors", model, {"config_hash": meta["config_hash"]})
-    results = evaluate_and_report(model, ctx, run, writer, train_seconds=time.time() - t0, best=best)
+    evaluate_and_report(model, ctx, run, writer, train_seconds=time.time() - t0, best=best)
     if hparams:
         scores = {f"best_val/{c}_{k}": float(m[k]) for c, m in selected.items() for k in VAL_METRICS}
         writer.add_hparams(hparams, scores, run_name=".")  # "." = this run's own tb/ folder
     writer.close()
-    logging.getLogger("pdmer").removeHandler(handler)
     return run
+
+
+def training_parts(ctx: Context) -> tuple[DSAML, TaskSampler, torch.optim.Optimizer, Callable]:
+    """A fresh run's model, task sampler, optimiser and loss (the same on every rank of a torchrun launch)."""
+    cfg = ctx.cfg
+    model = build_model(ctx)
+    sampler = TaskSampler(ctx.train_curves(), ctx.features, cfg.train.seq_len, np.random.default_rng(cfg.train.seed), ctx.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.outer_lr)
+    return model, sampler, optimizer, make_loss_fn(cfg)
+
+
+def _follow(cfg: ExperimentConfig, ctx: Context) -> None:
+    """A rank other than 0 of a torchrun launch: rank 0's outer steps on its share of each meta-batch.
+
+    It writes nothing and neither validates nor tests; it waits in the next all-reduce while
+    rank 0 does, and leaves after the last step.
+    """
+    model, sampler, optimizer, loss_fn = training_parts(ctx)
+    start = distributed.share_state(model, optimizer, sampler, 0)  # rank 0's weights, moments, RNG and iteration
+    model.train()
+    for it in range(start + 1, cfg.train.iterations + 1):
+        loss, _, _ = outer_step(model, optimizer, sampler, loss_fn, cfg, it)
+        if not np.isfinite(float(loss.detach())):  # the averaged loss: rank 0 stops at the same step
+            raise FloatingPointError(f"training loss became {float(loss)} at iteration {it} (rank {distributed.rank()})")
 
 
 def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) -> dict:

@@ -166,3 +166,15 @@ def test_readme_results_section_is_generated_between_its_markers(tmp_path):
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
     assert not write_readme_results(tmp_path / "runs", plain) and plain.read_text() == "no markers\n"
+
+
+def test_the_readmes_calibration_table_is_the_generated_one():
+    """The benchmark's rater figures in README.md come from the code (python run.py tables), not by hand."""
+    from pdmer.reproduce import CALIBRATION_MARK, calibration_section
+
+    deam = Path(__file__).resolve().parents[2] / "shared" / "data" / "deam"
+    if not deam.exists():
+        pytest.skip(f"the DEAM reference figures need {deam}")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = CALIBRATION_MARK
+    assert readme.split(start, 1)[1].split(end, 1)[0].strip() == calibration_section().strip()
