@@ -44,6 +44,10 @@ def cmd_train(args) -> int:
         _print_results(run)
         return 0
     run = train(cfg, resume=args.resume, force=args.force)
+    from pdmer import distributed
+
+    if not distributed.is_main():  # torchrun: rank 0 reports
+        return 0
     print()
     _print_results(run)
     return 0
