@@ -12,6 +12,8 @@ The test checks the machinery (profile -> personal curve on other songs), not th
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -818,3 +820,16 @@ def test_predict_on_a_10_minute_file_has_flat_memory(tmp_path):
     assert len((tmp_path / "pred" / "song_10min.csv").read_text().splitlines()) == 1201
     features_mb = (1200 - 480) * (51 * 128 * 2 + 4 * descriptor_dim(cfg.features)) / 2**20  # about 9.6 MB
     assert res[10]["growth_mb"] - res[4]["growth_mb"] < features_mb + 70
+
+
+def test_a_synthetic_only_model_warns_on_audio_that_is_not_the_benchmarks(base, tiny, tmp_path):
+    """The synthetic benchmark's model knows nothing of real music: say so for other audio, not for its own."""
+    own = sorted(tiny.audio.glob("*.wav"))[:2]
+    assert own and base.synthetic_warning(own) is None
+    elsewhere = tmp_path / "my_song.wav"
+    shutil.copyfile(own[0], elsewhere)
+    warning = base.synthetic_warning([own[0], elsewhere])
+    assert warning and "my_song.wav" in warning and "synthetic benchmark only" in warning
+    real = copy.copy(base)
+    real.cfg = dataclasses.replace(base.cfg, data=dataclasses.replace(base.cfg.data, source="vgmidi"))
+    assert real.synthetic_warning([elsewhere]) is None

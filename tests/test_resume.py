@@ -98,7 +98,7 @@ def test_a_folder_being_trained_is_not_trained_twice(reference, session_tmp):
 def test_state_write_interrupted_before_rename_keeps_the_previous_state(tmp_path, monkeypatch):
     import torch
 
-    from pdmer import checkpoint
+    from pdmer import io
     from pdmer.checkpoint import load_tensors, save_tensors
 
     path = tmp_path / "state" / "latest.safetensors"
@@ -107,7 +107,7 @@ def test_state_write_interrupted_before_rename_keeps_the_previous_state(tmp_path
     def killed(*args):
         raise KeyboardInterrupt("killed between write and rename")
 
-    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    monkeypatch.setattr(io.os, "replace", killed)  # the one atomic write (pdmer.io) renames last
     with pytest.raises(KeyboardInterrupt):
         save_tensors(path, {"w": torch.zeros(3)}, {"iteration": 4})
     tensors, meta = load_tensors(path)

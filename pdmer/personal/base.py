@@ -130,6 +130,32 @@ class BaseModel:
             self._extractor = FeatureExtractor(self.cfg.features)
         return song_features(Path(path), self._extractor)
 
+    def synthetic_warning(self, audio: list[Path]) -> str | None:
+        """A warning when this model knows only the synthetic benchmark and ``audio`` is not the benchmark's.
+
+        The embedded benchmark's curves are generated from its own audio; a model trained on them
+        alone has learned nothing about how real listeners hear real music (calibrating real VGMIDI
+        listeners on it raised their RMSE). Audio inside the benchmark's data folder is fine.
+        """
+        if getattr(self.cfg.data, "source", None) != "synthetic":
+            return None
+        roots = [paths.home() / "data"] if not self.cfg.data.root else [Path(self.cfg.data.root)]
+        roots = [(r if r.is_absolute() else paths.home() / r).resolve() for r in roots]
+
+        def benchmark(a: Path) -> bool:
+            a = Path(a).resolve()
+            return any(a.is_relative_to(r) and (self.cfg.data.root or any(part.startswith("synthetic")
+                                                                          for part in a.relative_to(r).parts[:1]))
+                       for r in roots)
+
+        outside = [Path(a).name for a in audio if not benchmark(a)]
+        if not outside:
+            return None
+        return (f"{self.name} was trained on pdmer's synthetic benchmark only (data.source=synthetic): it knows nothing "
+                f"of real music, so its curves for {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''} mean "
+                "little. Train a base model on real listeners (e.g. python run.py train pdmer.vgmidi.dsaml) and pass "
+                "--model RUN_DIR.")
+
     @property
     def rule(self):
         """The safe personalization weights the run chose on its validation listeners (``personalization.json``).

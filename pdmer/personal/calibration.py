@@ -127,6 +127,8 @@ def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs
     store.repair_all(root, _legacy_complete)  # and of any other name not being calibrated now
     base = base or load_base_model(model, runs_dir, device)
     log.info("model: %s (%s)", _display(base.run), base.how)
+    if warning := base.synthetic_warning(list(audio_map.values())):
+        log.warning(warning)
     cfg = base.cfg
     steps = cfg.meta.inner_steps if inner_steps is None else int(inner_steps)
     lr = cfg.meta.inner_lr if inner_lr is None else float(inner_lr)

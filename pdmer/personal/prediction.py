@@ -121,6 +121,8 @@ def predict(
         profile = load_profile(name, annotators_dir)  # checks the name and the file before the model loads
     base = base or _base_for(profile, name, model, runs_dir, device)
     log.info("model: %s (%s)", _display(base.run), base.how)
+    if warning := base.synthetic_warning(paths):
+        log.warning(warning)
     params = None
     if profile is not None:
         check_compatible(profile, base)
