@@ -309,14 +309,15 @@ until its reproduction (with the experiment's own config: no overrides but `runt
 which are listed with each full table) has finished; no number here is typed by hand.
 
 Columns: test-set mean CCC (mean of arousal and valence), mean ± std over training seeds
-(`train.seed`; data, split and support songs fixed). Conditions (`pdmer/evaluate.py`):
+(`train.seed`; data and split fixed; which songs are the support follows the seed). Conditions (`pdmer/evaluate.py`):
 
 - **generic**: the trained model, no adaptation. In `pdmer.*` rows it is the meta-trained
   model; in `dmer.*` rows it is the plain-DMER model (the *no-adaptation baseline*).
 - **personalized**: the safe personalization rule (`pdmer/personalize.py`): the listener's
   offset, movement scale and MAML adaptation, each weighted by a population weight chosen on
-  validation listeners under the test protocol, and kept only where a held-out later part of
-  the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
+  validation listeners under the test protocol (only weights that make none of CCC, RMSE, PCC
+  worse by a one-sided test over those listeners are eligible), and, where that choice keeps
+  it, only where a held-out later part of the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
   fine-tuned on the support song.
 - **maml**: plain MAML, the model after the inner loop on the listener's support song (in `dmer.*`
   rows: the *DMER model fine-tuned on the support song* baseline, same steps and rate).
