@@ -33,7 +33,7 @@ from pdmer.data.check import fit_to_audio
 from pdmer.meta.tasks import TaskSampler
 from pdmer.metrics import attention_loss, emotion_loss
 from pdmer.models.dsaml import DSAML, count_parameters
-from pdmer.runs import STATE_PATH, REPO, add_file_log, check_restart, lock_run, prepare_run_dir, resolve_device, run_dir_for
+from pdmer.runs import STATE_PATH, REPO, add_file_log, check_restart, lock_run, prepare_run_dir, RunBusyError, resolve_device, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +372,14 @@ def training_twin(cfg: ExperimentConfig) -> Path | None:
         if (run / "results.json").is_file() and (run / "checkpoints" / "best.safetensors").is_file() \
                 and (run / "checkpoints" / "last.safetensors").is_file():
             return run
+    busy = run_dir_for(twin)
+    if busy.is_dir():  # being trained right now: training here too would only repeat it, and differ
+        try:
+            with lock_run(busy):
+                pass
+        except RunBusyError:
+            raise RunBusyError(f"{busy.name}, the songs-protocol run this one would reuse (only eval.protocol differs), "
+                               "is being trained by another process: wait for it to finish, then run this again") from None
     return None
 
 

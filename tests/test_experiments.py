@@ -66,3 +66,18 @@ def test_within_song_evaluation_reuses_the_finished_training_twin(session_tmp):
     assert json.loads((second / "results.json").read_text())["best"] == json.loads((first / "results.json").read_text())["best"]
     res = json.loads((second / "results.json").read_text())
     assert res["split"]["protocol"] == "within_song" and res["test"]["personalized"]["n_songs"] > 0
+
+
+def test_within_song_run_refuses_while_its_twin_is_being_trained(session_tmp):
+    """Started while the songs-protocol twin trains, it would silently train the same weights again: refused."""
+    from pdmer.runs import RunBusyError, lock_run, run_dir_for
+    from pdmer.train import twin_config
+
+    name = "pdmer.synthetic.dsaml"
+    ov = tiny_overrides(session_tmp, "twin-busy") + ["train.seq_len=20", "eval.hop=10"]
+    cfg = load_config(name, ov + ["eval.protocol=within_song"])
+    busy = run_dir_for(twin_config(cfg))
+    busy.mkdir(parents=True)
+    with lock_run(busy):
+        with pytest.raises(RunBusyError, match="being trained by another process"):
+            train(cfg)
