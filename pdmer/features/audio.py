@@ -158,6 +158,20 @@ def load_audio(path: str | Path, sample_rate: int = 44100) -> np.ndarray:
     return wave
 
 
+def audio_by_song(paths: list[Path], why: str) -> dict[str, Path]:
+    """Song id (the file's stem) -> path, each file checked by :func:`check_audio_file`.
+
+    Two files with one song id are refused (``why``: what the clash would break).
+    """
+    out: dict[str, Path] = {}
+    for p in paths:
+        check_audio_file(p)
+        if p.stem in out:
+            raise DataError(f"two songs have the id {p.stem!r} ({out[p.stem]} and {p}): {why}")
+        out[p.stem] = p
+    return out
+
+
 def check_audio_file(path: str | Path) -> Path:
     """An audio path that exists, is a file and is not empty.
 

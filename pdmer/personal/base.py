@@ -139,14 +139,15 @@ class BaseModel:
         """
         if getattr(self.cfg.data, "source", None) != "synthetic":
             return None
-        roots = [paths.home() / "data"] if not self.cfg.data.root else [Path(self.cfg.data.root)]
-        roots = [(r if r.is_absolute() else paths.home() / r).resolve() for r in roots]
+        given = bool(self.cfg.data.root)  # else the benchmark lives in <home>/data/synthetic-<hash>
+        root = Path(self.cfg.data.root) if given else Path("data")
+        root = (root if root.is_absolute() else paths.home() / root).resolve()
 
         def benchmark(a: Path) -> bool:
             a = Path(a).resolve()
-            return any(a.is_relative_to(r) and (self.cfg.data.root or any(part.startswith("synthetic")
-                                                                          for part in a.relative_to(r).parts[:1]))
-                       for r in roots)
+            if not a.is_relative_to(root) or a == root:
+                return False
+            return given or a.relative_to(root).parts[0].startswith("synthetic")
 
         outside = [Path(a).name for a in audio if not benchmark(a)]
         if not outside:

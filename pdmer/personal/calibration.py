@@ -15,7 +15,7 @@ import torch
 from pdmer import __version__, store
 from pdmer.config import check_setting
 from pdmer.data.types import STEP_S, Curve, DataError
-from pdmer.features.audio import check_audio_file
+from pdmer.features.audio import audio_by_song
 from pdmer.personal.adaptation import (
     PREDICT_BATCH_WINDOWS,
     _safe_rule,
@@ -98,12 +98,7 @@ def calibrate(
     paths = [Path(audio)] if isinstance(audio, (str, Path)) else [Path(a) for a in audio]
     if not paths:
         raise DataError("calibrate needs at least one rated audio file")
-    audio_map: dict[str, Path] = {}
-    for p in paths:
-        check_audio_file(p)
-        if p.stem in audio_map:
-            raise DataError(f"two audio files have the song id {p.stem!r}: {audio_map[p.stem]} and {p}")
-        audio_map[p.stem] = p
+    audio_map = audio_by_song(paths, "the ratings could not say which file they rate")
     ratings = Path(ratings)
     if inner_steps is not None:
         check_setting("meta.inner_steps", inner_steps, "inner_steps")

@@ -12,7 +12,7 @@ import torch
 
 from pdmer import paths
 from pdmer.data.types import STEP_S, DataError
-from pdmer.features.audio import check_audio_file
+from pdmer.features.audio import audio_by_song
 from pdmer.personal.adaptation import (
     PREDICT_BATCH_WINDOWS,
     _apply_profile_rule,
@@ -110,12 +110,7 @@ def predict(
     out = Path(out_dir) if out_dir is not None else DEFAULT_PREDICTIONS_DIR
     if write and out.exists() and not out.is_dir():
         raise DataError(f"{out}: the output folder (--out) is a file; give a folder (it is created if missing)")
-    seen: dict[str, Path] = {}
-    for p in paths:
-        check_audio_file(p)
-        if p.stem in seen:
-            raise DataError(f"two songs have the id {p.stem!r} ({seen[p.stem]} and {p}): their outputs would collide")
-        seen[p.stem] = p
+    seen = audio_by_song(paths, "their outputs would collide")
     profile = None
     if name is not None:
         profile = load_profile(name, annotators_dir)  # checks the name and the file before the model loads
