@@ -17,6 +17,7 @@ Audio is checked in one of three modes:
 :func:`alignment_problems` is shared with training (``pdmer.train.build_context``), so
 ``train`` refuses audio shorter than its labels with the same message as ``data check``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,14 +63,16 @@ def alignment_problems(curves: list[Curve], n_steps: dict[str, int], songs: dict
             problems.append(f"{name}: song {sid!r} has ratings before 0 s")
         elif n_late:
             problems.append(
-                f"{name}: audio is {n_steps[sid] * STEP_S:.1f} s ({n_steps[sid]} steps of {STEP_S} s) but song {sid!r} is rated "
+                f"{name}: audio is {n_steps[sid] * STEP_S:.1f} s ({n_steps[sid]} steps of {STEP_S} s) "
+                f"but song {sid!r} is rated "
                 f"until {end.end_step * STEP_S:.1f} s ({who}): the audio is shorter than its labels"
             )
     return problems
 
 
-def fit_to_audio(curves: list[Curve], n_steps: dict[str, int], songs: dict[str, Song] | None = None
-                 ) -> tuple[list[Curve], list[dict], list[str]]:
+def fit_to_audio(
+    curves: list[Curve], n_steps: dict[str, int], songs: dict[str, Song] | None = None
+) -> tuple[list[Curve], list[dict], list[str]]:
     """Fit curves to their audio: the one rule of training and ``data check``.
 
     A curve must lie inside its song's whole 0.5 s steps. When the audio ends inside the
@@ -103,11 +106,23 @@ def fit_to_audio(curves: list[Curve], n_steps: dict[str, int], songs: dict[str, 
         where = {"song_id": c.song_id, "annotator_id": c.annotator_id, "file": None if song is None else song.path}
         if c.n_steps > 1:
             out.append(Curve(c.song_id, c.annotator_id, c.start_step, c.values[:-1]))
-            records.append(drop_record("audio", "trimmed", f"the audio ends inside the last labelled step "
-                                       f"[{t:g}, {t + STEP_S:g}) s: that step is cut", **where))
+            records.append(
+                drop_record(
+                    "audio",
+                    "trimmed",
+                    f"the audio ends inside the last labelled step [{t:g}, {t + STEP_S:g}) s: that step is cut",
+                    **where,
+                )
+            )
         else:
-            records.append(drop_record("audio", "dropped", f"the curve's only step [{t:g}, {t + STEP_S:g}) s "
-                                       f"is not whole in the audio", **where))
+            records.append(
+                drop_record(
+                    "audio",
+                    "dropped",
+                    f"the curve's only step [{t:g}, {t + STEP_S:g}) s is not whole in the audio",
+                    **where,
+                )
+            )
     return out, records, problems
 
 
@@ -118,7 +133,9 @@ def _problem_lines(e: DataError) -> list[str]:
     return items or [str(e)]
 
 
-def check_audio(dataset: Dataset, mode: str = "decode", sample_rate: int = 44100, progress: bool = False) -> tuple[dict, list[str]]:
+def check_audio(
+    dataset: Dataset, mode: str = "decode", sample_rate: int = 44100, progress: bool = False
+) -> tuple[dict, list[str]]:
     """Check every song's audio file against the dataset's curves.
 
     Returns:
@@ -135,8 +152,16 @@ def check_audio(dataset: Dataset, mode: str = "decode", sample_rate: int = 44100
         raise ValueError(f"audio mode must be one of {AUDIO_MODES}, got {mode!r}")
     songs = dataset.songs
     missing = [s for s, song in songs.items() if not Path(song.path).is_file()]
-    info = {"mode": mode, "files": len(songs), "missing": missing, "checked": 0, "duration_s": 0.0,
-            "sample_rates": {}, "channels": {}, "trimmed": []}
+    info = {
+        "mode": mode,
+        "files": len(songs),
+        "missing": missing,
+        "checked": 0,
+        "duration_s": 0.0,
+        "sample_rates": {},
+        "channels": {},
+        "trimmed": [],
+    }
     problems: list[str] = []
     if mode == "none":
         return info, problems
@@ -185,14 +210,33 @@ def check_audio(dataset: Dataset, mode: str = "decode", sample_rate: int = 44100
 def _generic_filters(dataset: Dataset, min_songs: int) -> tuple[dict, list[dict]]:
     by = dataset.by_annotator()
     few = {a: len(cs) for a, cs in by.items() if len(cs) < min_songs}
-    dropped = [{"stage": "min_songs", "action": "excluded", "reason": f"listener has {n} song(s), fewer than {min_songs}: "
-                "cannot form a task (support + query)", "annotator_id": a, "song_id": None, "file": None}
-               for a, n in few.items()]
+    dropped = [
+        {
+            "stage": "min_songs",
+            "action": "excluded",
+            "reason": f"listener has {n} song(s), fewer than {min_songs}: cannot form a task (support + query)",
+            "annotator_id": a,
+            "song_id": None,
+            "file": None,
+        }
+        for a, n in few.items()
+    ]
     unrated = dataset.info.get("unrated_songs") or []
-    dropped += [{"stage": "read", "action": "unused", "reason": "audio without ratings", "song_id": s, "annotator_id": None,
-                 "file": str(dataset.songs[s].path)} for s in unrated]
-    return {"min_songs": {"min_songs_per_listener": min_songs, "n_listeners_excluded": len(few),
-                          "listeners_excluded": few}, "unrated_songs": len(unrated)}, dropped
+    dropped += [
+        {
+            "stage": "read",
+            "action": "unused",
+            "reason": "audio without ratings",
+            "song_id": s,
+            "annotator_id": None,
+            "file": str(dataset.songs[s].path),
+        }
+        for s in unrated
+    ]
+    return {
+        "min_songs": {"min_songs_per_listener": min_songs, "n_listeners_excluded": len(few), "listeners_excluded": few},
+        "unrated_songs": len(unrated),
+    }, dropped
 
 
 def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode", progress: bool = False) -> dict:
@@ -219,8 +263,19 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     cfg = cfg if cfg is not None else ExperimentConfig()
-    report = {"format": fmt, "root": None if root is None else str(root), "ok": False, "summary": None, "scale": None,
-              "split": None, "filters": None, "dropped": [], "audio": None, "problems": [], "notes": []}
+    report = {
+        "format": fmt,
+        "root": None if root is None else str(root),
+        "ok": False,
+        "summary": None,
+        "scale": None,
+        "split": None,
+        "filters": None,
+        "dropped": [],
+        "audio": None,
+        "problems": [],
+        "notes": [],
+    }
     problems: list[str] = report["problems"]
     if root is None and fmt != "synthetic":
         problems.append(f"--format {fmt} needs the dataset folder (ROOT)")
@@ -239,11 +294,15 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
             ds = read_source("synthetic", None, cfg.data)
             report["root"] = str(ds.root)
         if fmt == "pmemo":
-            report["notes"].append("PMEmo publishes averaged curves only: they are one pseudo-listener 'consensus' "
-                                   "(DMER training; no personalized tasks)")
+            report["notes"].append(
+                "PMEmo publishes averaged curves only: they are one pseudo-listener 'consensus' "
+                "(DMER training; no personalized tasks)"
+            )
         elif fmt == "vgmidi":
-            report["notes"].append(f"collection round(s) {', '.join(ds.info['rounds'])}; audio rendered from MIDI "
-                                   "(FluidSynth) into the cache")
+            report["notes"].append(
+                f"collection round(s) {', '.join(ds.info['rounds'])}; audio rendered from MIDI "
+                "(FluidSynth) into the cache"
+            )
     except DataError as e:
         problems.extend(_problem_lines(e))
         return report
@@ -253,7 +312,10 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
     avg = [c.n_steps for c in (ds.consensus or {}).values()]
     report["summary"]["averaged_curves"] = len(avg)
     report["summary"]["steps_per_averaged_curve"] = (
-        {"min": min(avg), "median": float(np.median(avg)), "max": max(avg)} if avg else {"min": None, "median": None, "max": None})
+        {"min": min(avg), "median": float(np.median(avg)), "max": max(avg)}
+        if avg
+        else {"min": None, "median": None, "max": None}
+    )
     report["scale"] = ds.scale
     if fmt == "deam":
         report["split"] = {k: len(v) for k, v in ds.info["split"].items()}
@@ -268,8 +330,10 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
     else:
         report["filters"], report["dropped"] = _generic_filters(ds, cfg.data.min_songs_per_listener)
         if ds.oracle is not None:
-            report["notes"].append(f"oracle.csv: {len(ds.oracle)} noise-free personal curves; consensus.csv: "
-                                   f"{len(ds.consensus or {})} songs")
+            report["notes"].append(
+                f"oracle.csv: {len(ds.oracle)} noise-free personal curves; consensus.csv: "
+                f"{len(ds.consensus or {})} songs"
+            )
     info, audio_problems = check_audio(ds, audio, cfg.features.sample_rate, progress)
     report["audio"] = info
     report["dropped"] = list(report["dropped"]) + info["trimmed"]
@@ -289,7 +353,13 @@ def _stats(d: dict) -> str:
 def format_report(report: dict, verbose: bool = False) -> str:
     """A data-check report as text: summary, filters, audio, problems (each with file and line)."""
     fmt = report["format"]
-    title = {"deam": "DEAM", "pmemo": "PMEmo2019", "vgmidi": "VGMIDI", "generic": "generic layout", "synthetic": "embedded benchmark"}[fmt]
+    title = {
+        "deam": "DEAM",
+        "pmemo": "PMEmo2019",
+        "vgmidi": "VGMIDI",
+        "generic": "generic layout",
+        "synthetic": "embedded benchmark",
+    }[fmt]
     out = [f"{title}: {report['root']}"]
 
     def row(label: str, text: str) -> None:
@@ -297,12 +367,19 @@ def format_report(report: dict, verbose: bool = False) -> str:
 
     s = report["summary"]
     if s is not None:
-        scale = {"deam": "DEAM scale, about [-1, 1]", "unit": "unit scale, [0, 1]"}.get(report["scale"], report["scale"])
+        scale = {"deam": "DEAM scale, about [-1, 1]", "unit": "unit scale, [0, 1]"}.get(
+            report["scale"], report["scale"]
+        )
         split = report["split"]
         row("songs", f"{s['songs']}" + (f" ({split['train']} train, {split['test']} test)" if split else ""))
         n_avg = s.get("averaged_curves", 0)
         if s["listeners"]:
-            row("listeners", f"{s['listeners']} ({s['curves']} listener curves" + (f"; {n_avg} averaged curves" if n_avg else "") + ")")
+            row(
+                "listeners",
+                f"{s['listeners']} ({s['curves']} listener curves"
+                + (f"; {n_avg} averaged curves" if n_avg else "")
+                + ")",
+            )
             row("songs per listener", _stats(s["songs_per_listener"]))
             row("steps per curve", f"{_stats(s['steps_per_curve'])} (0.5 s steps)")
         else:
@@ -311,7 +388,8 @@ def format_report(report: dict, verbose: bool = False) -> str:
             row("steps per averaged curve", _stats(s["steps_per_averaged_curve"]))
         t = s["labelled_time_s"]
         times = ([f"{t['curves'] / 3600:.2f} h of listener curves"] if s["listeners"] else []) + (
-            [f"{t['consensus'] / 3600:.2f} h of averaged curves"] if n_avg else [])
+            [f"{t['consensus'] / 3600:.2f} h of averaged curves"] if n_avg else []
+        )
         row("labelled time", ", ".join(times) or "none")
         for kind, name in (("curves", "listener curves"), ("consensus", "averaged curves")):
             if kind == "curves" and not s["listeners"]:
@@ -325,24 +403,34 @@ def format_report(report: dict, verbose: bool = False) -> str:
         out.append("  filtered:")
         if "read" in f:
             r = f["read"]
-            out.append(f"    read:      {r['n_curves']} listener curves, {r['n_consensus']} averaged curves; "
-                       f"{r['n_files_skipped']} file(s) skipped, {r['n_one_label_raters']} rater(s) with one label only, "
-                       f"{r['n_trimmed']} curve(s) trimmed to common arousal/valence steps")
+            out.append(
+                f"    read:      {r['n_curves']} listener curves, {r['n_consensus']} averaged curves; "
+                f"{r['n_files_skipped']} file(s) skipped, {r['n_one_label_raters']} rater(s) with one label only, "
+                f"{r['n_trimmed']} curve(s) trimmed to common arousal/valence steps"
+            )
         if "split" in f:
-            out.append(f"    split:     {len(f['split']['songs_dropped'])} song(s) outside the train/test ids, "
-                       f"{f['split']['n_curves_dropped']} curve(s) dropped")
+            out.append(
+                f"    split:     {len(f['split']['songs_dropped'])} song(s) outside the train/test ids, "
+                f"{f['split']['n_curves_dropped']} curve(s) dropped"
+            )
         if "crop" in f:
             lo, hi = f["crop"]["steps"]
-            out.append(f"    crop:      {f['crop']['n_cropped']} train-clip curve(s) cut to {lo * STEP_S:g}-{hi * STEP_S:g} s "
-                       f"({f['crop']['n_shorter_than_clip']} shorter than that)")
+            out.append(
+                f"    crop:      {f['crop']['n_cropped']} train-clip curve(s) cut to {lo * STEP_S:g}-{hi * STEP_S:g} s "
+                f"({f['crop']['n_shorter_than_clip']} shorter than that)"
+            )
         if "flat" in f:
-            out.append(f"    flat:      {f['flat']['n_dropped']} curve(s) dropped (mean absolute deviation over the first "
-                       f"{f['flat']['window']} values < {f['flat']['threshold']:g}: slider not moved)")
+            out.append(
+                f"    flat:      {f['flat']['n_dropped']} curve(s) dropped (mean absolute deviation over the first "
+                f"{f['flat']['window']} values < {f['flat']['threshold']:g}: slider not moved)"
+            )
         if "min_songs" in f:
             m = f["min_songs"]
             n = m.get("n_listeners_dropped", m.get("n_listeners_excluded"))
-            out.append(f"    min_songs: {n} listener(s) with fewer than {m['min_songs_per_listener']} songs "
-                       + ("dropped" if "n_listeners_dropped" in m else "excluded from tasks"))
+            out.append(
+                f"    min_songs: {n} listener(s) with fewer than {m['min_songs_per_listener']} songs "
+                + ("dropped" if "n_listeners_dropped" in m else "excluded from tasks")
+            )
         if f.get("unrated_songs"):
             out.append(f"    unrated:   {f['unrated_songs']} audio file(s) without ratings (not used)")
         if f.get("no_static"):
@@ -352,10 +440,18 @@ def format_report(report: dict, verbose: bool = False) -> str:
         reasons = Counter((r["stage"], r["action"], _reason_kind(r["reason"])) for r in dropped)
         out.append(f"  dropped or changed ({len(dropped)}), by reason:")
         for (stage, action, reason), n in reasons.most_common():
-            group = [r for r in dropped if (r["stage"], r["action"], _reason_kind(r["reason"])) == (stage, action, reason)]
+            group = [
+                r for r in dropped if (r["stage"], r["action"], _reason_kind(r["reason"])) == (stage, action, reason)
+            ]
             ex = group[0]
-            who = ", ".join(x for x in (f"song {ex['song_id']}" if ex.get("song_id") else "",
-                                         f"listener {ex['annotator_id']}" if ex.get("annotator_id") else "") if x)
+            who = ", ".join(
+                x
+                for x in (
+                    f"song {ex['song_id']}" if ex.get("song_id") else "",
+                    f"listener {ex['annotator_id']}" if ex.get("annotator_id") else "",
+                )
+                if x
+            )
             where = f"({ex['file']})" if ex.get("file") else ""
             example = " ".join(x for x in (who, where) if x)
             if example:
@@ -371,8 +467,11 @@ def format_report(report: dict, verbose: bool = False) -> str:
         else:
             rates = ", ".join(f"{k} Hz x {v}" for k, v in a["sample_rates"].items()) or "-"
             chans = ", ".join(f"{k} ch x {v}" for k, v in a["channels"].items()) or "-"
-            row(f"audio ({a['mode']})", f"{a['checked']} of {a['files']} file(s) read, {a['duration_s'] / 3600:.2f} h; "
-                f"{len(a['missing'])} missing; {rates}; {chans}")
+            row(
+                f"audio ({a['mode']})",
+                f"{a['checked']} of {a['files']} file(s) read, {a['duration_s'] / 3600:.2f} h; "
+                f"{len(a['missing'])} missing; {rates}; {chans}",
+            )
         if a["missing"] and len(a["missing"]) == a["files"]:
             row("", "every audio file is missing: only the labels were checked")
     for note in report["notes"]:

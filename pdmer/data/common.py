@@ -1,8 +1,9 @@
 """What every dataset reader shares: the problems idiom, dropped-item records, id and value parsing, summaries.
 
-A reader collects :class:`Problem` items (file, line, message) in a list and ends with
-:func:`raise_problems`, which raises them all as one ``DataError``; ``strict=False`` readers return
-them instead. What is left out on purpose is a :func:`drop_record` in ``Dataset.info["dropped"]``.
+A reader collects what is wrong in its files in one :class:`Problems` (a list of :class:`Problem`:
+file, line, message) and ends with :meth:`Problems.raise_if_any`, which raises them all as one
+``DataError``; ``strict=False`` readers return them instead. What is left out on purpose is a
+:func:`drop_record` in ``Dataset.info["dropped"]``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +25,55 @@ CONSENSUS = "consensus"  # annotator_id of an averaged curve
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong in an input file."""
+    """One thing wrong in an input file.
 
-    file: Path
+    ``file`` None: ``message`` names its place itself (the generic layout's "ratings.csv line 3 (song ...)").
+    """
+
+    file: Path | None
     line: int | None  # 1-based line of the file (1 = header); None for the whole file
     message: str
 
     def __str__(self) -> str:
+        if self.file is None:
+            return self.message
         where = f"{self.file}:{self.line}" if self.line is not None else f"{self.file}"
         return f"{where}: {self.message}"
 
 
-def raise_problems(problems: list[Problem], what: str) -> None:
-    """Raise one ``DataError`` listing every problem (file and line each), if there are any."""
-    if not problems:
-        return
-    lines = [f"  {p}" for p in problems[:_MAX_LISTED]]
-    if len(problems) > _MAX_LISTED:
-        lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
-    raise DataError(f"{len(problems)} problem(s) in {what}:\n" + "\n".join(lines))
+class Problems(list):
+    """The problems found while reading a dataset, raised all at once as one ``DataError``.
+
+    A list of :class:`Problem`: readers ``append(Problem(file, line, message))`` (or :meth:`add` a
+    message that names its place) and end with :meth:`raise_if_any`.
+
+    Args:
+        items: problems to start with.
+        limit: problems spelled out in the error; the rest are counted ("... and N more").
+        bullet: what precedes each listed problem after the indent ("- " in the generic layout).
+    """
+
+    def __init__(self, items: Iterable[Problem] = (), *, limit: int = _MAX_LISTED, bullet: str = "") -> None:
+        super().__init__(items)
+        self.limit = limit
+        self.bullet = bullet
+
+    def add(self, message: str, file: Path | None = None, line: int | None = None) -> None:
+        """Add one problem; without ``file`` the message names its place itself."""
+        self.append(Problem(file, line, message))
+
+    def messages(self) -> list[str]:
+        """One line per problem ("file:line: message")."""
+        return [str(p) for p in self]
+
+    def raise_if_any(self, what: str) -> None:
+        """Raise one ``DataError`` "N problem(s) in WHAT:" listing every problem, if there are any."""
+        if not self:
+            return
+        lines = [f"  {self.bullet}{p}" for p in self[: self.limit]]
+        if len(self) > self.limit:
+            lines.append(f"  ... and {len(self) - self.limit} more")
+        raise DataError(f"{len(self)} problem(s) in {what}:\n" + "\n".join(lines))
 
 
 def drop_record(
@@ -128,7 +160,7 @@ def summarize(dataset: Dataset) -> dict:
     }
 
 
-def read_csv_rows(path: Path, problems: list[Problem]) -> list[tuple[int, list[str]]] | None:
+def read_csv_rows(path: Path, problems: Problems) -> list[tuple[int, list[str]]] | None:
     """All rows of a CSV file with their 1-based line numbers; None (and a problem) if unreadable."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -153,10 +185,10 @@ def song_sort_key(song_id: str) -> tuple[int, str]:
 __all__ = [
     "CONSENSUS",
     "Problem",
+    "Problems",
     "canonical_id",
     "drop_record",
     "parse_value",
-    "raise_problems",
     "read_csv_rows",
     "song_sort_key",
     "summarize",

@@ -22,6 +22,7 @@ Two kinds of findings are kept apart:
   with too few songs, ...). Each is a record in ``Dataset.info["dropped"]`` and each filter's
   counts and ids are in ``Dataset.info["filters"]``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,17 @@ from pathlib import Path
 import numpy as np
 
 from pdmer.config import DeamConfig
-from pdmer.data.common import (CONSENSUS, Problem, canonical_id, drop_record, parse_value, raise_problems,  # noqa: F401
-                               read_csv_rows, song_sort_key, summarize)
+from pdmer.data.common import (
+    CONSENSUS,
+    Problem,
+    Problems,
+    canonical_id,
+    drop_record,
+    parse_value,
+    read_csv_rows,
+    song_sort_key,
+    summarize,
+)
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 
 log = logging.getLogger(__name__)
@@ -60,7 +70,7 @@ def _header(row: list[str]) -> list[str]:
     return names
 
 
-def parse_sample_columns(names: list[str], path: Path, problems: list[Problem]) -> int | None:
+def parse_sample_columns(names: list[str], path: Path, problems: Problems) -> int | None:
     """``["sample_15000ms", "sample_15500ms", ...]`` -> the step of the first column (30).
 
     Every column must be ``sample_<ms>ms`` on the 0.5 s grid, one step after the previous one.
@@ -77,24 +87,34 @@ def parse_sample_columns(names: list[str], path: Path, problems: list[Problem]) 
             return None
         k = float(m.group(1)) / (STEP_S * 1000)
         if abs(k - round(k)) > 1e-6:
-            problems.append(Problem(path, 1, f"column {name!r}: {float(m.group(1)) / 1000:g} s is not on the "
-                                             f"{STEP_S:g} s grid"))
+            problems.append(
+                Problem(path, 1, f"column {name!r}: {float(m.group(1)) / 1000:g} s is not on the {STEP_S:g} s grid")
+            )
             return None
         k = int(round(k))
         if steps and k <= steps[-1]:
             problems.append(Problem(path, 1, f"column {name!r} does not increase after {names[j - 1]!r}"))
             return None
         if steps and k != steps[-1] + 1:
-            missing = ", ".join(f"sample_{int(s * STEP_S * 1000)}ms" for s in range(steps[-1] + 1, min(k, steps[-1] + 4)))
-            problems.append(Problem(path, 1, f"missing column(s) between {names[j - 1]!r} and {name!r} "
-                                             f"(expected {missing}{', ...' if k - steps[-1] > 4 else ''})"))
+            missing = ", ".join(
+                f"sample_{int(s * STEP_S * 1000)}ms" for s in range(steps[-1] + 1, min(k, steps[-1] + 4))
+            )
+            problems.append(
+                Problem(
+                    path,
+                    1,
+                    f"missing column(s) between {names[j - 1]!r} and {name!r} "
+                    f"(expected {missing}{', ...' if k - steps[-1] > 4 else ''})",
+                )
+            )
             return None
         steps.append(k)
     return steps[0]
 
 
-def _parse_curve_cells(cells: list[str], columns: list[str], path: Path, line: int,
-                       problems: list[Problem], lo: float, hi: float) -> tuple[int, np.ndarray] | None:
+def _parse_curve_cells(
+    cells: list[str], columns: list[str], path: Path, line: int, problems: Problems, lo: float, hi: float
+) -> tuple[int, np.ndarray] | None:
     """The sample cells of one row -> (offset of the first value, values (T,)).
 
     Empty or NaN cells before the first and after the last value are allowed (trailing cells
@@ -102,11 +122,16 @@ def _parse_curve_cells(cells: list[str], columns: list[str], path: Path, line: i
     ``(0, empty)`` for a row without values.
     """
     n_before = len(problems)
-    extra = [c for c in cells[len(columns):] if c.strip()]
+    extra = [c for c in cells[len(columns) :] if c.strip()]
     if extra:
-        problems.append(Problem(path, line, f"row has {len(columns) + len(extra)}+ value cells, header has "
-                                            f"{len(columns)} sample columns"))
-    cells = cells[:len(columns)]
+        problems.append(
+            Problem(
+                path,
+                line,
+                f"row has {len(columns) + len(extra)}+ value cells, header has {len(columns)} sample columns",
+            )
+        )
+    cells = cells[: len(columns)]
     values = np.full(len(cells), np.nan)
     missing = np.zeros(len(cells), dtype=bool)  # empty or NaN cell (bad cells are problems instead)
     for j, cell in enumerate(cells):
@@ -124,17 +149,29 @@ def _parse_curve_cells(cells: list[str], columns: list[str], path: Path, line: i
         first, last = int(present[0]), int(present[-1])
         holes = [columns[j] for j in range(first, last + 1) if missing[j]]
         if holes:
-            problems.append(Problem(path, line, f"missing value (empty or NaN) inside the curve at column(s) "
-                                                f"{', '.join(holes[:5])}{' ...' if len(holes) > 5 else ''}"))
+            problems.append(
+                Problem(
+                    path,
+                    line,
+                    f"missing value (empty or NaN) inside the curve at column(s) "
+                    f"{', '.join(holes[:5])}{' ...' if len(holes) > 5 else ''}",
+                )
+            )
     if len(problems) > n_before:
         return None
     if not present.size:
         return 0, values[:0]
-    return first, values[first:last + 1]
+    return first, values[first : last + 1]
 
 
-def _join(song_id: str, annotator_id: str, a: tuple[int, np.ndarray], v: tuple[int, np.ndarray],
-          files: tuple[Path, Path], dropped: list[dict]) -> Curve | None:
+def _join(
+    song_id: str,
+    annotator_id: str,
+    a: tuple[int, np.ndarray],
+    v: tuple[int, np.ndarray],
+    files: tuple[Path, Path],
+    dropped: list[dict],
+) -> Curve | None:
     """Arousal and valence of one (song, annotator), each (start_step, values), -> one Curve."""
     (sa, va), (sv, vv) = a, v
     where = {"song_id": song_id, "annotator_id": annotator_id}
@@ -144,25 +181,42 @@ def _join(song_id: str, annotator_id: str, a: tuple[int, np.ndarray], v: tuple[i
         return None
     start, end = max(sa, sv), min(sa + len(va), sv + len(vv))
     if end <= start:
-        dropped.append(drop_record("read", "dropped", "arousal and valence do not overlap in time", file=files[0],
-                                   arousal_steps=[sa, sa + len(va)], valence_steps=[sv, sv + len(vv)], **where))
+        dropped.append(
+            drop_record(
+                "read",
+                "dropped",
+                "arousal and valence do not overlap in time",
+                file=files[0],
+                arousal_steps=[sa, sa + len(va)],
+                valence_steps=[sv, sv + len(vv)],
+                **where,
+            )
+        )
         return None
     if (sa, len(va)) != (sv, len(vv)):
-        dropped.append(drop_record("read", "trimmed", "arousal and valence cover different steps; kept the common ones",
-                                   file=files[0], arousal_steps=[sa, sa + len(va)], valence_steps=[sv, sv + len(vv)],
-                                   kept_steps=[start, end], **where))
-    values = np.stack([va[start - sa:end - sa], vv[start - sv:end - sv]], axis=1)  # (T, 2) arousal, valence
+        dropped.append(
+            drop_record(
+                "read",
+                "trimmed",
+                "arousal and valence cover different steps; kept the common ones",
+                file=files[0],
+                arousal_steps=[sa, sa + len(va)],
+                valence_steps=[sv, sv + len(vv)],
+                kept_steps=[start, end],
+                **where,
+            )
+        )
+    values = np.stack([va[start - sa : end - sa], vv[start - sv : end - sv]], axis=1)  # (T, 2) arousal, valence
     return Curve(song_id, annotator_id, start, values)
-
-
 
 
 # ---------------------------------------------------------------------------------------------
 # Averaged labels
 
 
-def _read_averaged_file(path: Path, problems: list[Problem], dropped: list[dict],
-                        lo: float, hi: float) -> dict[str, tuple[int, np.ndarray]]:
+def _read_averaged_file(
+    path: Path, problems: Problems, dropped: list[dict], lo: float, hi: float
+) -> dict[str, tuple[int, np.ndarray]]:
     rows = read_csv_rows(path, problems)
     if rows is None:
         return {}
@@ -196,7 +250,7 @@ def _read_averaged_file(path: Path, problems: list[Problem], dropped: list[dict]
     return out
 
 
-def _read_averaged(root: Path, problems: list[Problem], dropped: list[dict], range_tol: float) -> dict[str, Curve]:
+def _read_averaged(root: Path, problems: Problems, dropped: list[dict], range_tol: float) -> dict[str, Curve]:
     folder = Path(root) / AVERAGED_DIR
     files = tuple(folder / f"{name}.csv" for name in LABELS)
     channels = []
@@ -211,8 +265,16 @@ def _read_averaged(root: Path, problems: list[Problem], dropped: list[dict], ran
     for sid in sorted(set(a) | set(v), key=song_sort_key):
         if sid not in a or sid not in v:
             missing = "arousal" if sid not in a else "valence"
-            dropped.append(drop_record("read", "dropped", f"song has no {missing} row in the averaged labels",
-                                       song_id=sid, annotator_id=CONSENSUS, file=files[LABELS.index(missing)]))
+            dropped.append(
+                drop_record(
+                    "read",
+                    "dropped",
+                    f"song has no {missing} row in the averaged labels",
+                    song_id=sid,
+                    annotator_id=CONSENSUS,
+                    file=files[LABELS.index(missing)],
+                )
+            )
             continue
         curve = _join(sid, CONSENSUS, a[sid], v[sid], files, dropped)
         if curve is not None:
@@ -220,8 +282,14 @@ def _read_averaged(root: Path, problems: list[Problem], dropped: list[dict], ran
     return out
 
 
-def read_deam_averaged(root: str | Path, *, range_tol: float = _D.range_tol, strict: bool = True,
-                       problems: list[Problem] | None = None, dropped: list[dict] | None = None) -> dict[str, Curve]:
+def read_deam_averaged(
+    root: str | Path,
+    *,
+    range_tol: float = _D.range_tol,
+    strict: bool = True,
+    problems: list[Problem] | None = None,
+    dropped: list[dict] | None = None,
+) -> dict[str, Curve]:
     """The averaged ("consensus") dynamic labels of every song.
 
     Args:
@@ -236,12 +304,12 @@ def read_deam_averaged(root: str | Path, *, range_tol: float = _D.range_tol, str
     Returns:
         song_id -> Curve with annotator_id "consensus", values (T, 2) = (arousal, valence).
     """
-    found: list[Problem] = []
+    found = Problems()
     out = _read_averaged(Path(root), found, dropped if dropped is not None else [], range_tol)
     if problems is not None:
         problems.extend(found)
     if strict:
-        raise_problems(found, f"DEAM averaged labels under {Path(root) / AVERAGED_DIR}")
+        found.raise_if_any(f"DEAM averaged labels under {Path(root) / AVERAGED_DIR}")
     return out
 
 
@@ -249,8 +317,9 @@ def read_deam_averaged(root: str | Path, *, range_tol: float = _D.range_tol, str
 # Per-rater labels
 
 
-def _read_rater_file(path: Path, song_id: str, problems: list[Problem], dropped: list[dict],
-                     lo: float, hi: float) -> dict[str, tuple[int, np.ndarray] | None] | None:
+def _read_rater_file(
+    path: Path, song_id: str, problems: Problems, dropped: list[dict], lo: float, hi: float
+) -> dict[str, tuple[int, np.ndarray] | None] | None:
     """One per-rater file -> worker -> (start_step, values), or None for a rejected row (a problem).
 
     Returns None when the whole file is skipped.
@@ -260,8 +329,15 @@ def _read_rater_file(path: Path, song_id: str, problems: list[Problem], dropped:
         return None
     names = _header(rows[0][1])
     if not names or names[0] != "WorkerId":
-        dropped.append(drop_record("read", "skipped", "file has no WorkerId column (skipped, as the authors did)",
-                                   song_id=song_id, file=path))
+        dropped.append(
+            drop_record(
+                "read",
+                "skipped",
+                "file has no WorkerId column (skipped, as the authors did)",
+                song_id=song_id,
+                file=path,
+            )
+        )
         return None
     start = parse_sample_columns(names[1:], path, problems)
     if start is None:
@@ -276,8 +352,9 @@ def _read_rater_file(path: Path, song_id: str, problems: list[Problem], dropped:
             problems.append(Problem(path, line, "empty WorkerId"))
             continue
         if worker in seen:
-            problems.append(Problem(path, line, f"worker {worker!r} listed twice for song {song_id} "
-                                                f"(also line {seen[worker]})"))
+            problems.append(
+                Problem(path, line, f"worker {worker!r} listed twice for song {song_id} (also line {seen[worker]})")
+            )
             out[worker] = None
             continue
         seen[worker] = line
@@ -286,7 +363,7 @@ def _read_rater_file(path: Path, song_id: str, problems: list[Problem], dropped:
     return out
 
 
-def _read_raters(root: Path, problems: list[Problem], dropped: list[dict], range_tol: float) -> list[Curve]:
+def _read_raters(root: Path, problems: Problems, dropped: list[dict], range_tol: float) -> list[Curve]:
     folder = Path(root) / RATERS_DIR
     files: dict[str, dict[str, Path]] = defaultdict(dict)  # song_id -> channel -> file
     for name in LABELS:
@@ -316,16 +393,31 @@ def _read_raters(root: Path, problems: list[Problem], dropped: list[dict], range
         a, v = per_channel
         paths = tuple(files[sid].get(name, folder / name / f"{sid}.csv") for name in LABELS)
         for worker in sorted(set(a) | set(v)):
-            rejected = [name for name, ch in zip(LABELS, (a, v)) if worker in ch and ch[worker] is None]
+            rejected = [name for name, ch in zip(LABELS, (a, v), strict=True) if worker in ch and ch[worker] is None]
             if rejected:
-                dropped.append(drop_record("read", "dropped", f"{' and '.join(rejected)} rejected (see problems); "
-                                           f"the rating is left out", song_id=sid, annotator_id=worker,
-                                           file=paths[LABELS.index(rejected[0])]))
+                dropped.append(
+                    drop_record(
+                        "read",
+                        "dropped",
+                        f"{' and '.join(rejected)} rejected (see problems); the rating is left out",
+                        song_id=sid,
+                        annotator_id=worker,
+                        file=paths[LABELS.index(rejected[0])],
+                    )
+                )
                 continue
             if worker not in a or worker not in v:
                 given, missing = ("arousal", "valence") if worker in a else ("valence", "arousal")
-                dropped.append(drop_record("read", "dropped", f"rater gave {given} but no {missing}", song_id=sid,
-                                           annotator_id=worker, file=paths[LABELS.index(given)]))
+                dropped.append(
+                    drop_record(
+                        "read",
+                        "dropped",
+                        f"rater gave {given} but no {missing}",
+                        song_id=sid,
+                        annotator_id=worker,
+                        file=paths[LABELS.index(given)],
+                    )
+                )
                 continue
             curve = _join(sid, worker, a[worker], v[worker], paths, dropped)
             if curve is not None:
@@ -333,8 +425,14 @@ def _read_raters(root: Path, problems: list[Problem], dropped: list[dict], range
     return curves
 
 
-def read_deam_raters(root: str | Path, *, range_tol: float = _D.range_tol, strict: bool = True,
-                     problems: list[Problem] | None = None, dropped: list[dict] | None = None) -> list[Curve]:
+def read_deam_raters(
+    root: str | Path,
+    *,
+    range_tol: float = _D.range_tol,
+    strict: bool = True,
+    problems: list[Problem] | None = None,
+    dropped: list[dict] | None = None,
+) -> list[Curve]:
     """Every listener's dynamic labels, arousal and valence joined by (song, WorkerId); no filters.
 
     Files without a ``WorkerId`` column are skipped, and a rater who gave only arousal or only
@@ -343,12 +441,12 @@ def read_deam_raters(root: str | Path, *, range_tol: float = _D.range_tol, stric
     Returns:
         Curves sorted by song then worker, values (T, 2) = (arousal, valence).
     """
-    found: list[Problem] = []
+    found = Problems()
     out = _read_raters(Path(root), found, dropped if dropped is not None else [], range_tol)
     if problems is not None:
         problems.extend(found)
     if strict:
-        raise_problems(found, f"DEAM per-rater labels under {Path(root) / RATERS_DIR}")
+        found.raise_if_any(f"DEAM per-rater labels under {Path(root) / RATERS_DIR}")
     return out
 
 
@@ -362,7 +460,9 @@ def _crop(curve: Curve, lo: int, hi: int) -> Curve | None:
         return None
     if (start, end) == (curve.start_step, curve.end_step):
         return curve
-    return Curve(curve.song_id, curve.annotator_id, start, curve.values[start - curve.start_step:end - curve.start_step])
+    return Curve(
+        curve.song_id, curve.annotator_id, start, curve.values[start - curve.start_step : end - curve.start_step]
+    )
 
 
 def _flat_channels(curve: Curve, window: int, threshold: float) -> tuple[list[str], list[float]]:
@@ -371,11 +471,21 @@ def _flat_channels(curve: Curve, window: int, threshold: float) -> tuple[list[st
     return [LABELS[i] for i in range(2) if mad[i] < threshold], [float(m) for m in mad]
 
 
-def load_deam(root: str | Path, *, train_max_id: int = _D.train_max_id, test_ids: Iterable[int] = TEST_IDS,
-              clip_steps: int | None = _D.clip_steps, clip_start_s: float = _D.clip_start_s,
-              flat_mad: float | None = _D.flat_mad, flat_window: int = _D.flat_window,
-              min_songs_per_listener: int = _D.min_songs_per_listener, min_songs_scope: str = _D.min_songs_scope,
-              range_tol: float = _D.range_tol, require_audio: bool = False, strict: bool = True) -> Dataset:
+def load_deam(
+    root: str | Path,
+    *,
+    train_max_id: int = _D.train_max_id,
+    test_ids: Iterable[int] = TEST_IDS,
+    clip_steps: int | None = _D.clip_steps,
+    clip_start_s: float = _D.clip_start_s,
+    flat_mad: float | None = _D.flat_mad,
+    flat_window: int = _D.flat_window,
+    min_songs_per_listener: int = _D.min_songs_per_listener,
+    min_songs_scope: str = _D.min_songs_scope,
+    range_tol: float = _D.range_tol,
+    require_audio: bool = False,
+    strict: bool = True,
+) -> Dataset:
     """DEAM as the DSAML authors used it: per-listener curves plus the averaged consensus.
 
     Filters run in this order, each recording what it removed in ``info["filters"][name]`` and
@@ -409,16 +519,23 @@ def load_deam(root: str | Path, *, train_max_id: int = _D.train_max_id, test_ids
     if min_songs_scope not in ("all", "train"):
         raise ValueError(f"min_songs_scope must be 'all' or 'train', got {min_songs_scope!r}")
     test_ids = sorted({int(i) for i in test_ids})
-    options = {"train_max_id": train_max_id, "test_ids": test_ids, "clip_steps": clip_steps,
-               "clip_start_s": clip_start_s, "flat_mad": flat_mad, "flat_window": flat_window,
-               "min_songs_per_listener": min_songs_per_listener, "min_songs_scope": min_songs_scope,
-               "range_tol": range_tol, "require_audio": require_audio}
-    problems: list[Problem] = []
+    options = {
+        "train_max_id": train_max_id,
+        "test_ids": test_ids,
+        "clip_steps": clip_steps,
+        "clip_start_s": clip_start_s,
+        "flat_mad": flat_mad,
+        "flat_window": flat_window,
+        "min_songs_per_listener": min_songs_per_listener,
+        "min_songs_scope": min_songs_scope,
+        "range_tol": range_tol,
+        "require_audio": require_audio,
+    }
+    problems = Problems()
     dropped: list[dict] = []
     have_avg, have_raters = (root / AVERAGED_DIR).is_dir(), (root / RATERS_DIR).is_dir()
     if not have_avg and not have_raters:
-        raise DataError(f"no DEAM annotations under {root}: expected {root / AVERAGED_DIR} "
-                        f"and/or {root / RATERS_DIR}")
+        raise DataError(f"no DEAM annotations under {root}: expected {root / AVERAGED_DIR} and/or {root / RATERS_DIR}")
     consensus: dict[str, Curve] | None = None
     if have_avg:
         consensus = _read_averaged(root, problems, dropped, range_tol)
@@ -430,24 +547,30 @@ def load_deam(root: str | Path, *, train_max_id: int = _D.train_max_id, test_ids
     else:
         dropped.append(drop_record("read", "skipped", "no per-rater folder", file=root / RATERS_DIR))
     if strict:
-        raise_problems(problems, f"DEAM data under {root}")
-    filters: dict[str, dict] = {"read": {
-        "n_curves": len(curves), "n_consensus": len(consensus or {}),
-        "n_files_skipped": sum(r["action"] == "skipped" and r["song_id"] is not None for r in dropped),
-        "n_one_label_raters": sum("rater gave" in r["reason"] for r in dropped),
-        "n_trimmed": sum(r["action"] == "trimmed" for r in dropped),
-    }}
+        problems.raise_if_any(f"DEAM data under {root}")
+    filters: dict[str, dict] = {
+        "read": {
+            "n_curves": len(curves),
+            "n_consensus": len(consensus or {}),
+            "n_files_skipped": sum(r["action"] == "skipped" and r["song_id"] is not None for r in dropped),
+            "n_one_label_raters": sum("rater gave" in r["reason"] for r in dropped),
+            "n_trimmed": sum(r["action"] == "trimmed" for r in dropped),
+        }
+    }
 
     # 1. split
     test_set = set(test_ids)
+
     def split_of(sid: str) -> str | None:
         i = int(sid)
         return "test" if i in test_set else "train" if i <= train_max_id else None
+
     all_ids = {c.song_id for c in curves} | set(consensus or {})
     outside = sorted((s for s in all_ids if split_of(s) is None), key=song_sort_key)
     for sid in outside:
-        dropped.append(drop_record("split", "dropped", f"song id is neither <= {train_max_id} (train) nor a test id",
-                                   song_id=sid))
+        dropped.append(
+            drop_record("split", "dropped", f"song id is neither <= {train_max_id} (train) nor a test id", song_id=sid)
+        )
     n_before = len(curves)
     curves = [c for c in curves if split_of(c.song_id) is not None]
     if consensus is not None:
@@ -459,18 +582,27 @@ def load_deam(root: str | Path, *, train_max_id: int = _D.train_max_id, test_ids
     if clip_steps is not None:
         lo = int(round(clip_start_s / STEP_S))
         hi = lo + int(clip_steps)
+
         def crop(c: Curve) -> Curve | None:
             nonlocal n_cropped, n_short
             if split_of(c.song_id) != "train":
                 return c
             out = _crop(c, lo, hi)
             if out is None:
-                dropped.append(drop_record("crop", "dropped", f"no values in steps [{lo}, {hi})",
-                                           song_id=c.song_id, annotator_id=c.annotator_id))
+                dropped.append(
+                    drop_record(
+                        "crop",
+                        "dropped",
+                        f"no values in steps [{lo}, {hi})",
+                        song_id=c.song_id,
+                        annotator_id=c.annotator_id,
+                    )
+                )
                 return None
             n_cropped += out is not c
             n_short += out.n_steps < clip_steps
             return out
+
         curves = [c for c in map(crop, curves) if c is not None]
         if consensus is not None:
             consensus = {s: c for s, c in ((s, crop(c)) for s, c in consensus.items()) if c is not None}
@@ -483,28 +615,54 @@ def load_deam(root: str | Path, *, train_max_id: int = _D.train_max_id, test_ids
             flat, mad = _flat_channels(c, flat_window, flat_mad)
             if flat:
                 flat_ids.append([c.song_id, c.annotator_id])
-                dropped.append(drop_record("flat", "dropped", f"flat curve ({', '.join(flat)}: mean absolute deviation "
-                                           f"over the first {flat_window} values < {flat_mad:g})", song_id=c.song_id,
-                                           annotator_id=c.annotator_id, mad=mad))
+                dropped.append(
+                    drop_record(
+                        "flat",
+                        "dropped",
+                        f"flat curve ({', '.join(flat)}: mean absolute deviation "
+                        f"over the first {flat_window} values < {flat_mad:g})",
+                        song_id=c.song_id,
+                        annotator_id=c.annotator_id,
+                        mad=mad,
+                    )
+                )
             else:
                 kept.append(c)
         curves = kept
-        filters["flat"] = {"threshold": flat_mad, "window": flat_window, "n_dropped": len(flat_ids),
-                           "dropped": flat_ids}
+        filters["flat"] = {
+            "threshold": flat_mad,
+            "window": flat_window,
+            "n_dropped": len(flat_ids),
+            "dropped": flat_ids,
+        }
 
     # 4. listeners with too few songs
     counted = [c for c in curves if min_songs_scope == "all" or split_of(c.song_id) == "train"]
     n_songs = Counter(c.annotator_id for c in counted)
     few = {a: n for a, n in sorted(n_songs.items()) if n < min_songs_per_listener}
     for a, n in few.items():
-        dropped.append(drop_record("min_songs", "dropped", f"listener has {n} song(s), fewer than "
-                                   f"{min_songs_per_listener}", annotator_id=a, n_songs=n))
+        dropped.append(
+            drop_record(
+                "min_songs",
+                "dropped",
+                f"listener has {n} song(s), fewer than {min_songs_per_listener}",
+                annotator_id=a,
+                n_songs=n,
+            )
+        )
     n_before = len(curves)
-    curves = [c for c in curves
-              if c.annotator_id not in few or (min_songs_scope == "train" and split_of(c.song_id) != "train")]
-    filters["min_songs"] = {"min_songs_per_listener": min_songs_per_listener, "scope": min_songs_scope,
-                            "n_listeners_dropped": len(few), "listeners_dropped": few,
-                            "n_curves_dropped": n_before - len(curves)}
+    curves = [
+        c
+        for c in curves
+        if c.annotator_id not in few or (min_songs_scope == "train" and split_of(c.song_id) != "train")
+    ]
+    filters["min_songs"] = {
+        "min_songs_per_listener": min_songs_per_listener,
+        "scope": min_songs_scope,
+        "n_listeners_dropped": len(few),
+        "listeners_dropped": few,
+        "n_curves_dropped": n_before - len(curves),
+    }
 
     # songs and audio
     song_ids = sorted({c.song_id for c in curves} | set(consensus or {}), key=song_sort_key)
@@ -513,7 +671,7 @@ def load_deam(root: str | Path, *, train_max_id: int = _D.train_max_id, test_ids
     if require_audio:
         problems.extend(Problem(songs[s].path, None, f"audio of song {s} not found") for s in missing_audio)
         if strict:
-            raise_problems(problems, f"DEAM data under {root}")
+            problems.raise_if_any(f"DEAM data under {root}")
 
     curves.sort(key=lambda c: (song_sort_key(c.song_id), c.annotator_id))
     info = {
@@ -525,10 +683,18 @@ def load_deam(root: str | Path, *, train_max_id: int = _D.train_max_id, test_ids
         "missing_audio": missing_audio,
         "problems": [str(p) for p in problems],
     }
-    log.info("DEAM %s: %d songs, %d listener curves, %d listeners; %d dropped/trimmed, %d problem(s)",
-             root, len(songs), len(curves), len({c.annotator_id for c in curves}), len(dropped), len(problems))
-    return Dataset(name=f"deam:{root}", root=root, songs=songs, curves=curves, consensus=consensus,
-                   scale="deam", info=info)
+    log.info(
+        "DEAM %s: %d songs, %d listener curves, %d listeners; %d dropped/trimmed, %d problem(s)",
+        root,
+        len(songs),
+        len(curves),
+        len({c.annotator_id for c in curves}),
+        len(dropped),
+        len(problems),
+    )
+    return Dataset(
+        name=f"deam:{root}", root=root, songs=songs, curves=curves, consensus=consensus, scale="deam", info=info
+    )
 
 
 def check_deam(root: str | Path, **options) -> dict:
@@ -548,9 +714,25 @@ def check_deam(root: str | Path, **options) -> dict:
     try:
         ds = load_deam(root, **options)
     except DataError as e:
-        return {"dataset": "deam", "root": str(root), "ok": False, "summary": None, "split": None, "filters": None,
-                "dropped": [], "missing_audio": 0, "problems": [str(e)]}
-    return {"dataset": "deam", "root": str(root), "ok": not ds.info["problems"], "summary": summarize(ds),
-            "split": {k: len(v) for k, v in ds.info["split"].items()}, "filters": ds.info["filters"],
-            "dropped": ds.info["dropped"], "missing_audio": len(ds.info["missing_audio"]),
-            "problems": ds.info["problems"]}
+        return {
+            "dataset": "deam",
+            "root": str(root),
+            "ok": False,
+            "summary": None,
+            "split": None,
+            "filters": None,
+            "dropped": [],
+            "missing_audio": 0,
+            "problems": [str(e)],
+        }
+    return {
+        "dataset": "deam",
+        "root": str(root),
+        "ok": not ds.info["problems"],
+        "summary": summarize(ds),
+        "split": {k: len(v) for k, v in ds.info["split"].items()},
+        "filters": ds.info["filters"],
+        "dropped": ds.info["dropped"],
+        "missing_audio": len(ds.info["missing_audio"]),
+        "problems": ds.info["problems"],
+    }

@@ -23,6 +23,7 @@ ratings, a rated song without an audio file. Values on the DEAM scale must satis
 
 Audio is not decoded here: ``Song.duration_s`` stays None.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pdmer.data import common
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 
 logger = logging.getLogger(__name__)
@@ -42,27 +44,28 @@ COLUMNS = ("song_id", "annotator_id", "time_s", "valence", "arousal")
 DEAM_RANGE = 1.05  # |v| allowed on the DEAM scale (nominal [-1, 1], 5 % tolerance)
 UNIT_RANGE = (-0.05, 1.05)  # allowed on the unit scale (nominal [0, 1])
 TIME_TOL = 1e-6  # seconds: grid times this close outside the rated span still count as inside
+_EXTS = "|".join(e[1:] for e in AUDIO_EXTS)  # "wav|flac|mp3|ogg", as messages name them
 MAX_LISTED = 200  # problems spelled out in one DataError; the rest are counted
 
 
-class Problems:
-    """Collects validation problems; raises them all at once."""
+class Problems(common.Problems):
+    """The generic layout's :class:`pdmer.data.common.Problems`: each message names its file, line and
+    song / annotator itself; listed as "- " items (up to ``MAX_LISTED``) under "N problem(s) in dataset ROOT"."""
 
     def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, msg: str) -> None:
-        self.items.append(msg)
+        super().__init__(limit=MAX_LISTED, bullet="- ")
 
     def raise_if_any(self, root: Path) -> None:
-        if not self.items:
-            return
-        shown = self.items[:MAX_LISTED]
-        more = len(self.items) - len(shown)
-        lines = [f"{len(self.items)} problem(s) in dataset {root}:"] + [f"  - {m}" for m in shown]
-        if more:
-            lines.append(f"  ... and {more} more")
-        raise DataError("\n".join(lines))
+        super().raise_if_any(f"dataset {root}")
+
+    # the messages as text: pdmer.personal.ratings rewrites them to name the user's file, not its temporary copy
+    @property
+    def items(self) -> list[str]:
+        return self.messages()
+
+    @items.setter
+    def items(self, messages: list[str]) -> None:
+        self[:] = [common.Problem(None, None, m) for m in messages]
 
 
 def resample_to_grid(times: np.ndarray, values: np.ndarray) -> tuple[int, np.ndarray]:
@@ -85,114 +88,156 @@ def resample_to_grid(times: np.ndarray, values: np.ndarray) -> tuple[int, np.nda
     return k0, out
 
 
-def read_curves(path: Path, problems: Problems, scale: str, required: bool,
-                seen: set[str]) -> dict[tuple[str, str], Curve] | None:
+Row = tuple[int, float, float, float]  # (line, time_s, arousal, valence) of one valid CSV row
+
+
+def read_curves(
+    path: Path, problems: Problems, scale: str, required: bool, seen: set[str]
+) -> dict[tuple[str, str], Curve] | None:
     """Read one ratings-like CSV into (song_id, annotator_id) -> Curve, adding problems.
 
     Every song id met on a row (valid or not) is added to ``seen``.
     """
-    name = path.name
     if not path.is_file():
         if required:
             problems.add(f"{path}: file not found (expected columns {','.join(COLUMNS)})")
         return None
-    lo, hi = (-DEAM_RANGE, DEAM_RANGE) if scale == "deam" else UNIT_RANGE
-    groups: dict[tuple[str, str], list[tuple[int, float, float, float]]] = defaultdict(list)
-    tainted: set[tuple[str, str]] = set()  # (song, annotator) with a bad row: already reported
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            problems.add(f"{path}: empty file (expected header {','.join(COLUMNS)})")
+        header = _header(path, reader, problems)
+        if header is None:
             return None
-        header = [h.strip() for h in header]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            problems.add(f"{path} line 1: missing column(s) {', '.join(missing)} (header is {','.join(header)!r}; "
-                         f"expected {','.join(COLUMNS)})")
-            return None
-        col = {c: header.index(c) for c in COLUMNS}
-        width = len(header)
-        n_rows = 0
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not x.strip() for x in row):
-                continue
-            n_rows += 1
-            if len(row) < width:
-                problems.add(f"{name} line {line}: {len(row)} fields, header has {width}")
-                continue
-            sid, aid = row[col["song_id"]].strip(), row[col["annotator_id"]].strip()
-            where = f"{name} line {line} (song {sid!r}, annotator {aid!r})"
-            if not sid or not aid:
-                problems.add(f"{where}: empty song_id or annotator_id")
-                continue
-            seen.add(sid)
-            ok = True
-            nums = {}
-            for c in ("time_s", "valence", "arousal"):
-                text = row[col[c]].strip()
-                try:
-                    v = float(text)
-                except ValueError:
-                    problems.add(f"{where}: {c}={text!r} is not a number")
-                    ok = False
-                    continue
-                if not math.isfinite(v):
-                    problems.add(f"{where}: {c}={text!r} is not finite")
-                    ok = False
-                    continue
-                nums[c] = v
-            if not ok:
-                tainted.add((sid, aid))
-                continue
-            if nums["time_s"] < 0:
-                problems.add(f"{where}: time_s={nums['time_s']} is negative")
-                ok = False
-            for c in ("valence", "arousal"):
-                if not lo <= nums[c] <= hi:
-                    problems.add(f"{where}: {c}={nums[c]} is outside [{lo}, {hi}] ({scale} scale)")
-                    ok = False
-            if ok:
-                groups[sid, aid].append((line, nums["time_s"], nums["arousal"], nums["valence"]))
-            else:
-                tainted.add((sid, aid))
+        groups, tainted, n_rows = _read_rows(path.name, reader, header, problems, scale, seen)
     if n_rows == 0:
         problems.add(f"{path}: no data rows")
     curves: dict[tuple[str, str], Curve] = {}
-    for (sid, aid), rows in groups.items():
-        if (sid, aid) in tainted:
+    for key, rows in groups.items():
+        if key in tainted:
             continue  # its bad rows are reported; no follow-up problems from the rows left out
-        where = f"{name} (song {sid!r}, annotator {aid!r})"
-        bad = False
-        for (l0, t0, _, _), (l1, t1, _, _) in zip(rows, rows[1:]):
-            if t1 == t0:
-                problems.add(f"{name} line {l1} (song {sid!r}, annotator {aid!r}): duplicate time_s={t1} (also on line {l0})")
-                bad = True
-            elif t1 < t0:
-                problems.add(f"{name} line {l1} (song {sid!r}, annotator {aid!r}): time_s={t1} is not after "
-                             f"time_s={t0} on line {l0} (times must increase)")
-                bad = True
-        if len(rows) < 2:
-            problems.add(f"{where}, line {rows[0][0]}: only {len(rows)} rating(s); at least 2 are needed")
-            bad = True
-        if bad:
-            continue
-        arr = np.array([r[1:] for r in rows])  # (N, 3): time, arousal, valence
-        start, vals = resample_to_grid(arr[:, 0], arr[:, 1:])
-        if len(vals) == 0:
-            problems.add(f"{where}, lines {rows[0][0]}-{rows[-1][0]}: rated span {arr[0, 0]}-{arr[-1, 0]} s "
-                         f"contains no {STEP_S} s grid time")
-            continue
-        curves[sid, aid] = Curve(sid, aid, start, vals)
+        curve = _curve(path.name, key, rows, problems)
+        if curve is not None:
+            curves[key] = curve
     return curves
+
+
+def _header(path: Path, reader, problems: Problems) -> list[str] | None:
+    """The header row, stripped; None (and a problem) when it is absent or lacks a column."""
+    try:
+        header = next(reader)
+    except StopIteration:
+        problems.add(f"{path}: empty file (expected header {','.join(COLUMNS)})")
+        return None
+    header = [h.strip() for h in header]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        problems.add(
+            f"{path} line 1: missing column(s) {', '.join(missing)} (header is {','.join(header)!r}; "
+            f"expected {','.join(COLUMNS)})"
+        )
+        return None
+    return header
+
+
+def _read_rows(
+    name: str, reader, header: list[str], problems: Problems, scale: str, seen: set[str]
+) -> tuple[dict[tuple[str, str], list[Row]], set[tuple[str, str]], int]:
+    """The data rows, checked one by one: (valid rows per (song, annotator), the keys with a bad row, rows read)."""
+    lo, hi = (-DEAM_RANGE, DEAM_RANGE) if scale == "deam" else UNIT_RANGE
+    col = {c: header.index(c) for c in COLUMNS}
+    width = len(header)
+    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    tainted: set[tuple[str, str]] = set()  # (song, annotator) with a bad row: already reported
+    n_rows = 0
+    for row in reader:
+        line = reader.line_num
+        if not row or all(not x.strip() for x in row):
+            continue
+        n_rows += 1
+        if len(row) < width:
+            problems.add(f"{name} line {line}: {len(row)} fields, header has {width}")
+            continue
+        sid, aid = row[col["song_id"]].strip(), row[col["annotator_id"]].strip()
+        where = f"{name} line {line} (song {sid!r}, annotator {aid!r})"
+        if not sid or not aid:
+            problems.add(f"{where}: empty song_id or annotator_id")
+            continue
+        seen.add(sid)
+        nums = _numbers(row, col, where, problems, lo, hi, scale)
+        if nums is None:
+            tainted.add((sid, aid))
+        else:
+            groups[sid, aid].append((line, nums["time_s"], nums["arousal"], nums["valence"]))
+    return groups, tainted, n_rows
+
+
+def _numbers(
+    row: list[str], col: dict[str, int], where: str, problems: Problems, lo: float, hi: float, scale: str
+) -> dict[str, float] | None:
+    """time_s, valence and arousal of one row; None (and its problems) when one is not a finite number in range."""
+    nums = {}
+    for c in ("time_s", "valence", "arousal"):
+        text = row[col[c]].strip()
+        try:
+            v = float(text)
+        except ValueError:
+            problems.add(f"{where}: {c}={text!r} is not a number")
+            continue
+        if not math.isfinite(v):
+            problems.add(f"{where}: {c}={text!r} is not finite")
+            continue
+        nums[c] = v
+    if len(nums) < 3:
+        return None
+    ok = True
+    if nums["time_s"] < 0:
+        problems.add(f"{where}: time_s={nums['time_s']} is negative")
+        ok = False
+    for c in ("valence", "arousal"):
+        if not lo <= nums[c] <= hi:
+            problems.add(f"{where}: {c}={nums[c]} is outside [{lo}, {hi}] ({scale} scale)")
+            ok = False
+    return nums if ok else None
+
+
+def _curve(name: str, key: tuple[str, str], rows: list[Row], problems: Problems) -> Curve | None:
+    """One (song, annotator)'s rows resampled onto the step grid; None (and a problem) when the times are bad."""
+    sid, aid = key
+    where = f"{name} (song {sid!r}, annotator {aid!r})"
+    bad = False
+    for (l0, t0, _, _), (l1, t1, _, _) in zip(rows, rows[1:], strict=False):
+        if t1 == t0:
+            problems.add(
+                f"{name} line {l1} (song {sid!r}, annotator {aid!r}): duplicate time_s={t1} (also on line {l0})"
+            )
+            bad = True
+        elif t1 < t0:
+            problems.add(
+                f"{name} line {l1} (song {sid!r}, annotator {aid!r}): time_s={t1} is not after "
+                f"time_s={t0} on line {l0} (times must increase)"
+            )
+            bad = True
+    if len(rows) < 2:
+        problems.add(f"{where}, line {rows[0][0]}: only {len(rows)} rating(s); at least 2 are needed")
+        bad = True
+    if bad:
+        return None
+    arr = np.array([r[1:] for r in rows])  # (N, 3): time, arousal, valence
+    start, vals = resample_to_grid(arr[:, 0], arr[:, 1:])
+    if len(vals) == 0:
+        problems.add(
+            f"{where}, lines {rows[0][0]}-{rows[-1][0]}: rated span {arr[0, 0]}-{arr[-1, 0]} s "
+            f"contains no {STEP_S} s grid time"
+        )
+        return None
+    return Curve(sid, aid, start, vals)
 
 
 def _find_audio(audio_dir: Path, problems: Problems) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if not audio_dir.is_dir():
-        problems.add(f"{audio_dir}: audio folder not found (expected audio/<song_id>.<{'|'.join(e[1:] for e in AUDIO_EXTS)}>)")
+        problems.add(
+            f"{audio_dir}: audio folder not found (expected audio/<song_id>.<{_EXTS}>)"
+        )
         return found
     for p in sorted(audio_dir.iterdir()):
         if p.is_file() and p.suffix.lower() in AUDIO_EXTS:
@@ -234,14 +279,16 @@ def load_generic(root: Path, name: str | None = None, scale: str = "deam") -> Da
         for fname, sids in seen.items():
             for sid in sorted(sids):
                 if sid not in audio:
-                    problems.add(f"{fname}: song {sid!r} has no audio file {root / 'audio'}/{sid}.<{'|'.join(e[1:] for e in AUDIO_EXTS)}>")
+                    problems.add(f"{fname}: song {sid!r} has no audio file {root / 'audio'}/{sid}.<{_EXTS}>")
     consensus = None
     if consensus_curves is not None:
         consensus = {}
         for (sid, aid), c in sorted(consensus_curves.items()):
             if sid in consensus:
-                problems.add(f"consensus.csv: song {sid!r} has more than one annotator "
-                             f"({consensus[sid].annotator_id!r}, {aid!r}); one consensus curve per song")
+                problems.add(
+                    f"consensus.csv: song {sid!r} has more than one annotator "
+                    f"({consensus[sid].annotator_id!r}, {aid!r}); one consensus curve per song"
+                )
                 continue
             consensus[sid] = c
     problems.raise_if_any(root)

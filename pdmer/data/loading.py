@@ -11,6 +11,7 @@ Two kinds of split (``data.split.kind``), both written to the run folder's ``spl
 
 Either way the listener lists keep the keys "train", "val", "test", "excluded".
 """
+
 from __future__ import annotations
 
 import logging
@@ -107,7 +108,10 @@ def split_listeners(dataset: Dataset, cfg: DataConfig) -> dict[str, list[str]]:
         "train": sorted(order[n_test + n_val :]),
         "excluded": excluded,
     }
-    log.info("listeners: %d train, %d val, %d test, %d excluded", *(len(splits[k]) for k in ("train", "val", "test", "excluded")))
+    log.info(
+        "listeners: %d train, %d val, %d test, %d excluded",
+        *(len(splits[k]) for k in ("train", "val", "test", "excluded")),
+    )
     return splits
 
 
@@ -145,13 +149,15 @@ def split_songs(dataset: Dataset, cfg: DataConfig) -> dict[str, list[str]]:
     if empty:
         raise DataError(
             f"{dataset.name}: {len(rated)} rated songs cannot be split into song-disjoint train / val / test "
-            f"({', '.join(f'{k}: {len(songs[k])}' for k in ROLES)}); adjust data.split.val_songs / data.split.test_songs"
+            f"({', '.join(f'{k}: {len(songs[k])}' for k in ROLES)}); "
+            "adjust data.split.val_songs / data.split.test_songs"
         )
     return {k: sorted(v, key=song_sort_key) for k, v in songs.items()}
 
 
-def make_splits(dataset: Dataset, cfg: DataConfig, support_songs: int = 1, protocol: str = "songs",
-                seq_len: int = 60) -> tuple[dict[str, list[str]], dict[str, list[str]] | None]:
+def make_splits(
+    dataset: Dataset, cfg: DataConfig, support_songs: int = 1, protocol: str = "songs", seq_len: int = 60
+) -> tuple[dict[str, list[str]], dict[str, list[str]] | None]:
     """The run's split: listener lists (always) and, for ``split.kind=song``, song lists.
 
     With ``kind=song`` a listener is in
@@ -190,11 +196,16 @@ def make_splits(dataset: Dataset, cfg: DataConfig, support_songs: int = 1, proto
             listeners[k].append(a)
     for k in ROLES:
         if not listeners[k]:
-            raise DataError(f"{dataset.name}: the song-disjoint split leaves no {k} listener "
-                            f"({len(songs['train'])} train, {len(songs['val'])} val, {len(songs['test'])} test songs; "
-                            f"protocol {protocol}, seq_len {seq_len})")
-    log.info("songs: %d train, %d val, %d test; listeners: %d train, %d val, %d test, %d excluded",
-             *(len(songs[k]) for k in ROLES), *(len(listeners[k]) for k in (*ROLES, "excluded")))
+            raise DataError(
+                f"{dataset.name}: the song-disjoint split leaves no {k} listener "
+                f"({len(songs['train'])} train, {len(songs['val'])} val, {len(songs['test'])} test songs; "
+                f"protocol {protocol}, seq_len {seq_len})"
+            )
+    log.info(
+        "songs: %d train, %d val, %d test; listeners: %d train, %d val, %d test, %d excluded",
+        *(len(songs[k]) for k in ROLES),
+        *(len(listeners[k]) for k in (*ROLES, "excluded")),
+    )
     return listeners, songs
 
 
@@ -203,8 +214,9 @@ def curves_of(dataset: Dataset, listeners: list[str]) -> dict[str, list[Curve]]:
     return {a: by[a] for a in listeners}
 
 
-def role_curves(dataset: Dataset, listeners: list[str], songs: dict[str, list[str]] | None,
-                role: str) -> dict[str, tuple[list[Curve], list[Curve] | None]]:
+def role_curves(
+    dataset: Dataset, listeners: list[str], songs: dict[str, list[str]] | None, role: str
+) -> dict[str, tuple[list[Curve], list[Curve] | None]]:
     """What each listener of a role may use: ``listener -> (pool, queries)``.
 
     Listener split (``songs`` None): pool = all their curves, queries None (the evaluation
@@ -215,5 +227,10 @@ def role_curves(dataset: Dataset, listeners: list[str], songs: dict[str, list[st
     if songs is None:
         return {a: (by[a], None) for a in listeners}
     train, mine = set(songs["train"]), set(songs[role])
-    return {a: ([c for c in by[a] if c.song_id in train], None if role == "train" else [c for c in by[a] if c.song_id in mine])
-            for a in listeners}
+    return {
+        a: (
+            [c for c in by[a] if c.song_id in train],
+            None if role == "train" else [c for c in by[a] if c.song_id in mine],
+        )
+        for a in listeners
+    }

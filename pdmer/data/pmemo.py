@@ -18,6 +18,7 @@ non-numeric cells, missing columns, a musicId without its audio file) are collec
 as one ``DataError`` naming each file and line; ``strict=False`` skips the bad songs instead and
 lists the problems in ``Dataset.info["problems"]``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pdmer.data.common import (CONSENSUS, Problem, canonical_id, drop_record, parse_value, raise_problems,
-                               read_csv_rows, song_sort_key, summarize)
+from pdmer.data.common import (
+    CONSENSUS,
+    Problem,
+    Problems,
+    canonical_id,
+    drop_record,
+    parse_value,
+    read_csv_rows,
+    song_sort_key,
+    summarize,
+)
 from pdmer.data.types import STEP_S, Curve, DataError, Dataset, Song
 
 log = logging.getLogger(__name__)
@@ -51,7 +61,7 @@ def _rescale(values: np.ndarray, scale: str) -> np.ndarray:
     return values * 2.0 - 1.0 if scale == "deam" else values
 
 
-def _columns(header: list[str], wanted: tuple[str, ...], path: Path, problems: list[Problem]) -> list[int] | None:
+def _columns(header: list[str], wanted: tuple[str, ...], path: Path, problems: Problems) -> list[int] | None:
     names = [h.strip() for h in header]
     missing = [w for w in wanted if w not in names]
     if missing:
@@ -60,11 +70,12 @@ def _columns(header: list[str], wanted: tuple[str, ...], path: Path, problems: l
     return [names.index(w) for w in wanted]
 
 
-def _labels(row: list[str], idx: list[int], path: Path, line: int, problems: list[Problem],
-            lo: float, hi: float) -> list[float] | None:
+def _labels(
+    row: list[str], idx: list[int], path: Path, line: int, problems: Problems, lo: float, hi: float
+) -> list[float] | None:
     """The arousal and valence cells of one row, checked; None on a problem."""
     out, ok = [], True
-    for name, j in zip(LABEL_COLUMNS, idx):
+    for name, j in zip(LABEL_COLUMNS, idx, strict=True):
         x = parse_value(row[j]) if j < len(row) else math.nan
         if x is None:
             problems.append(Problem(path, line, f"column {name}: non-numeric value {row[j].strip()!r}"))
@@ -79,8 +90,9 @@ def _labels(row: list[str], idx: list[int], path: Path, line: int, problems: lis
     return out if ok else None
 
 
-def _read_dynamic(root: Path, scale: str, range_tol: float, problems: list[Problem]
-                  ) -> tuple[dict[str, Curve], dict[str, int]]:
+def _read_dynamic(
+    root: Path, scale: str, range_tol: float, problems: Problems
+) -> tuple[dict[str, Curve], dict[str, int]]:
     """-> (musicId -> Curve, musicId -> line of its first row)."""
     path = root / DYNAMIC_FILE
     if not path.is_file():
@@ -120,12 +132,24 @@ def _read_dynamic(root: Path, scale: str, range_tol: float, problems: list[Probl
         elif sid in last and sid not in out_of_order:
             prev_line, prev = last[sid]
             if step <= prev:
-                problems.append(Problem(path, line, f"musicId {sid}: frameTime {t:g} does not increase "
-                                                    f"(previous {prev * STEP_S:g} at line {prev_line})"))
+                problems.append(
+                    Problem(
+                        path,
+                        line,
+                        f"musicId {sid}: frameTime {t:g} does not increase "
+                        f"(previous {prev * STEP_S:g} at line {prev_line})",
+                    )
+                )
                 out_of_order.add(sid)
             elif step != prev + 1:
-                problems.append(Problem(path, line, f"musicId {sid}: frameTime jumps from {prev * STEP_S:g} "
-                                                    f"(line {prev_line}) to {t:g}: missing frames"))
+                problems.append(
+                    Problem(
+                        path,
+                        line,
+                        f"musicId {sid}: frameTime jumps from {prev * STEP_S:g} "
+                        f"(line {prev_line}) to {t:g}: missing frames",
+                    )
+                )
                 out_of_order.add(sid)
         if step is not None:
             last[sid] = (line, step)
@@ -143,7 +167,7 @@ def _read_dynamic(root: Path, scale: str, range_tol: float, problems: list[Probl
     return curves, first_line
 
 
-def _read_static(root: Path, scale: str, range_tol: float, problems: list[Problem]) -> dict[str, np.ndarray]:
+def _read_static(root: Path, scale: str, range_tol: float, problems: Problems) -> dict[str, np.ndarray]:
     path = root / STATIC_FILE
     rows = read_csv_rows(path, problems)
     if rows is None:
@@ -170,8 +194,14 @@ def _read_static(root: Path, scale: str, range_tol: float, problems: list[Proble
     return out
 
 
-def read_pmemo_dynamic(root: str | Path, *, scale: str = "native", range_tol: float = 1e-6, strict: bool = True,
-                       problems: list[Problem] | None = None) -> dict[str, Curve]:
+def read_pmemo_dynamic(
+    root: str | Path,
+    *,
+    scale: str = "native",
+    range_tol: float = 1e-6,
+    strict: bool = True,
+    problems: list[Problem] | None = None,
+) -> dict[str, Curve]:
     """The averaged dynamic labels of every chorus.
 
     Args:
@@ -185,30 +215,37 @@ def read_pmemo_dynamic(root: str | Path, *, scale: str = "native", range_tol: fl
         musicId -> Curve with annotator_id "consensus", values (T, 2) = (arousal, valence).
     """
     _check_scale(scale)
-    found: list[Problem] = []
+    found = Problems()
     curves, _ = _read_dynamic(Path(root), scale, range_tol, found)
     if problems is not None:
         problems.extend(found)
     if strict:
-        raise_problems(found, f"PMEmo dynamic labels {Path(root) / DYNAMIC_FILE}")
+        found.raise_if_any(f"PMEmo dynamic labels {Path(root) / DYNAMIC_FILE}")
     return curves
 
 
-def read_pmemo_static(root: str | Path, *, scale: str = "native", range_tol: float = 1e-6, strict: bool = True,
-                      problems: list[Problem] | None = None) -> dict[str, np.ndarray]:
+def read_pmemo_static(
+    root: str | Path,
+    *,
+    scale: str = "native",
+    range_tol: float = 1e-6,
+    strict: bool = True,
+    problems: list[Problem] | None = None,
+) -> dict[str, np.ndarray]:
     """The static (whole-chorus) labels: musicId -> (2,) array (arousal, valence). Arguments as above."""
     _check_scale(scale)
-    found: list[Problem] = []
+    found = Problems()
     out = _read_static(Path(root), scale, range_tol, found)
     if problems is not None:
         problems.extend(found)
     if strict:
-        raise_problems(found, f"PMEmo static labels {Path(root) / STATIC_FILE}")
+        found.raise_if_any(f"PMEmo static labels {Path(root) / STATIC_FILE}")
     return out
 
 
-def load_pmemo(root: str | Path, *, scale: str = "native", require_audio: bool = True, range_tol: float = 1e-6,
-               strict: bool = True) -> Dataset:
+def load_pmemo(
+    root: str | Path, *, scale: str = "native", require_audio: bool = True, range_tol: float = 1e-6, strict: bool = True
+) -> Dataset:
     """PMEmo2019 as a Dataset of averaged curves (its per-listener curves are not public).
 
     Args:
@@ -231,7 +268,7 @@ def load_pmemo(root: str | Path, *, scale: str = "native", require_audio: bool =
     root = Path(root)
     if not (root / DYNAMIC_FILE).is_file():
         raise DataError(f"no PMEmo dynamic labels: {root / DYNAMIC_FILE} not found")
-    problems: list[Problem] = []
+    problems = Problems()
     dropped: list[dict] = []
     consensus, first_line = _read_dynamic(root, scale, range_tol, problems)
     static: dict[str, np.ndarray] = {}
@@ -240,22 +277,41 @@ def load_pmemo(root: str | Path, *, scale: str = "native", require_audio: bool =
     else:
         dropped.append(drop_record("read", "skipped", "no static label file", file=root / STATIC_FILE))
     for sid in sorted(set(first_line) - set(consensus), key=song_sort_key):
-        dropped.append(drop_record("read", "dropped", "song has problems in its dynamic labels", song_id=sid,
-                                   annotator_id=CONSENSUS, file=root / DYNAMIC_FILE, line=first_line[sid]))
+        dropped.append(
+            drop_record(
+                "read",
+                "dropped",
+                "song has problems in its dynamic labels",
+                song_id=sid,
+                annotator_id=CONSENSUS,
+                file=root / DYNAMIC_FILE,
+                line=first_line[sid],
+            )
+        )
     songs = {s: Song(s, root / AUDIO_DIR / f"{s}.mp3") for s in consensus}
     missing_audio = [s for s in sorted(first_line, key=song_sort_key) if not (root / AUDIO_DIR / f"{s}.mp3").is_file()]
     if require_audio:
         for s in missing_audio:
-            problems.append(Problem(root / DYNAMIC_FILE, first_line[s],
-                                    f"musicId {s} has no audio file {root / AUDIO_DIR / f'{s}.mp3'}"))
+            problems.append(
+                Problem(
+                    root / DYNAMIC_FILE, first_line[s], f"musicId {s} has no audio file {root / AUDIO_DIR / f'{s}.mp3'}"
+                )
+            )
             if s in consensus:
                 del consensus[s], songs[s]
     if strict:
-        raise_problems(problems, f"PMEmo data under {root}")
+        problems.raise_if_any(f"PMEmo data under {root}")
     no_dynamic = sorted(set(static) - set(consensus), key=song_sort_key)
     if no_dynamic:
-        dropped.append(drop_record("read", "dropped", "static labels without dynamic labels (not used as curves)",
-                                   file=root / STATIC_FILE, song_ids=no_dynamic))
+        dropped.append(
+            drop_record(
+                "read",
+                "dropped",
+                "static labels without dynamic labels (not used as curves)",
+                file=root / STATIC_FILE,
+                song_ids=no_dynamic,
+            )
+        )
     info = {
         "source": "pmemo",
         "options": {"scale": scale, "require_audio": require_audio, "range_tol": range_tol},
@@ -266,10 +322,23 @@ def load_pmemo(root: str | Path, *, scale: str = "native", require_audio: bool =
         "missing_audio": missing_audio,
         "problems": [str(p) for p in problems],
     }
-    log.info("PMEmo %s: %d songs (averaged curves only), scale %s; %d dropped, %d problem(s)",
-             root, len(songs), SCALES[scale], len(dropped), len(problems))
-    return Dataset(name=f"pmemo:{root}", root=root, songs=songs, curves=list(consensus.values()),
-                   consensus=consensus, scale=SCALES[scale], info=info)
+    log.info(
+        "PMEmo %s: %d songs (averaged curves only), scale %s; %d dropped, %d problem(s)",
+        root,
+        len(songs),
+        SCALES[scale],
+        len(dropped),
+        len(problems),
+    )
+    return Dataset(
+        name=f"pmemo:{root}",
+        root=root,
+        songs=songs,
+        curves=list(consensus.values()),
+        consensus=consensus,
+        scale=SCALES[scale],
+        info=info,
+    )
 
 
 def check_pmemo(root: str | Path, **options) -> dict:
@@ -287,8 +356,23 @@ def check_pmemo(root: str | Path, **options) -> dict:
     try:
         ds = load_pmemo(root, **options)
     except DataError as e:
-        return {"dataset": "pmemo", "root": str(root), "ok": False, "summary": None, "dropped": [],
-                "missing_audio": 0, "no_static": 0, "problems": [str(e)]}
-    return {"dataset": "pmemo", "root": str(root), "ok": not ds.info["problems"], "summary": summarize(ds),
-            "dropped": ds.info["dropped"], "missing_audio": len(ds.info["missing_audio"]),
-            "no_static": len(ds.info["no_static"]), "problems": ds.info["problems"]}
+        return {
+            "dataset": "pmemo",
+            "root": str(root),
+            "ok": False,
+            "summary": None,
+            "dropped": [],
+            "missing_audio": 0,
+            "no_static": 0,
+            "problems": [str(e)],
+        }
+    return {
+        "dataset": "pmemo",
+        "root": str(root),
+        "ok": not ds.info["problems"],
+        "summary": summarize(ds),
+        "dropped": ds.info["dropped"],
+        "missing_audio": len(ds.info["missing_audio"]),
+        "no_static": len(ds.info["no_static"]),
+        "problems": ds.info["problems"],
+    }

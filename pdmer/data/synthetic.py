@@ -41,6 +41,7 @@ On disk (the generic layout read by ``pdmer.data.generic.load_generic``)::
     <root>/factors.npz              factor curves per song, (T, 6) float32 at 2 Hz from t = 0
     <root>/meta.json                config, generator version, timing
 """
+
 from __future__ import annotations
 
 import csv
@@ -200,10 +201,11 @@ class ListenerParams:
 
     def to_json(self) -> dict:
         return {
-            "offset": {lab: round(float(v), 6) for lab, v in zip(LABELS, self.offset)},
-            "gain": {lab: round(float(v), 6) for lab, v in zip(LABELS, self.gain)},
+            "offset": {lab: round(float(v), 6) for lab, v in zip(LABELS, self.offset, strict=True)},
+            "gain": {lab: round(float(v), 6) for lab, v in zip(LABELS, self.gain, strict=True)},
             "weight_dev": {
-                lab: {f: round(float(w), 6) for f, w in zip(FACTORS, row)} for lab, row in zip(LABELS, self.weights)
+                lab: {f: round(float(w), 6) for f, w in zip(FACTORS, row, strict=True)}
+                for lab, row in zip(LABELS, self.weights, strict=True)
             },
             "lag_s": round(self.lag_s, 6),
             "tau_s": round(self.tau_s, 6),
@@ -261,7 +263,7 @@ def _population_filter_nodes(n: int = 64, lm: ListenerModel = LISTENER_MODEL) ->
     z_tau = ndtri(q)[np.random.default_rng(12345).permutation(n)]
     lags = lm.lag_max_s * ndtr(z_lag)
     taus = np.clip(lm.tau_median_s * np.exp(lm.tau_log_sd * z_tau), lm.tau_min_s, lm.tau_max_s)
-    return tuple(zip(lags.tolist(), taus.tolist()))
+    return tuple(zip(lags.tolist(), taus.tolist(), strict=True))
 
 
 def _ar1(rng: np.random.Generator, n: int, sd: float, tau_s: float) -> np.ndarray:
@@ -316,7 +318,9 @@ def _weight_sd(lm: "ListenerModel") -> np.ndarray:
     return sd
 
 
-def song_factors(rng: np.random.Generator, duration_s: float, is_long: bool, fm: FactorModel = FACTOR_MODEL) -> np.ndarray:
+def song_factors(
+    rng: np.random.Generator, duration_s: float, is_long: bool, fm: FactorModel = FACTOR_MODEL
+) -> np.ndarray:
     """Draw the factor curves of one song.
 
     A clip is an excerpt of a song (it starts inside a section); a long song is a whole song,
@@ -549,8 +553,16 @@ def _wavetables() -> np.ndarray:
     return _TABLES
 
 
-def _voice(n: int, onsets: np.ndarray, gate: np.ndarray, freq: np.ndarray, amp: np.ndarray, level: np.ndarray,
-           attack_s: float, decay_s: float) -> np.ndarray:
+def _voice(
+    n: int,
+    onsets: np.ndarray,
+    gate: np.ndarray,
+    freq: np.ndarray,
+    amp: np.ndarray,
+    level: np.ndarray,
+    attack_s: float,
+    decay_s: float,
+) -> np.ndarray:
     """A wavetable voice: each note (a chord of V tones) lasts until the next onset (or its gate).
 
     Args:
@@ -601,7 +613,7 @@ def _voice(n: int, onsets: np.ndarray, gate: np.ndarray, freq: np.ndarray, amp: 
 
 
 def _place(out: np.ndarray, onsets: np.ndarray, amps: np.ndarray, sample: np.ndarray) -> None:
-    for o, a in zip(onsets.tolist(), amps.tolist()):
+    for o, a in zip(onsets.tolist(), amps.tolist(), strict=True):
         m = min(len(sample), len(out) - o)
         if m > 0:
             out[o : o + m] += a * sample[:m]
@@ -675,7 +687,7 @@ def render_song(factors: np.ndarray, duration_s: float, rng: np.random.Generator
         steps = rng.choice([-2, -1, -1, 0, 1, 1, 2], size=len(mel))
         deg_list = []
         d = int(target[0])
-        for st, tg in zip(steps.tolist(), target.tolist()):  # random walk pulled towards the register
+        for st, tg in zip(steps.tolist(), target.tolist(), strict=True):  # random walk pulled towards the register
             d += st - (1 if d > tg + 3 else -1 if d < tg - 3 else 0)
             deg_list.append(d)
         deg = np.array(deg_list)
@@ -693,8 +705,15 @@ def render_song(factors: np.ndarray, duration_s: float, rng: np.random.Generator
         gate = np.full(len(ch), int(4 * sr))
         root = midi_of(root_deg, major[cb])
         extra = np.where(dissonant[cb], root + rng.choice([1, 6, 11], len(ch)), root + 12)
-        tones = np.stack([hz(root), hz(midi_of(root_deg + 2, major[cb])) * detune,
-                          hz(midi_of(root_deg + 4, major[cb])), hz(extra) / detune], axis=1)  # (N, 4)
+        tones = np.stack(
+            [
+                hz(root),
+                hz(midi_of(root_deg + 2, major[cb])) * detune,
+                hz(midi_of(root_deg + 4, major[cb])),
+                hz(extra) / detune,
+            ],
+            axis=1,
+        )  # (N, 4)
         amps = np.stack([np.full(len(ch), 0.11)] * 3 + [np.where(dissonant[cb], 0.10, 0.06)], axis=1)  # (N, 4)
         voices += _voice(n, on16[ch], gate, tones, amps, lvl, 0.03, 1.6)
     # bass on beats
@@ -777,7 +796,7 @@ def _write_curves(path: Path, curves: list[Curve]) -> int:
             vals = np.round(c.values.astype(np.float64), 4) + 0.0  # no "-0.0000"
             lines = [
                 f"{c.song_id},{c.annotator_id},{t:.1f},{v:.4f},{a:.4f}\n"
-                for t, a, v in zip(c.times.tolist(), vals[:, 0].tolist(), vals[:, 1].tolist())
+                for t, a, v in zip(c.times.tolist(), vals[:, 0].tolist(), vals[:, 1].tolist(), strict=True)
             ]
             f.writelines(lines)
             rows += len(lines)
@@ -818,8 +837,13 @@ def generate(cfg: SyntheticConfig, root: Path, workers: int | None = None) -> Pa
     """
     root = Path(root)
     t0 = time.perf_counter()
-    logger.info("generating synthetic benchmark into %s (%d clips, %d long songs, %d listeners)",
-                root, cfg.n_clips, cfg.n_long, cfg.n_listeners)
+    logger.info(
+        "generating synthetic benchmark into %s (%d clips, %d long songs, %d listeners)",
+        root,
+        cfg.n_clips,
+        cfg.n_long,
+        cfg.n_listeners,
+    )
     sim = simulate(cfg)
     t_sim = time.perf_counter() - t0
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -842,16 +866,25 @@ def generate(cfg: SyntheticConfig, root: Path, workers: int | None = None) -> Pa
             for lid, p in sim.base.items()
         }
         with open(tmp / "listeners.json", "w") as f:
-            json.dump({
-                "labels": LABELS,
-                "factors": FACTORS,
-                "population_weights": {lab: dict(zip(FACTORS, POP_WEIGHTS[i].tolist())) for i, lab in enumerate(LABELS)},
-                "note": "weight_dev = personal deviation from population_weights; per-song parameters mix the "
-                        "base latents with fresh ones (carryover)",
-                "listeners": listeners,
-            }, f, indent=1)
-        np.savez(tmp / "factors.npz", factor_names=np.array(FACTORS),
-                 **{s.song_id: s.factors.astype(np.float32) for s in sim.songs})
+            json.dump(
+                {
+                    "labels": LABELS,
+                    "factors": FACTORS,
+                    "population_weights": {
+                        lab: dict(zip(FACTORS, POP_WEIGHTS[i].tolist(), strict=True)) for i, lab in enumerate(LABELS)
+                    },
+                    "note": "weight_dev = personal deviation from population_weights; per-song parameters mix the "
+                    "base latents with fresh ones (carryover)",
+                    "listeners": listeners,
+                },
+                f,
+                indent=1,
+            )
+        np.savez(
+            tmp / "factors.npz",
+            factor_names=np.array(FACTORS),
+            **{s.song_id: s.factors.astype(np.float32) for s in sim.songs},
+        )
         t_write = time.perf_counter() - t2
         meta = {
             "generator": "pdmer.data.synthetic",
@@ -892,7 +925,9 @@ def _meta_matches(root: Path, cfg: SyntheticConfig) -> bool:
         meta = json.loads((root / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("version") == GENERATOR_VERSION and meta.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return meta.get("version") == GENERATOR_VERSION and meta.get("config") == json.loads(
+        json.dumps(dataclasses.asdict(cfg))
+    )
 
 
 def load_synthetic(cfg: SyntheticConfig, root: Path | None = None) -> Dataset:
@@ -964,7 +999,7 @@ def calibration_stats(dataset: Dataset, window_steps: int = 60) -> dict:
     offsets = [dict(), dict()]
     sliders = [dict(), dict()]
     n_raters = []
-    for sid, cs in sorted(by_song.items()):
+    for _sid, cs in sorted(by_song.items()):
         if len(cs) < 2:
             continue
         s0 = min(c.start_step for c in cs)

@@ -4,6 +4,7 @@ Time convention (one place, used everywhere): step ``k`` of a song covers the au
 ``[k * STEP_S, (k + 1) * STEP_S)``; a rating at time ``t`` seconds belongs to step
 ``round(t / STEP_S)``. A DEAM label ``sample_15000ms`` is step 30, audio [15.0 s, 15.5 s).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -46,7 +47,10 @@ class Curve:
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
         if self.values.ndim != 2 or self.values.shape[1] != 2:
-            raise DataError(f"song {self.song_id!r}, annotator {self.annotator_id!r}: values must be (T, 2), got {self.values.shape}")
+            raise DataError(
+                f"song {self.song_id!r}, annotator {self.annotator_id!r}: "
+                f"values must be (T, 2), got {self.values.shape}"
+            )
 
     @property
     def n_steps(self) -> int:

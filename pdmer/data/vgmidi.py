@@ -33,6 +33,7 @@ MIDI bytes, the duration, the soundfont and the settings, and deterministic (sam
 Everything dropped is recorded in ``Dataset.info["dropped"]`` with its reason, and a structural
 problem (an unreadable JSON, a missing MIDI file) is a ``DataError`` naming the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdmer.data.common import Problem, drop_record, raise_problems
+from pdmer.data.common import Problem, Problems, drop_record
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 from pdmer.features.cache import file_hash
 
@@ -56,11 +57,24 @@ log = logging.getLogger(__name__)
 
 ANNOTATIONS_DIR = Path("labelled") / "annotations"
 MIDI_DIR = Path("labelled") / "midi"
-IDENTITY_FIELDS = ("age", "gender", "country", "musicianship", "ex1_valence", "ex1_arousal", "ex1_description",
-                   "ex2_valence", "ex2_arousal")
+IDENTITY_FIELDS = (
+    "age",
+    "gender",
+    "country",
+    "musicianship",
+    "ex1_valence",
+    "ex1_arousal",
+    "ex1_description",
+    "ex2_valence",
+    "ex2_arousal",
+)
 TUTORIAL_FIELDS = ("ex1_valence", "ex1_arousal", "ex1_description", "ex2_valence", "ex2_arousal")
-SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/soundfonts/FluidR3_GM.sf2",
-              "/usr/share/sounds/sf2/default-GM.sf2", "/usr/share/soundfonts/default.sf2")
+SOUNDFONTS = (
+    "/usr/share/sounds/sf2/FluidR3_GM.sf2",
+    "/usr/share/soundfonts/FluidR3_GM.sf2",
+    "/usr/share/sounds/sf2/default-GM.sf2",
+    "/usr/share/soundfonts/default.sf2",
+)
 RENDER_VERSION = 1  # bump when render_piece's output changes
 SAMPLE_RATE = 44100
 GAIN = 0.5
@@ -85,7 +99,7 @@ def find_rounds(root: Path) -> list[tuple[str, Path]]:
     if not folder.is_dir() and (root / "annotations").is_dir() and root.name == "labelled":
         folder = root / "annotations"  # the user gave the labelled/ folder itself
     found = sorted(folder.glob("vgmidi_raw_*.json"), key=lambda p: (len(p.stem), p.stem))
-    return [(p.stem[len("vgmidi_raw_"):], p) for p in found]
+    return [(p.stem[len("vgmidi_raw_") :], p) for p in found]
 
 
 def midi_length(path: Path) -> float:
@@ -151,14 +165,19 @@ def to_grid(values: np.ndarray, duration: float) -> np.ndarray:
     return np.stack([np.interp(grid, times, values[:, d]) for d in range(values.shape[1])], axis=1)
 
 
-def _read_round(round_: str, path: Path, root: Path, problems: list[Problem], dropped: list[dict],
-                duration_tol: tuple[float, float]) -> tuple[dict[str, Piece], dict]:
+def _read_round(
+    round_: str, path: Path, root: Path, problems: Problems, dropped: list[dict], duration_tol: tuple[float, float]
+) -> tuple[dict[str, Piece], dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         problems.append(Problem(path, None, f"cannot read the JSON ({e})"))
         return {}, {}
-    if not isinstance(data, dict) or not isinstance(data.get("pieces"), dict) or not isinstance(data.get("annotations"), dict):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("pieces"), dict)
+        or not isinstance(data.get("annotations"), dict)
+    ):
         problems.append(Problem(path, None, "expected an object with 'pieces' and 'annotations' objects"))
         return {}, {}
     pieces: dict[str, Piece] = {}
@@ -169,10 +188,14 @@ def _read_round(round_: str, path: Path, root: Path, problems: list[Problem], dr
         try:
             duration, measures, midi = float(meta["duration"]), int(meta["measures"]), str(meta["midi"])
         except (KeyError, TypeError, ValueError) as e:
-            problems.append(Problem(path, None, f"{where}: needs numeric 'duration', 'measures' and a 'midi' name ({e})"))
+            problems.append(
+                Problem(path, None, f"{where}: needs numeric 'duration', 'measures' and a 'midi' name ({e})")
+            )
             continue
         if not (math.isfinite(duration) and duration > 0 and measures > 0):
-            problems.append(Problem(path, None, f"{where}: duration={duration} and measures={measures} must be positive"))
+            problems.append(
+                Problem(path, None, f"{where}: duration={duration} and measures={measures} must be positive")
+            )
             continue
         midi_path = midi_dir / midi
         if Path(midi).name != midi or not midi_path.is_file():
@@ -184,9 +207,17 @@ def _read_round(round_: str, path: Path, root: Path, problems: list[Problem], dr
             problems.append(Problem(path, None, f"{where}: {e}"))
             continue
         if not duration_tol[0] <= duration - length <= duration_tol[1]:
-            dropped.append(drop_record("read", "dropped", f"duration {duration:g} s does not match the MIDI's length "
-                                       f"{length:.2f} s (allowed: duration - length in [{duration_tol[0]:g}, "
-                                       f"{duration_tol[1]:g}] s): its curves cannot be aligned", song_id=sid, file=midi_path))
+            dropped.append(
+                drop_record(
+                    "read",
+                    "dropped",
+                    f"duration {duration:g} s does not match the MIDI's length "
+                    f"{length:.2f} s (allowed: duration - length in [{duration_tol[0]:g}, "
+                    f"{duration_tol[1]:g}] s): its curves cannot be aligned",
+                    song_id=sid,
+                    file=midi_path,
+                )
+            )
             continue
         pieces[key] = Piece(round_, key, sid, midi_path, duration, measures, str(meta.get("name", key)))
     return pieces, data["annotations"]
@@ -221,9 +252,16 @@ def _read_curve(record: dict, piece: Piece, where: str, min_recorded: float) -> 
     return to_grid(values, piece.duration)
 
 
-def load_vgmidi(root: str | Path, *, audio_dir: str | Path | None = None, soundfont: str | Path | None = None,
-                render: bool = True, strict: bool = True, min_recorded: float = 0.5,
-                duration_tol: tuple[float, float] = (-1.5, 0.5)) -> Dataset:
+def load_vgmidi(
+    root: str | Path,
+    *,
+    audio_dir: str | Path | None = None,
+    soundfont: str | Path | None = None,
+    render: bool = True,
+    strict: bool = True,
+    min_recorded: float = 0.5,
+    duration_tol: tuple[float, float] = (-1.5, 0.5),
+) -> Dataset:
     """VGMIDI's per-listener curves, with audio rendered from the MIDI files.
 
     Args:
@@ -248,14 +286,18 @@ def load_vgmidi(root: str | Path, *, audio_dir: str | Path | None = None, soundf
     root = Path(root)
     rounds = find_rounds(root)
     if not rounds:
-        raise DataError(f"no VGMIDI annotations: {root / ANNOTATIONS_DIR}/vgmidi_raw_*.json not found "
-                        f"(data.root must be a copy of the VGMIDI repository)")
-    problems: list[Problem] = []
+        raise DataError(
+            f"no VGMIDI annotations: {root / ANNOTATIONS_DIR}/vgmidi_raw_*.json not found "
+            f"(data.root must be a copy of the VGMIDI repository)"
+        )
+    problems = Problems()
     dropped: list[dict] = []
     pieces: dict[str, Piece] = {}
     records: list[tuple[str, Piece, str, np.ndarray]] = []  # (listener, piece, record key, grid curve)
     for round_, path in rounds:
-        round_pieces, annotations = _read_round(round_, path, root, problems, dropped, (float(duration_tol[0]), float(duration_tol[1])))
+        round_pieces, annotations = _read_round(
+            round_, path, root, problems, dropped, (float(duration_tol[0]), float(duration_tol[1]))
+        )
         pieces.update({p.song_id: p for p in round_pieces.values()})
         no_meta = Counter()
         for rec_key, record in sorted(annotations.items()):
@@ -273,30 +315,63 @@ def load_vgmidi(root: str | Path, *, audio_dir: str | Path | None = None, soundf
             aid = listener_id(round_, record, submission)
             curve = _read_curve(record, piece, rec_key, min_recorded)
             if isinstance(curve, str):
-                dropped.append(drop_record("read", "dropped", f"broken curve: {curve}", song_id=sid, annotator_id=aid,
-                                           file=path, record=rec_key))
+                dropped.append(
+                    drop_record(
+                        "read",
+                        "dropped",
+                        f"broken curve: {curve}",
+                        song_id=sid,
+                        annotator_id=aid,
+                        file=path,
+                        record=rec_key,
+                    )
+                )
                 continue
             records.append((aid, piece, rec_key, curve))
         for piece_key, n in sorted(no_meta.items()):
-            dropped.append(drop_record("read", "dropped", f"{n} record(s) of a piece without metadata in 'pieces'",
-                                       song_id=f"r{round_}.{piece_key}", file=path))
+            dropped.append(
+                drop_record(
+                    "read",
+                    "dropped",
+                    f"{n} record(s) of a piece without metadata in 'pieces'",
+                    song_id=f"r{round_}.{piece_key}",
+                    file=path,
+                )
+            )
     curves = _resolve_identities(records, dropped)
     if strict:
-        raise_problems(problems, f"VGMIDI data under {root}")
+        problems.raise_if_any(f"VGMIDI data under {root}")
     used = sorted({c.song_id for c in curves})
-    songs = {sid: Song(sid, p, pieces[sid].duration) for sid, p in
-             audio_paths([pieces[s] for s in used], audio_dir, soundfont, render).items()}
+    songs = {
+        sid: Song(sid, p, pieces[sid].duration)
+        for sid, p in audio_paths([pieces[s] for s in used], audio_dir, soundfont, render).items()
+    }
     info = {
         "source": "vgmidi",
         "rounds": [r for r, _ in rounds],
         "options": {"min_recorded": min_recorded, "duration_tol": list(duration_tol)},
-        "pieces": {s: {"name": pieces[s].name, "duration": pieces[s].duration, "measures": pieces[s].measures,
-                       "midi": str(pieces[s].midi)} for s in used},
+        "pieces": {
+            s: {
+                "name": pieces[s].name,
+                "duration": pieces[s].duration,
+                "measures": pieces[s].measures,
+                "midi": str(pieces[s].midi),
+            }
+            for s in used
+        },
         "dropped": dropped,
         "problems": [str(p) for p in problems],
     }
-    log.info("VGMIDI %s: rounds %s, %d pieces, %d listeners, %d curves; %d dropped, %d problem(s)", root,
-             ",".join(info["rounds"]), len(songs), len({c.annotator_id for c in curves}), len(curves), len(dropped), len(problems))
+    log.info(
+        "VGMIDI %s: rounds %s, %d pieces, %d listeners, %d curves; %d dropped, %d problem(s)",
+        root,
+        ",".join(info["rounds"]),
+        len(songs),
+        len({c.annotator_id for c in curves}),
+        len(curves),
+        len(dropped),
+        len(problems),
+    )
     return Dataset(name=f"vgmidi:{root}", root=root, songs=songs, curves=curves, scale="deam", info=info)
 
 
@@ -310,8 +385,16 @@ def _resolve_identities(records: list[tuple[str, Piece, str, np.ndarray]], dropp
         if len(recs) > 1:
             same = all(np.array_equal(recs[0][1], c) for _, c in recs[1:])
             why = "duplicate submission (identical curves)" if same else "ambiguous identity (different curves)"
-            dropped.append(drop_record("identity", "dropped", f"{len(recs)} records of this piece by one listener: {why}",
-                                       song_id=sid, annotator_id=aid, records=[k for k, _ in recs]))
+            dropped.append(
+                drop_record(
+                    "identity",
+                    "dropped",
+                    f"{len(recs)} records of this piece by one listener: {why}",
+                    song_id=sid,
+                    annotator_id=aid,
+                    records=[k for k, _ in recs],
+                )
+            )
             continue
         curves.append(Curve(sid, aid, 0, recs[0][1]))
     return curves
@@ -330,14 +413,22 @@ def find_soundfont(soundfont: str | Path | None = None) -> Path:
     for s in SOUNDFONTS:
         if Path(s).is_file():
             return Path(s)
-    raise DataError(f"no General MIDI soundfont found (looked for {', '.join(SOUNDFONTS)}); {INSTALL_HINT}, "
-                    "or set data.vgmidi.soundfont")
+    raise DataError(
+        f"no General MIDI soundfont found (looked for {', '.join(SOUNDFONTS)}); {INSTALL_HINT}, "
+        "or set data.vgmidi.soundfont"
+    )
 
 
 def render_key(piece: Piece, soundfont_digest: str) -> str:
     """The cache key of a rendering: MIDI bytes, duration, soundfont bytes (their sha256), settings."""
-    spec = {"midi": file_hash(piece.midi), "duration": piece.duration, "soundfont": soundfont_digest,
-            "sr": SAMPLE_RATE, "gain": GAIN, "version": RENDER_VERSION}
+    spec = {
+        "midi": file_hash(piece.midi),
+        "duration": piece.duration,
+        "soundfont": soundfont_digest,
+        "sr": SAMPLE_RATE,
+        "gain": GAIN,
+        "version": RENDER_VERSION,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -354,8 +445,23 @@ def render_piece(piece: Piece, out: Path, soundfont: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".render-") as tmp:
         raw = Path(tmp) / "raw.wav"
-        cmd = [exe, "-ni", "-q", "-r", str(SAMPLE_RATE), "-g", str(GAIN), "-T", "wav", "-O", "s16", "-F", str(raw),
-               str(soundfont), str(piece.midi)]
+        cmd = [
+            exe,
+            "-ni",
+            "-q",
+            "-r",
+            str(SAMPLE_RATE),
+            "-g",
+            str(GAIN),
+            "-T",
+            "wav",
+            "-O",
+            "s16",
+            "-F",
+            str(raw),
+            str(soundfont),
+            str(piece.midi),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not raw.is_file():
             raise DataError(f"{piece.midi}: FluidSynth failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -369,8 +475,9 @@ def render_piece(piece: Piece, out: Path, soundfont: Path) -> Path:
     return out
 
 
-def audio_paths(pieces: list[Piece], audio_dir: str | Path | None, soundfont: str | Path | None,
-                render: bool) -> dict[str, Path]:
+def audio_paths(
+    pieces: list[Piece], audio_dir: str | Path | None, soundfont: str | Path | None, render: bool
+) -> dict[str, Path]:
     """song id -> its rendered WAV in the cache, rendering the missing ones when ``render``."""
     from pdmer.runs import REPO
 
