@@ -35,6 +35,7 @@ Bookkeeping rules (also in the README):
 - The sampler is re-seeded per trial from (seed, trial number): one process from scratch is
   reproducible, and a resumed or parallel sweep never repeats the same random draws.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -46,14 +47,15 @@ import platform
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import optuna
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pdmer.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, find_yaml, load_config, to_yaml
 from pdmer.io import atomic_write, atomic_write_text
@@ -73,17 +75,82 @@ HEARTBEAT_S = 30  # a running trial writes a heartbeat this often (RDB storage)
 GRACE_S = 120  # a trial without heartbeat for this long is stale: marked FAIL
 POLL_S = 2.0  # how often a process waiting for other processes' trials looks again
 
-_TOP_KEYS = {"experiment", "description", "trials", "objective", "sampler", "pruner", "params"}
-_OBJECTIVE_KEYS = {"metric", "direction"}
-_PARAM_KEYS = {
-    "float": {"role", "type", "low", "high", "step"},
-    "log_float": {"role", "type", "low", "high"},
-    "int": {"role", "type", "low", "high", "step"},
-    "categorical": {"role", "type", "choices"},
-    "fixed": {"role", "value"},
-}
 _ABSENT = object()
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep file's schema: OmegaConf structured configs (as pdmer.config for experiments), so that an
+# unknown key or a wrong type is an error naming the key; what a type cannot say is checked in load_sweep
+# (Optional, not `X | None`: OmegaConf reads the annotations, as in pdmer.config)
+
+
+@dataclass
+class ObjectiveFile:
+    """``objective``: a validation metric ``val/<condition>_<metric>`` and its direction."""
+
+    metric: Optional[str] = None
+    direction: str = "maximize"  # maximize | minimize
+
+
+@dataclass
+class SweepFile:
+    """A sweep file's top level."""
+
+    experiment: str = MISSING
+    description: Optional[str] = ""
+    trials: int = 20  # >= 1
+    objective: ObjectiveFile = MISSING
+    sampler: Optional[dict[str, Any]] = None  # name + the optuna class's keyword arguments (see _component)
+    pruner: Optional[dict[str, Any]] = None
+    params: dict[str, Any] = MISSING  # config key -> a parameter, its schema chosen by role and type (PARAM_FILES)
+
+
+@dataclass
+class RangeParamFile:
+    """A ``float`` or ``int`` parameter (an int range's numbers must be integral)."""
+
+    role: str = MISSING
+    type: str = MISSING
+    low: float = MISSING
+    high: float = MISSING
+    step: Optional[float] = None
+
+
+@dataclass
+class LogRangeParamFile:
+    """A ``log_float`` parameter."""
+
+    role: str = MISSING
+    type: str = MISSING
+    low: float = MISSING
+    high: float = MISSING
+
+
+@dataclass
+class ChoicesParamFile:
+    """A ``categorical`` parameter: numbers, strings, booleans or nulls."""
+
+    role: str = MISSING
+    type: str = MISSING
+    choices: list[Any] = MISSING
+
+
+@dataclass
+class FixedParamFile:
+    """A ``fixed`` parameter; without ``value``, the base experiment's value."""
+
+    role: str = MISSING
+    value: Any = MISSING
+
+
+PARAM_FILES = {
+    "float": RangeParamFile,
+    "int": RangeParamFile,
+    "log_float": LogRangeParamFile,
+    "categorical": ChoicesParamFile,
+    "fixed": FixedParamFile,
+}
 
 
 class SweepError(ConfigError):
@@ -139,7 +206,9 @@ class Param:
             return trial.suggest_categorical(self.key, self.choices)
         if self.type == "int":
             return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1))
-        return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.type == "log_float")
+        return trial.suggest_float(
+            self.key, float(self.low), float(self.high), step=self.step, log=self.type == "log_float"
+        )
 
 
 @dataclass
@@ -182,8 +251,11 @@ class Sweep:
 
     def definition(self) -> dict:
         """What must not change while a study goes on (checked on resume)."""
-        return {"experiment": self.experiment, "objective": {"metric": self.metric, "direction": self.direction},
-                "params": {p.key: p.spec() for p in self.params}}
+        return {
+            "experiment": self.experiment,
+            "objective": {"metric": self.metric, "direction": self.direction},
+            "params": {p.key: p.spec() for p in self.params},
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +266,9 @@ def resolve_sweep(name_or_path: str | Path) -> Path:
     """Map ``pdmer.synthetic.dsaml`` (a file in ``experiments/sweeps/``) or a path to a YAML file."""
     path, known = find_yaml(name_or_path, SWEEPS_DIR)
     if path is None:
-        raise SweepError(f"unknown sweep {str(name_or_path)!r}; known: {', '.join(known) or '(none)'} (in {SWEEPS_DIR})")
+        raise SweepError(
+            f"unknown sweep {str(name_or_path)!r}; known: {', '.join(known) or '(none)'} (in {SWEEPS_DIR})"
+        )
     return path
 
 
@@ -220,36 +294,61 @@ def load_sweep(name_or_path: str | Path, overrides: list[str] | None = None) -> 
     except yaml.YAMLError as e:
         raise SweepError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise SweepError(f"{where}: a sweep file is a mapping with keys {sorted(_TOP_KEYS)}")
-    _no_unknown(raw, _TOP_KEYS, where, "")
-    for key in ("experiment", "objective", "params"):
-        if key not in raw:
-            raise SweepError(f"{where}: missing key {key!r}")
-    objective = raw["objective"]
-    if not isinstance(objective, dict):
+        raise SweepError(f"{where}: a sweep file is a mapping with keys {sorted(_field_names(SweepFile))}")
+    if not isinstance(raw.get("objective", {}), dict):
         raise SweepError(f"{where}: objective must be a mapping with keys metric, direction")
-    _no_unknown(objective, _OBJECTIVE_KEYS, where, "objective.")
-    metric = objective.get("metric")
-    direction = objective.get("direction", "maximize")
-    if direction not in ("maximize", "minimize"):
-        raise SweepError(f"{where}: objective.direction={direction!r} must be maximize or minimize")
-    trials = raw.get("trials", 20)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise SweepError(f"{where}: trials={trials!r} must be an integer >= 1")
-    sampler = _component(raw.get("sampler"), "sampler", {"name": "tpe", "seed": 0}, where)
-    pruner = _component(raw.get("pruner"), "pruner", {"name": "median"}, where)
-    if not isinstance(raw["params"], dict) or not raw["params"]:
+    if "params" in raw and (not isinstance(raw["params"], dict) or not raw["params"]):
         raise SweepError(f"{where}: params must be a non-empty mapping of config keys to their search spaces")
-    params = [_parse_param(str(k), v, where) for k, v in raw["params"].items()]
+    node = _validated(SweepFile, raw, where)
+    for key in ("experiment", "objective", "params"):
+        if OmegaConf.is_missing(node, key):
+            raise SweepError(f"{where}: missing key {key!r}")
+    if node.objective.direction not in ("maximize", "minimize"):
+        raise SweepError(f"{where}: objective.direction={node.objective.direction!r} must be maximize or minimize")
+    if node.trials < 1:
+        raise SweepError(f"{where}: trials={node.trials!r} must be an integer >= 1")
+    sampler = _component(_plain(node.sampler), "sampler", {"name": "tpe", "seed": 0}, where)
+    pruner = _component(_plain(node.pruner), "pruner", {"name": "median"}, where)
+    params = [_parse_param(str(k), v, where) for k, v in _plain(node.params).items()]
     if not any(p.searched for p in params):
         raise SweepError(f"{where}: no parameter is searched (every one is fixed)")
     sweep = Sweep(
-        path=path, name=path.stem, experiment=str(raw["experiment"]), trials=trials, metric=str(metric),
-        direction=direction, sampler=sampler, pruner=pruner, params=params, overrides=list(overrides or []),
-        description=str(raw.get("description", "")),
+        path=path,
+        name=path.stem,
+        experiment=node.experiment,
+        trials=node.trials,
+        metric=str(node.objective.metric),
+        direction=node.objective.direction,
+        sampler=sampler,
+        pruner=pruner,
+        params=params,
+        overrides=list(overrides or []),
+        description=str(node.description),
     )
     check_sweep(sweep)
     return sweep
+
+
+def _validated(schema: type, data: dict, where: str, prefix: str = "") -> DictConfig:
+    """``data`` merged onto the structured ``schema``: an unknown key or a wrong type is a SweepError naming it."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
+    except ConfigKeyError as e:
+        inner = e.full_key.rsplit(".", 1)[0] + "." if "." in e.full_key else ""
+        allowed = ", ".join(sorted(_field_names(e.object_type))) if isinstance(e.object_type, type) else "(none)"
+        raise SweepError(f"{where}: unknown key {prefix}{inner}{e.key!r}; allowed: {allowed}") from None
+    except OmegaConfBaseException as e:
+        msg = str(e.msg or e).splitlines()[0]
+        raise SweepError(f"{where}: {prefix}{e.full_key}: {msg}") from None
+
+
+def _field_names(schema: type) -> set[str]:
+    return {f.name for f in fields(schema)} if hasattr(schema, "__dataclass_fields__") else set()
+
+
+def _plain(node: Any) -> Any:
+    """An OmegaConf node (or None) as plain Python dicts and lists."""
+    return None if node is None else OmegaConf.to_container(node)
 
 
 def check_sweep(sweep: Sweep) -> ExperimentConfig:
@@ -264,7 +363,9 @@ def check_sweep(sweep: Sweep) -> ExperimentConfig:
     overridden = {ov.split("=", 1)[0] for ov in sweep.overrides}
     for ov in sweep.overrides:
         if ov.split("=", 1)[0] in searched:
-            raise SweepError(f"override {ov!r}: {ov.split('=', 1)[0]} is searched by the sweep ({where}); change its range there")
+            raise SweepError(
+                f"override {ov!r}: {ov.split('=', 1)[0]} is searched by the sweep ({where}); change its range there"
+            )
     try:
         base = load_config(sweep.experiment, list(sweep.overrides))
     except ConfigError as e:
@@ -274,8 +375,9 @@ def check_sweep(sweep: Sweep) -> ExperimentConfig:
         if p.key == "name" or p.key.startswith("runtime."):
             raise SweepError(f"{where}: params.{p.key}: name and runtime.* do not change results and cannot be swept")
         if OmegaConf.select(structured, p.key, default=_ABSENT) is _ABSENT:
-            raise SweepError(f"{where}: params.{p.key}: the key {p.key!r} is not in the config of experiment "
-                             f"{sweep.experiment!r}")
+            raise SweepError(
+                f"{where}: params.{p.key}: the key {p.key!r} is not in the config of experiment {sweep.experiment!r}"
+            )
         if not isinstance(_get(base, p.key), (int, float, str, bool, type(None))):
             raise SweepError(f"{where}: params.{p.key} is a config group, not a value")
         if not p.searched and (p.from_base or p.key in overridden):  # the command line wins over the file
@@ -283,8 +385,13 @@ def check_sweep(sweep: Sweep) -> ExperimentConfig:
     # every bound and choice must be accepted by the config: all lows at once, all highs, then the
     # other choices; a refused set is retried one parameter at a time to name the culprit
     n = max([len(p.choices) for p in sweep.searched if p.type == "categorical"] + [2])
-    sets = [{p.key: p.choices[min(i, len(p.choices) - 1)] if p.type == "categorical" else (p.low if i == 0 else p.high)
-             for p in sweep.searched} for i in range(n)]
+    sets = [
+        {
+            p.key: p.choices[min(i, len(p.choices) - 1)] if p.type == "categorical" else (p.low if i == 0 else p.high)
+            for p in sweep.searched
+        }
+        for i in range(n)
+    ]
     try:
         base = sweep.config()
     except ConfigError:
@@ -306,8 +413,12 @@ def check_sweep(sweep: Sweep) -> ExperimentConfig:
             raise SweepError(f"{where}: params: the values {values} together are refused: {e_all}") from None
     check_objective(sweep.metric, base, where)
     if base.train.eval_every >= base.train.iterations:
-        log.warning("train.eval_every=%d >= train.iterations=%d: each trial validates only at its end, so nothing "
-                    "can be pruned", base.train.eval_every, base.train.iterations)
+        log.warning(
+            "train.eval_every=%d >= train.iterations=%d: each trial validates only at its end, so nothing "
+            "can be pruned",
+            base.train.eval_every,
+            base.train.iterations,
+        )
     sweep.base = base
     return base
 
@@ -318,50 +429,58 @@ def check_objective(metric: Any, cfg: ExperimentConfig, where: str = "sweep") ->
     if not isinstance(metric, str) or not metric:
         raise SweepError(f"{where}: objective.metric is missing; one of: {', '.join(known)}")
     if metric.startswith("test/") or metric.startswith("test_"):
-        raise SweepError(f"{where}: objective.metric={metric!r} is a test metric: test listeners are scored once, at "
-                         f"the end, and must never choose hyperparameters; use the validation metric "
-                         f"{'val/' + metric.split('/', 1)[-1]!r}")
+        raise SweepError(
+            f"{where}: objective.metric={metric!r} is a test metric: test listeners are scored once, at "
+            f"the end, and must never choose hyperparameters; use the validation metric "
+            f"{'val/' + metric.split('/', 1)[-1]!r}"
+        )
     if metric not in known:
         raise SweepError(f"{where}: objective.metric={metric!r} is never logged; one of: {', '.join(known)}")
     cond, _ = _split_metric(metric)
     if cond in MISSING_CONDITIONS.get(cfg.data.source, ()):
-        raise SweepError(f"{where}: objective.metric={metric!r} is never logged for data.source={cfg.data.source} "
-                         f"(it has no {cond} curves)")
+        raise SweepError(
+            f"{where}: objective.metric={metric!r} is never logged for data.source={cfg.data.source} "
+            f"(it has no {cond} curves)"
+        )
 
 
 def _split_metric(metric: str) -> tuple[str, str]:
     body = metric.split("/", 1)[1]
     for c in CONDITIONS:
         if body.startswith(c + "_"):
-            return c, body[len(c) + 1:]
+            return c, body[len(c) + 1 :]
     raise SweepError(f"objective.metric={metric!r} is not val/<condition>_<metric>")
 
 
 def _parse_param(key: str, spec: Any, where: str) -> Param:
+    """One entry of ``params``, checked against the schema of its role and type (``PARAM_FILES``)."""
     at = f"{where}: params.{key}"
     if not isinstance(spec, dict):
         raise SweepError(f"{at}: expected a mapping with role and type (or role: fixed and value)")
     role = spec.get("role")
     if role not in ROLES:
         raise SweepError(f"{at}: role={role!r} must be one of {ROLES} (the tuning playbook's labels)")
-    if role == "fixed":
-        _no_unknown(spec, _PARAM_KEYS["fixed"], where, f"params.{key}.")
-        return Param(key, role, value=spec.get("value"), from_base="value" not in spec)
-    typ = spec.get("type")
-    if typ not in TYPES:
+    typ = "fixed" if role == "fixed" else spec.get("type")
+    if typ not in TYPES and typ != "fixed":
         raise SweepError(f"{at}: type={typ!r} must be one of {TYPES}")
-    _no_unknown(spec, _PARAM_KEYS[typ], where, f"params.{key}.")
+    node = _validated(PARAM_FILES[typ], spec, where, f"params.{key}.")
+    if role == "fixed":
+        from_base = OmegaConf.is_missing(node, "value")
+        return Param(key, role, value=None if from_base else _plain(node)["value"], from_base=from_base)
+    for name in ("low", "high") if typ != "categorical" else ():
+        if OmegaConf.is_missing(node, name):
+            raise SweepError(f"{at}.{name}: expected a number, got None")
     if typ == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
+        choices = [] if OmegaConf.is_missing(node, "choices") else _plain(node.choices)
+        if not choices:
             raise SweepError(f"{at}: choices must be a non-empty list")
         for c in choices:
             if not isinstance(c, (int, float, str, bool)) and c is not None:
                 raise SweepError(f"{at}: choice {c!r} is not a number, string, boolean or null")
         return Param(key, role, typ, choices=choices)
     num = int if typ == "int" else float
-    low, high = (_number(spec.get(b), num, f"{at}.{b}") for b in ("low", "high"))
-    step = _number(spec["step"], num, f"{at}.step") if spec.get("step") is not None else None
+    low, high = (_number(node[b], num, f"{at}.{b}") for b in ("low", "high"))
+    step = _number(node.step, num, f"{at}.step") if node.get("step") is not None else None
     if not low < high:
         raise SweepError(f"{at}: low={low} must be below high={high}")
     if typ == "log_float" and low <= 0:
@@ -371,19 +490,14 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
     return Param(key, role, typ, low=low, high=high, step=step)
 
 
-def _number(v: Any, num: type, at: str):
-    if isinstance(v, bool) or v is None:
-        raise SweepError(f"{at}: expected a number, got {v!r}")
-    try:
-        x = float(v)  # YAML 1.1 reads 1e-4 (no dot) as a string
-    except (TypeError, ValueError):
-        raise SweepError(f"{at}: expected a number, got {v!r}") from None
+def _number(x: float, num: type, at: str) -> float | int:
+    """A range's number (already a float: the schema read it) as ``num``: finite, and integral for an int range."""
+    if not math.isfinite(x):
+        raise SweepError(f"{at}: expected a finite number, got {x!r}")
     if num is int:
         if x != int(x):
-            raise SweepError(f"{at}: expected an integer, got {v!r}")
+            raise SweepError(f"{at}: expected an integer, got {x!r}")
         return int(x)
-    if not math.isfinite(x):
-        raise SweepError(f"{at}: expected a finite number, got {v!r}")
     return x
 
 
@@ -395,9 +509,13 @@ def _no_unknown(d: dict, allowed: set, where: str, prefix: str) -> None:
 
 # samplers and pruners: a name + the optuna class's own keyword arguments (checked by name)
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-PRUNERS = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
-           "successive_halving": optuna.pruners.SuccessiveHalvingPruner, "hyperband": optuna.pruners.HyperbandPruner,
-           "none": optuna.pruners.NopPruner}
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "none": optuna.pruners.NopPruner,
+}
 
 
 def _component(spec: Any, kind: str, default: dict, where: str) -> dict:
@@ -411,8 +529,11 @@ def _component(spec: Any, kind: str, default: dict, where: str) -> dict:
     name = spec["name"]
     if name not in classes:
         raise SweepError(f"{where}: {kind}.name={name!r} must be one of {', '.join(classes)}")
-    allowed = {n for n, p in inspect.signature(classes[name]).parameters.items()
-               if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in ("gamma", "weights", "constraints_func")}
+    allowed = {
+        n
+        for n, p in inspect.signature(classes[name]).parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in ("gamma", "weights", "constraints_func")
+    }
     _no_unknown({k: v for k, v in spec.items() if k != "name"}, allowed, where, f"{kind}.")
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     try:
@@ -452,7 +573,11 @@ class _PerTrialSeeded(optuna.samplers.BaseSampler):
 
     def _for(self, number: int):
         if number not in self._by_trial:
-            seed = None if self._seed is None else int(np.random.SeedSequence([int(self._seed), number]).generate_state(1)[0])
+            seed = (
+                None
+                if self._seed is None
+                else int(np.random.SeedSequence([int(self._seed), number]).generate_state(1)[0])
+            )
             self._by_trial[number] = self._make(seed)
         return self._by_trial[number]
 
@@ -514,13 +639,19 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeat options are marked experimental
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=grace_s)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s, grace_period=grace_s
+            )
     except ModuleNotFoundError as e:
         hint = " (PostgreSQL: pip install psycopg2-binary)" if "psycopg" in str(e) else ""
-        raise SweepError(f"cannot open the sweep storage {masked(url)}: its database driver is not installed: {e}{hint}") from None
+        raise SweepError(
+            f"cannot open the sweep storage {masked(url)}: its database driver is not installed: {e}{hint}"
+        ) from None
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as e:
         first = str(getattr(e, "orig", None) or e).strip().splitlines()
-        raise SweepError(f"cannot open the sweep storage {masked(url)}: {first[0] if first else type(e).__name__}") from None
+        raise SweepError(
+            f"cannot open the sweep storage {masked(url)}: {first[0] if first else type(e).__name__}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,8 +671,13 @@ class SweepResult:
     summary: dict
 
 
-def run_sweep(sweep: Sweep | str | Path, trials: int | None = None, storage: str | None = None,
-              study_name: str | None = None, overrides: list[str] | None = None) -> SweepResult:
+def run_sweep(
+    sweep: Sweep | str | Path,
+    trials: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    overrides: list[str] | None = None,
+) -> SweepResult:
     """Run (or continue) a sweep until its study has ``trials`` finished trials, then summarize it.
 
     Args:
@@ -573,8 +709,14 @@ def run_sweep(sweep: Sweep | str | Path, trials: int | None = None, storage: str
     rdb = open_storage(url)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
-        study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, load_if_exists=True,
-                                    sampler=make_sampler(sweep.sampler), pruner=make_pruner(sweep.pruner))
+        study = optuna.create_study(
+            storage=rdb,
+            study_name=name,
+            direction=sweep.direction,
+            load_if_exists=True,
+            sampler=make_sampler(sweep.sampler),
+            pruner=make_pruner(sweep.pruner),
+        )
     except Exception as e:  # noqa: BLE001 - e.g. an existing study with the other direction
         raise SweepError(f"study {name!r} in {masked(url)}: {e}") from None
     _check_same_study(study, sweep, base, masked(url))
@@ -594,8 +736,12 @@ def run_sweep(sweep: Sweep | str | Path, trials: int | None = None, storage: str
             break
         if done + states["running"] >= requested:  # the rest is running in other processes
             if not waiting_logged:
-                log.info("%d of %d trials finished, %d running in other processes: waiting for them",
-                         done, requested, states["running"])
+                log.info(
+                    "%d of %d trials finished, %d running in other processes: waiting for them",
+                    done,
+                    requested,
+                    states["running"],
+                )
                 waiting_logged = True
             time.sleep(POLL_S)
             continue
@@ -614,12 +760,18 @@ def _check_same_study(study, sweep: Sweep, base: ExperimentConfig, where: str) -
         return
     for part in ("experiment", "objective", "params"):
         if theirs.get(part) != mine.get(part):
-            raise SweepError(f"study {study.study_name!r} in {where} was started with another {part}: "
-                             f"{json.dumps(theirs.get(part))} (now {json.dumps(mine.get(part))}); "
-                             f"give this sweep another name with --study NAME")
+            raise SweepError(
+                f"study {study.study_name!r} in {where} was started with another {part}: "
+                f"{json.dumps(theirs.get(part))} (now {json.dumps(mine.get(part))}); "
+                f"give this sweep another name with --study NAME"
+            )
     if study.user_attrs.get("base_config_hash") != config_hash(base):
-        log.warning("study %s was started from a base config with hash %s, this one has %s (other overrides or "
-                    "data paths?)", study.study_name, study.user_attrs.get("base_config_hash"), config_hash(base))
+        log.warning(
+            "study %s was started from a base config with hash %s, this one has %s (other overrides or data paths?)",
+            study.study_name,
+            study.user_attrs.get("base_config_hash"),
+            config_hash(base),
+        )
 
 
 def _counts(study) -> dict[str, int]:
@@ -682,7 +834,9 @@ def _fail_orphans(study, storage) -> None:
 
 
 def _write_stopped(run: Path, reason: str, message: str, **extra) -> None:
-    atomic_write_text(run / "stopped.json", json.dumps({"reason": reason, "message": message, **extra}, indent=2, default=float))
+    atomic_write_text(
+        run / "stopped.json", json.dumps({"reason": reason, "message": message, **extra}, indent=2, default=float)
+    )
 
 
 class _TrialRunner:
@@ -712,8 +866,10 @@ class _TrialRunner:
 
         def on_validate(it: int, summary: dict) -> None:
             if cond not in summary:
-                raise SweepError(f"the objective {self.sweep.metric} is never logged for this data: validation "
-                                 f"scores only {', '.join(summary)}")
+                raise SweepError(
+                    f"the objective {self.sweep.metric} is never logged for this data: validation "
+                    f"scores only {', '.join(summary)}"
+                )
             value = float(summary[cond][metric])
             trial.report(value, it)
             if math.isfinite(value) and (best["value"] is None or sign * value > sign * best["value"]):
@@ -747,8 +903,14 @@ class _TrialRunner:
             trial.set_user_attr("diverged", f"{self.sweep.metric} was never finite")
             raise optuna.TrialPruned(f"{self.sweep.metric} was never finite")
         trial.set_user_attr("best_iteration", best["iteration"])
-        log.info("trial %d: %s = %.4f (best validation, iteration %d), run %s", trial.number, self.sweep.metric,
-                 best["value"], best["iteration"], run)
+        log.info(
+            "trial %d: %s = %.4f (best validation, iteration %d), run %s",
+            trial.number,
+            self.sweep.metric,
+            best["value"],
+            best["iteration"],
+            run,
+        )
         return best["value"]
 
     def _claim(self, trial) -> None:
@@ -758,8 +920,10 @@ class _TrialRunner:
         done = sum(t.state != S.RUNNING for t in others)
         ahead = sum(t.state == S.RUNNING and t.number < trial.number for t in others)
         if done + ahead >= self.requested:
-            trial.set_user_attr("fail_reason", f"not run: the {self.requested} requested trials were already finished "
-                                               f"or running in other processes")
+            trial.set_user_attr(
+                "fail_reason",
+                f"not run: the {self.requested} requested trials were already finished or running in other processes",
+            )
             raise _QuotaFull(f"trial {trial.number} not run: {self.requested} trials finished or running")
 
 
@@ -807,8 +971,11 @@ def write_summary(study, sweep: Sweep, sweep_dir: Path, requested: int, storage:
         "experiment": sweep.experiment,
         "overrides": sweep.overrides,
         "storage": storage,
-        "objective": {"metric": sweep.metric, "direction": sweep.direction,
-                      "value": "the best validation value each trial reached"},
+        "objective": {
+            "metric": sweep.metric,
+            "direction": sweep.direction,
+            "value": "the best validation value each trial reached",
+        },
         "sampler": sweep.sampler,
         "pruner": sweep.pruner,
         "requested": requested,
@@ -822,9 +989,14 @@ def write_summary(study, sweep: Sweep, sweep_dir: Path, requested: int, storage:
     if complete:
         bt = study.best_trial
         best_yaml = sweep_dir / "best.yaml"
-        summary["best"] = {"trial": bt.number, "value": bt.value, "params": bt.params,
-                           "run_dir": bt.user_attrs.get("run_dir"), "best_iteration": bt.user_attrs.get("best_iteration"),
-                           "config": str(best_yaml)}
+        summary["best"] = {
+            "trial": bt.number,
+            "value": bt.value,
+            "params": bt.params,
+            "run_dir": bt.user_attrs.get("run_dir"),
+            "best_iteration": bt.user_attrs.get("best_iteration"),
+            "config": str(best_yaml),
+        }
         write_best_config(sweep, bt, best_yaml, study.study_name)
     try:
         with warnings.catch_warnings():
@@ -840,8 +1012,14 @@ def write_summary(study, sweep: Sweep, sweep_dir: Path, requested: int, storage:
 
 
 def _trial_record(t) -> dict:
-    rec = {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-           "last_step": t.last_step, "run_dir": t.user_attrs.get("run_dir")}
+    rec = {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "params": t.params,
+        "last_step": t.last_step,
+        "run_dir": t.user_attrs.get("run_dir"),
+    }
     for k in ("fail_reason", "diverged", "stopped_at", "best_iteration", "host"):
         if k in t.user_attrs:
             rec[k] = t.user_attrs[k]
@@ -853,11 +1031,13 @@ def _trial_record(t) -> dict:
 def write_best_config(sweep: Sweep, trial, path: Path, study_name: str) -> ExperimentConfig:
     """The best trial's full configuration as an experiment YAML (``run.py train best.yaml``)."""
     cfg = sweep.config(trial.params, [f"name={study_name}.best"])
-    head = (f"# Best configuration of sweep {study_name}: trial {trial.number}, {sweep.metric} = {trial.value:.4f} "
-            f"({sweep.direction}, best validation value)\n"
-            f"# sweep file: {sweep.path}; base experiment: {sweep.experiment}\n"
-            + "".join(f"# {p.key} ({p.role}): {_fmt(trial.params[p.key])}\n" for p in sweep.searched)
-            + f"# run it: python run.py train {path}\n")
+    head = (
+        f"# Best configuration of sweep {study_name}: trial {trial.number}, {sweep.metric} = {trial.value:.4f} "
+        f"({sweep.direction}, best validation value)\n"
+        f"# sweep file: {sweep.path}; base experiment: {sweep.experiment}\n"
+        + "".join(f"# {p.key} ({p.role}): {_fmt(trial.params[p.key])}\n" for p in sweep.searched)
+        + f"# run it: python run.py train {path}\n"
+    )
     atomic_write_text(path, head + to_yaml(cfg))
     return cfg
 
@@ -885,7 +1065,10 @@ def _plots(study, sweep: Sweep, sweep_dir: Path) -> dict:
                 ax = draw()
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             try:
-                atomic_write(sweep_dir / fname, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+                atomic_write(
+                    sweep_dir / fname,
+                    lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"),
+                )
             finally:
                 plt.close(fig)
             out[fname] = "written"
@@ -898,25 +1081,38 @@ def _plots(study, sweep: Sweep, sweep_dir: Path) -> dict:
 
 def _summary_md(s: dict, sweep: Sweep) -> str:
     c = s["counts"]
-    lines = [f"# Sweep {s['study']}", "",
-             f"- sweep file: `{s['sweep_file']}`; base experiment `{s['experiment']}`"
-             + (f", overrides `{' '.join(s['overrides'])}`" if s["overrides"] else ""),
-             f"- objective: {s['objective']['direction']} `{s['objective']['metric']}` (each trial's best validation value)",
-             f"- sampler: {_comp(s['sampler'])}; pruner: {_comp(s['pruner'])}",
-             f"- storage: `{s['storage']}`",
-             f"- trials: {c['complete'] + c['pruned']} of {s['requested']} finished ({c['complete']} complete, "
-             f"{c['pruned']} pruned); {c['fail']} failed (not counted), {c['running']} running", ""]
+    lines = [
+        f"# Sweep {s['study']}",
+        "",
+        f"- sweep file: `{s['sweep_file']}`; base experiment `{s['experiment']}`"
+        + (f", overrides `{' '.join(s['overrides'])}`" if s["overrides"] else ""),
+        f"- objective: {s['objective']['direction']} `{s['objective']['metric']}` (each trial's best validation value)",
+        f"- sampler: {_comp(s['sampler'])}; pruner: {_comp(s['pruner'])}",
+        f"- storage: `{s['storage']}`",
+        f"- trials: {c['complete'] + c['pruned']} of {s['requested']} finished ({c['complete']} complete, "
+        f"{c['pruned']} pruned); {c['fail']} failed (not counted), {c['running']} running",
+        "",
+    ]
     lines += ["## Search space", "", "| parameter | role | range | best |", "|---|---|---|---|"]
     best = s["best"]
     for p in sweep.params:
-        val = _short(best["params"][p.key]) if best and p.key in best["params"] else ("" if p.searched else _short(p.value))
+        val = (
+            _short(best["params"][p.key])
+            if best and p.key in best["params"]
+            else ("" if p.searched else _short(p.value))
+        )
         lines.append(f"| `{p.key}` | {p.role} | {p.range_text()} | {val} |")
     lines.append("")
     if best:
-        lines += ["## Best trial", "",
-                  f"Trial {best['trial']}: `{s['objective']['metric']}` = {best['value']:.4f} at iteration "
-                  f"{best['best_iteration']}, run folder `{best['run_dir']}`.", "",
-                  f"Best configuration: `{best['config']}` (`python run.py train {best['config']}`).", ""]
+        lines += [
+            "## Best trial",
+            "",
+            f"Trial {best['trial']}: `{s['objective']['metric']}` = {best['value']:.4f} at iteration "
+            f"{best['best_iteration']}, run folder `{best['run_dir']}`.",
+            "",
+            f"Best configuration: `{best['config']}` (`python run.py train {best['config']}`).",
+            "",
+        ]
     else:
         lines += ["## Best trial", "", "No trial has completed yet.", ""]
     lines += ["## Parameter importances", ""]
@@ -925,13 +1121,19 @@ def _summary_md(s: dict, sweep: Sweep) -> str:
         lines += [f"| `{k}` | {v:.3f} |" for k, v in s["importances"].items()]
     else:
         lines.append(s.get("importances_note", "not computed"))
-    lines += ["", "## Trials", "", "| trial | state | value | " + " | ".join(f"`{p.key}`" for p in sweep.searched)
-              + " | last iteration | note |", "|" + "---|" * (len(sweep.searched) + 5)]
+    lines += [
+        "",
+        "## Trials",
+        "",
+        "| trial | state | value | " + " | ".join(f"`{p.key}`" for p in sweep.searched) + " | last iteration | note |",
+        "|" + "---|" * (len(sweep.searched) + 5),
+    ]
     for t in s["trials"]:
         v = "" if t["value"] is None else f"{t['value']:.4f}"
         ps = " | ".join(_short(t["params"][p.key]) if p.key in t["params"] else "" for p in sweep.searched)
         note = t.get("fail_reason") or (f"diverged: {t['diverged']}" if "diverged" in t else "")
-        lines.append(f"| {t['number']} | {t['state'].lower()} | {v} | {ps} | {'' if t['last_step'] is None else t['last_step']} | {note} |")
+        last = "" if t["last_step"] is None else t["last_step"]
+        lines.append(f"| {t['number']} | {t['state'].lower()} | {v} | {ps} | {last} | {note} |")
     lines += ["", "## Plots", ""]
     for fname, status in s["plots"].items():
         lines.append(f"![{fname[:-4]}]({fname})" if status == "written" else f"- {fname}: {status}")

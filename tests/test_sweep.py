@@ -1,5 +1,6 @@
 """Hyperparameter sweeps (pdmer.sweep, ``run.py sweep``): checks before any training, pruning, the
 summary and best config, resuming a killed sweep, and two processes sharing one PostgreSQL study."""
+
 import json
 import os
 import signal
@@ -12,8 +13,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
 from conftest import tiny_overrides
+
 from pdmer.cli import main
 from pdmer.config import load_config
 from pdmer.sweep import SWEEPS_DIR, SweepError, load_sweep, open_storage, run_sweep
@@ -81,30 +82,53 @@ def test_shipped_sweep_files_are_valid(path):
 def test_first_sweep_covers_the_issue_parameters():
     sweep = load_sweep("pdmer.synthetic.dsaml")
     types = {p.key: p.type for p in sweep.searched}
-    assert types == {"meta.inner_lr": "log_float", "meta.inner_steps": "int", "train.outer_lr": "log_float",
-                     "train.attention_loss_weight": "float"}
+    assert types == {
+        "meta.inner_lr": "log_float",
+        "meta.inner_steps": "int",
+        "train.outer_lr": "log_float",
+        "train.attention_loss_weight": "float",
+    }
     assert (sweep.metric, sweep.direction) == ("val/personalized_ccc_mean", "maximize")
     assert sweep.sampler["name"] == "tpe" and sweep.pruner["name"] == "median"
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"trails": 3}, ["unknown key", "'trails'"]),
-    ({"params": {"meta.inner_lrr": {"role": "scientific", "type": "float", "low": 0.1, "high": 0.2}}},
-     ["meta.inner_lrr", "not in the config"]),
-    ({"params": {"meta.inner_lr": {"role": "scientific", "type": "float", "low": 0.1, "hihg": 0.2}}},
-     ["params.meta.inner_lr.", "'hihg'"]),
-    ({"params": {"meta.inner_lr": {"role": "important", "type": "float", "low": 0.1, "high": 0.2}}},
-     ["meta.inner_lr", "role"]),
-    ({"params": {"meta.inner_steps": {"role": "scientific", "type": "int", "low": 0, "high": 3}}},
-     ["meta.inner_steps", "refused"]),
-    ({"params": {"meta.inner_steps": {"role": "scientific", "type": "float", "low": 1.5, "high": 3}}},
-     ["meta.inner_steps", "refused"]),
-    ({"objective": {"metric": "test/personalized_ccc_mean", "direction": "maximize"}}, ["test metric", "val/personalized_ccc_mean"]),
-    ({"objective": {"metric": "val/personalized_ccc", "direction": "maximize"}}, ["never logged", "val/personalized_ccc_mean"]),
-    ({"objective": {"metric": "val/personalized_ccc_mean", "direction": "up"}}, ["objective.direction"]),
-    ({"pruner": {"name": "median", "n_warmup_step": 3}}, ["pruner.", "'n_warmup_step'"]),
-    ({"sampler": {"name": "grid"}}, ["sampler.name", "tpe"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"trails": 3}, ["unknown key", "'trails'"]),
+        (
+            {"params": {"meta.inner_lrr": {"role": "scientific", "type": "float", "low": 0.1, "high": 0.2}}},
+            ["meta.inner_lrr", "not in the config"],
+        ),
+        (
+            {"params": {"meta.inner_lr": {"role": "scientific", "type": "float", "low": 0.1, "hihg": 0.2}}},
+            ["params.meta.inner_lr.", "'hihg'"],
+        ),
+        (
+            {"params": {"meta.inner_lr": {"role": "important", "type": "float", "low": 0.1, "high": 0.2}}},
+            ["meta.inner_lr", "role"],
+        ),
+        (
+            {"params": {"meta.inner_steps": {"role": "scientific", "type": "int", "low": 0, "high": 3}}},
+            ["meta.inner_steps", "refused"],
+        ),
+        (
+            {"params": {"meta.inner_steps": {"role": "scientific", "type": "float", "low": 1.5, "high": 3}}},
+            ["meta.inner_steps", "refused"],
+        ),
+        (
+            {"objective": {"metric": "test/personalized_ccc_mean", "direction": "maximize"}},
+            ["test metric", "val/personalized_ccc_mean"],
+        ),
+        (
+            {"objective": {"metric": "val/personalized_ccc", "direction": "maximize"}},
+            ["never logged", "val/personalized_ccc_mean"],
+        ),
+        ({"objective": {"metric": "val/personalized_ccc_mean", "direction": "up"}}, ["objective.direction"]),
+        ({"pruner": {"name": "median", "n_warmup_step": 3}}, ["pruner.", "'n_warmup_step'"]),
+        ({"sampler": {"name": "grid"}}, ["sampler.name", "tpe"]),
+    ],
+)
 def test_bad_sweep_files_are_errors_naming_the_key(tmp_path, change, words):
     path = write_sweep(tmp_path / "bad.yaml", **change)
     with pytest.raises(SweepError) as e:
@@ -141,7 +165,9 @@ def test_unreachable_storage_fails_before_training(tmp_path, capsys):
 
 
 def test_help_lists_sweep():
-    out = subprocess.run([sys.executable, "run.py", "sweep", "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "run.py", "sweep", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     for word in ("--trials", "--storage", "--study"):
         assert word in out
 
@@ -177,7 +203,9 @@ def test_tiny_sweep_prunes_summarizes_and_its_best_config_trains(tiny, session_t
             assert "_hparams_/session_start_info" in ea.PluginTagToContent("hparams")  # tensorboard's HParams view
             assert "best_val/personalized_ccc_mean" in ea.Tags()["scalars"]
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["best"]["trial"] == study.best_trial.number and summary["best"]["value"] == pytest.approx(study.best_value)
+    assert summary["best"]["trial"] == study.best_trial.number and summary["best"]["value"] == pytest.approx(
+        study.best_value
+    )
     assert summary["counts"]["complete"] + summary["counts"]["pruned"] == 4
     assert set(summary["params"]["meta.inner_lr"]) >= {"role", "type", "low", "high"}
     md = (sweep_dir / "summary.md").read_text()
@@ -206,9 +234,13 @@ def test_tiny_sweep_prunes_summarizes_and_its_best_config_trains(tiny, session_t
 
 
 def test_resuming_with_another_search_space_is_refused(tiny, session_tmp):
-    path = write_sweep(session_tmp / "other.yaml", params={
-        "meta.inner_lr": {"role": "scientific", "type": "log_float", "low": 1e-3, "high": 0.3},
-        "meta.inner_steps": {"role": "fixed", "value": 1}})
+    path = write_sweep(
+        session_tmp / "other.yaml",
+        params={
+            "meta.inner_lr": {"role": "scientific", "type": "log_float", "low": 1e-3, "high": 0.3},
+            "meta.inner_steps": {"role": "fixed", "value": 1},
+        },
+    )
     with pytest.raises(SweepError, match="another params"):
         run_sweep(path, trials=1, study_name="tiny", overrides=tiny)
 
@@ -265,8 +297,10 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(tiny, session_tm
 def _postgres_url() -> str:
     url = os.environ.get(POSTGRES_ENV)
     if not url:
-        pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV}=postgresql+psycopg2://USER:PASSWORD@127.0.0.1:5432/DB "
-                    f"(.ci/run does, after .ci/postgres.sh starts a server from Debian's packages)")
+        pytest.skip(
+            f"no PostgreSQL server: set {POSTGRES_ENV}=postgresql+psycopg2://USER:PASSWORD@127.0.0.1:5432/DB "
+            f"(.ci/run does, after .ci/postgres.sh starts a server from Debian's packages)"
+        )
     pytest.importorskip("psycopg2", reason="the PostgreSQL driver is missing: pip install psycopg2-binary")
     try:
         open_storage(url)
@@ -286,7 +320,7 @@ def test_two_processes_share_one_postgres_study(request, session_tmp):
     try:
         for p in procs:
             p.wait(timeout=300)
-        for p, f in zip(procs, logs):
+        for p, f in zip(procs, logs, strict=True):
             f.seek(0)
             assert p.returncode == 0, f.read()[-3000:]
         trials = load_study(name, url).trials

@@ -239,6 +239,59 @@ def _generic_filters(dataset: Dataset, min_songs: int) -> tuple[dict, list[dict]
     }, dropped
 
 
+def _read(fmt: str, root: str | Path | None, cfg, audio: str, report: dict) -> Dataset | None:
+    """The dataset read as training reads it, its notes added to ``report``; None (and the problems) if unreadable."""
+    problems: list[str] = report["problems"]
+    ds: Dataset | None = None
+    try:
+        if fmt in ("deam", "pmemo"):
+            ds = read_source(fmt, root, cfg.data, require_audio=False, strict=False)
+        elif fmt == "vgmidi":
+            ds = read_source(fmt, root, cfg.data, render=audio != "none", strict=False)
+        elif fmt == "generic" or root is not None:  # a synthetic benchmark's folder is written in the generic layout
+            ds = read_source("generic", root, cfg.data, **({} if fmt == "generic" else {"scale": "deam"}))
+            if fmt == "synthetic" and (ds.oracle is None or ds.consensus is None):
+                problems.append(f"{root}: synthetic benchmark without oracle.csv / consensus.csv")
+        else:
+            ds = read_source("synthetic", None, cfg.data)
+            report["root"] = str(ds.root)
+        if fmt == "pmemo":
+            report["notes"].append(
+                "PMEmo publishes averaged curves only: they are one pseudo-listener 'consensus' "
+                "(DMER training; no personalized tasks)"
+            )
+        elif fmt == "vgmidi":
+            report["notes"].append(
+                f"collection round(s) {', '.join(ds.info['rounds'])}; audio rendered from MIDI "
+                "(FluidSynth) into the cache"
+            )
+    except DataError as e:
+        problems.extend(_problem_lines(e))
+        return None
+    return ds
+
+
+def _add_filters(fmt: str, ds: Dataset, min_songs: int, report: dict) -> None:
+    """The split, filters and dropped records of ``ds`` into ``report``, as its source reports them."""
+    if fmt == "deam":
+        report["split"] = {k: len(v) for k, v in ds.info["split"].items()}
+        report["filters"] = ds.info["filters"]
+        report["dropped"] = ds.info["dropped"]
+    elif fmt == "vgmidi":
+        report["filters"], dropped = _generic_filters(ds, min_songs)
+        report["dropped"] = ds.info["dropped"] + dropped
+    elif fmt == "pmemo":
+        report["dropped"] = ds.info["dropped"]
+        report["filters"] = {"no_static": len(ds.info["no_static"])}
+    else:
+        report["filters"], report["dropped"] = _generic_filters(ds, min_songs)
+        if ds.oracle is not None:
+            report["notes"].append(
+                f"oracle.csv: {len(ds.oracle)} noise-free personal curves; consensus.csv: "
+                f"{len(ds.consensus or {})} songs"
+            )
+
+
 def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode", progress: bool = False) -> dict:
     """Validate a dataset without raising on bad data.
 
@@ -280,31 +333,8 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
     if root is None and fmt != "synthetic":
         problems.append(f"--format {fmt} needs the dataset folder (ROOT)")
         return report
-    ds: Dataset | None = None
-    try:
-        if fmt in ("deam", "pmemo"):
-            ds = read_source(fmt, root, cfg.data, require_audio=False, strict=False)
-        elif fmt == "vgmidi":
-            ds = read_source(fmt, root, cfg.data, render=audio != "none", strict=False)
-        elif fmt == "generic" or root is not None:  # a synthetic benchmark's folder is written in the generic layout
-            ds = read_source("generic", root, cfg.data, **({} if fmt == "generic" else {"scale": "deam"}))
-            if fmt == "synthetic" and (ds.oracle is None or ds.consensus is None):
-                problems.append(f"{root}: synthetic benchmark without oracle.csv / consensus.csv")
-        else:
-            ds = read_source("synthetic", None, cfg.data)
-            report["root"] = str(ds.root)
-        if fmt == "pmemo":
-            report["notes"].append(
-                "PMEmo publishes averaged curves only: they are one pseudo-listener 'consensus' "
-                "(DMER training; no personalized tasks)"
-            )
-        elif fmt == "vgmidi":
-            report["notes"].append(
-                f"collection round(s) {', '.join(ds.info['rounds'])}; audio rendered from MIDI "
-                "(FluidSynth) into the cache"
-            )
-    except DataError as e:
-        problems.extend(_problem_lines(e))
+    ds = _read(fmt, root, cfg, audio, report)
+    if ds is None:
         return report
     report["root"] = str(ds.root)
     problems.extend(ds.info.get("problems") or [])
@@ -317,23 +347,7 @@ def check_data(fmt: str, root: str | Path | None, cfg=None, audio: str = "decode
         else {"min": None, "median": None, "max": None}
     )
     report["scale"] = ds.scale
-    if fmt == "deam":
-        report["split"] = {k: len(v) for k, v in ds.info["split"].items()}
-        report["filters"] = ds.info["filters"]
-        report["dropped"] = ds.info["dropped"]
-    elif fmt == "vgmidi":
-        report["filters"], dropped = _generic_filters(ds, cfg.data.min_songs_per_listener)
-        report["dropped"] = ds.info["dropped"] + dropped
-    elif fmt == "pmemo":
-        report["dropped"] = ds.info["dropped"]
-        report["filters"] = {"no_static": len(ds.info["no_static"])}
-    else:
-        report["filters"], report["dropped"] = _generic_filters(ds, cfg.data.min_songs_per_listener)
-        if ds.oracle is not None:
-            report["notes"].append(
-                f"oracle.csv: {len(ds.oracle)} noise-free personal curves; consensus.csv: "
-                f"{len(ds.consensus or {})} songs"
-            )
+    _add_filters(fmt, ds, cfg.data.min_songs_per_listener, report)
     info, audio_problems = check_audio(ds, audio, cfg.features.sample_rate, progress)
     report["audio"] = info
     report["dropped"] = list(report["dropped"]) + info["trimmed"]
@@ -352,128 +366,23 @@ def _stats(d: dict) -> str:
 
 def format_report(report: dict, verbose: bool = False) -> str:
     """A data-check report as text: summary, filters, audio, problems (each with file and line)."""
-    fmt = report["format"]
     title = {
         "deam": "DEAM",
         "pmemo": "PMEmo2019",
         "vgmidi": "VGMIDI",
         "generic": "generic layout",
         "synthetic": "embedded benchmark",
-    }[fmt]
+    }[report["format"]]
     out = [f"{title}: {report['root']}"]
-
-    def row(label: str, text: str) -> None:
-        out.append(f"  {(label + ':') if label else '':<30}{text}")
-
-    s = report["summary"]
-    if s is not None:
-        scale = {"deam": "DEAM scale, about [-1, 1]", "unit": "unit scale, [0, 1]"}.get(
-            report["scale"], report["scale"]
-        )
-        split = report["split"]
-        row("songs", f"{s['songs']}" + (f" ({split['train']} train, {split['test']} test)" if split else ""))
-        n_avg = s.get("averaged_curves", 0)
-        if s["listeners"]:
-            row(
-                "listeners",
-                f"{s['listeners']} ({s['curves']} listener curves"
-                + (f"; {n_avg} averaged curves" if n_avg else "")
-                + ")",
-            )
-            row("songs per listener", _stats(s["songs_per_listener"]))
-            row("steps per curve", f"{_stats(s['steps_per_curve'])} (0.5 s steps)")
-        else:
-            row("listeners", f"none with their own curves ({n_avg} averaged curves)")
-        if n_avg:
-            row("steps per averaged curve", _stats(s["steps_per_averaged_curve"]))
-        t = s["labelled_time_s"]
-        times = ([f"{t['curves'] / 3600:.2f} h of listener curves"] if s["listeners"] else []) + (
-            [f"{t['consensus'] / 3600:.2f} h of averaged curves"] if n_avg else []
-        )
-        row("labelled time", ", ".join(times) or "none")
-        for kind, name in (("curves", "listener curves"), ("consensus", "averaged curves")):
-            if kind == "curves" and not s["listeners"]:
-                continue
-            r = s["label_range"][kind]
-            if r and any(v is not None for v in r.values()):
-                row(f"label range, {name}", f"arousal {_rng(r['arousal'])}, valence {_rng(r['valence'])}")
-        row("label scale", f"{report['scale']} ({scale})")
+    if report["summary"] is not None:
+        out += _summary_lines(report)
     f = {k: v for k, v in (report["filters"] or {}).items() if v}
     if f:
-        out.append("  filtered:")
-        if "read" in f:
-            r = f["read"]
-            out.append(
-                f"    read:      {r['n_curves']} listener curves, {r['n_consensus']} averaged curves; "
-                f"{r['n_files_skipped']} file(s) skipped, {r['n_one_label_raters']} rater(s) with one label only, "
-                f"{r['n_trimmed']} curve(s) trimmed to common arousal/valence steps"
-            )
-        if "split" in f:
-            out.append(
-                f"    split:     {len(f['split']['songs_dropped'])} song(s) outside the train/test ids, "
-                f"{f['split']['n_curves_dropped']} curve(s) dropped"
-            )
-        if "crop" in f:
-            lo, hi = f["crop"]["steps"]
-            out.append(
-                f"    crop:      {f['crop']['n_cropped']} train-clip curve(s) cut to {lo * STEP_S:g}-{hi * STEP_S:g} s "
-                f"({f['crop']['n_shorter_than_clip']} shorter than that)"
-            )
-        if "flat" in f:
-            out.append(
-                f"    flat:      {f['flat']['n_dropped']} curve(s) dropped (mean absolute deviation over the first "
-                f"{f['flat']['window']} values < {f['flat']['threshold']:g}: slider not moved)"
-            )
-        if "min_songs" in f:
-            m = f["min_songs"]
-            n = m.get("n_listeners_dropped", m.get("n_listeners_excluded"))
-            out.append(
-                f"    min_songs: {n} listener(s) with fewer than {m['min_songs_per_listener']} songs "
-                + ("dropped" if "n_listeners_dropped" in m else "excluded from tasks")
-            )
-        if f.get("unrated_songs"):
-            out.append(f"    unrated:   {f['unrated_songs']} audio file(s) without ratings (not used)")
-        if f.get("no_static"):
-            out.append(f"    static:    {f['no_static']} song(s) without a static label")
-    dropped = report["dropped"]
-    if dropped:
-        reasons = Counter((r["stage"], r["action"], _reason_kind(r["reason"])) for r in dropped)
-        out.append(f"  dropped or changed ({len(dropped)}), by reason:")
-        for (stage, action, reason), n in reasons.most_common():
-            group = [
-                r for r in dropped if (r["stage"], r["action"], _reason_kind(r["reason"])) == (stage, action, reason)
-            ]
-            ex = group[0]
-            who = ", ".join(
-                x
-                for x in (
-                    f"song {ex['song_id']}" if ex.get("song_id") else "",
-                    f"listener {ex['annotator_id']}" if ex.get("annotator_id") else "",
-                )
-                if x
-            )
-            where = f"({ex['file']})" if ex.get("file") else ""
-            example = " ".join(x for x in (who, where) if x)
-            if example:
-                example = f", {'e.g. ' if n > 1 else ''}{example}"
-            out.append(f"    {n:5d} x {stage}/{action}{example}: {ex['reason']}")
-        if verbose:
-            for r in dropped:
-                out.append(f"      {r}")
-    a = report["audio"]
-    if a is not None:
-        if a["mode"] == "none":
-            row("audio", f"not opened (--audio none); {len(a['missing'])} of {a['files']} file(s) missing")
-        else:
-            rates = ", ".join(f"{k} Hz x {v}" for k, v in a["sample_rates"].items()) or "-"
-            chans = ", ".join(f"{k} ch x {v}" for k, v in a["channels"].items()) or "-"
-            row(
-                f"audio ({a['mode']})",
-                f"{a['checked']} of {a['files']} file(s) read, {a['duration_s'] / 3600:.2f} h; "
-                f"{len(a['missing'])} missing; {rates}; {chans}",
-            )
-        if a["missing"] and len(a["missing"]) == a["files"]:
-            row("", "every audio file is missing: only the labels were checked")
+        out += ["  filtered:"] + _filter_lines(f)
+    if report["dropped"]:
+        out += _dropped_lines(report["dropped"], verbose)
+    if report["audio"] is not None:
+        out += _audio_lines(report["audio"])
     for note in report["notes"]:
         out.append(f"  note: {note}")
     problems = report["problems"]
@@ -486,6 +395,138 @@ def format_report(report: dict, verbose: bool = False) -> str:
     else:
         out.append("OK: no problems")
     return "\n".join(out)
+
+
+def _row(label: str, text: str) -> str:
+    """One summary row: the label in a 30-character column."""
+    return f"  {(label + ':') if label else '':<30}{text}"
+
+
+def _summary_lines(report: dict) -> list[str]:
+    """Songs, listeners, steps, labelled time, label ranges and scale."""
+    out: list[str] = []
+
+    def row(label: str, text: str) -> None:
+        out.append(_row(label, text))
+
+    s = report["summary"]
+    scale = {"deam": "DEAM scale, about [-1, 1]", "unit": "unit scale, [0, 1]"}.get(report["scale"], report["scale"])
+    split = report["split"]
+    row("songs", f"{s['songs']}" + (f" ({split['train']} train, {split['test']} test)" if split else ""))
+    n_avg = s.get("averaged_curves", 0)
+    if s["listeners"]:
+        row(
+            "listeners",
+            f"{s['listeners']} ({s['curves']} listener curves" + (f"; {n_avg} averaged curves" if n_avg else "") + ")",
+        )
+        row("songs per listener", _stats(s["songs_per_listener"]))
+        row("steps per curve", f"{_stats(s['steps_per_curve'])} (0.5 s steps)")
+    else:
+        row("listeners", f"none with their own curves ({n_avg} averaged curves)")
+    if n_avg:
+        row("steps per averaged curve", _stats(s["steps_per_averaged_curve"]))
+    t = s["labelled_time_s"]
+    times = ([f"{t['curves'] / 3600:.2f} h of listener curves"] if s["listeners"] else []) + (
+        [f"{t['consensus'] / 3600:.2f} h of averaged curves"] if n_avg else []
+    )
+    row("labelled time", ", ".join(times) or "none")
+    for kind, name in (("curves", "listener curves"), ("consensus", "averaged curves")):
+        if kind == "curves" and not s["listeners"]:
+            continue
+        r = s["label_range"][kind]
+        if r and any(v is not None for v in r.values()):
+            row(f"label range, {name}", f"arousal {_rng(r['arousal'])}, valence {_rng(r['valence'])}")
+    row("label scale", f"{report['scale']} ({scale})")
+    return out
+
+
+def _filter_lines(f: dict) -> list[str]:
+    """One line per filter that removed something."""
+    out: list[str] = []
+    if "read" in f:
+        r = f["read"]
+        out.append(
+            f"    read:      {r['n_curves']} listener curves, {r['n_consensus']} averaged curves; "
+            f"{r['n_files_skipped']} file(s) skipped, {r['n_one_label_raters']} rater(s) with one label only, "
+            f"{r['n_trimmed']} curve(s) trimmed to common arousal/valence steps"
+        )
+    if "split" in f:
+        out.append(
+            f"    split:     {len(f['split']['songs_dropped'])} song(s) outside the train/test ids, "
+            f"{f['split']['n_curves_dropped']} curve(s) dropped"
+        )
+    if "crop" in f:
+        lo, hi = f["crop"]["steps"]
+        out.append(
+            f"    crop:      {f['crop']['n_cropped']} train-clip curve(s) cut to {lo * STEP_S:g}-{hi * STEP_S:g} s "
+            f"({f['crop']['n_shorter_than_clip']} shorter than that)"
+        )
+    if "flat" in f:
+        out.append(
+            f"    flat:      {f['flat']['n_dropped']} curve(s) dropped (mean absolute deviation over the first "
+            f"{f['flat']['window']} values < {f['flat']['threshold']:g}: slider not moved)"
+        )
+    if "min_songs" in f:
+        m = f["min_songs"]
+        n = m.get("n_listeners_dropped", m.get("n_listeners_excluded"))
+        out.append(
+            f"    min_songs: {n} listener(s) with fewer than {m['min_songs_per_listener']} songs "
+            + ("dropped" if "n_listeners_dropped" in m else "excluded from tasks")
+        )
+    if f.get("unrated_songs"):
+        out.append(f"    unrated:   {f['unrated_songs']} audio file(s) without ratings (not used)")
+    if f.get("no_static"):
+        out.append(f"    static:    {f['no_static']} song(s) without a static label")
+    return out
+
+
+def _dropped_lines(dropped: list[dict], verbose: bool) -> list[str]:
+    """The dropped or changed items grouped by reason, one example each (all of them with ``verbose``)."""
+    out: list[str] = []
+    reasons = Counter((r["stage"], r["action"], _reason_kind(r["reason"])) for r in dropped)
+    out.append(f"  dropped or changed ({len(dropped)}), by reason:")
+    for (stage, action, reason), n in reasons.most_common():
+        group = [r for r in dropped if (r["stage"], r["action"], _reason_kind(r["reason"])) == (stage, action, reason)]
+        ex = group[0]
+        who = ", ".join(
+            x
+            for x in (
+                f"song {ex['song_id']}" if ex.get("song_id") else "",
+                f"listener {ex['annotator_id']}" if ex.get("annotator_id") else "",
+            )
+            if x
+        )
+        where = f"({ex['file']})" if ex.get("file") else ""
+        example = " ".join(x for x in (who, where) if x)
+        if example:
+            example = f", {'e.g. ' if n > 1 else ''}{example}"
+        out.append(f"    {n:5d} x {stage}/{action}{example}: {ex['reason']}")
+    if verbose:
+        for r in dropped:
+            out.append(f"      {r}")
+    return out
+
+
+def _audio_lines(a: dict) -> list[str]:
+    """The audio files' state."""
+    out: list[str] = []
+
+    def row(label: str, text: str) -> None:
+        out.append(_row(label, text))
+
+    if a["mode"] == "none":
+        row("audio", f"not opened (--audio none); {len(a['missing'])} of {a['files']} file(s) missing")
+    else:
+        rates = ", ".join(f"{k} Hz x {v}" for k, v in a["sample_rates"].items()) or "-"
+        chans = ", ".join(f"{k} ch x {v}" for k, v in a["channels"].items()) or "-"
+        row(
+            f"audio ({a['mode']})",
+            f"{a['checked']} of {a['files']} file(s) read, {a['duration_s'] / 3600:.2f} h; "
+            f"{len(a['missing'])} missing; {rates}; {chans}",
+        )
+    if a["missing"] and len(a["missing"]) == a["files"]:
+        row("", "every audio file is missing: only the labels were checked")
+    return out
 
 
 def _reason_kind(reason: str) -> str:

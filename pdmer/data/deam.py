@@ -29,7 +29,7 @@ import logging
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -471,6 +471,164 @@ def _flat_channels(curve: Curve, window: int, threshold: float) -> tuple[list[st
     return [LABELS[i] for i in range(2) if mad[i] < threshold], [float(m) for m in mad]
 
 
+def _read_labels(
+    root: Path, problems: Problems, dropped: list[dict], range_tol: float
+) -> tuple[dict[str, Curve] | None, list[Curve]]:
+    """(consensus, per-rater curves) of both annotation folders; a missing one is recorded in ``dropped``."""
+    have_avg, have_raters = (root / AVERAGED_DIR).is_dir(), (root / RATERS_DIR).is_dir()
+    if not have_avg and not have_raters:
+        raise DataError(f"no DEAM annotations under {root}: expected {root / AVERAGED_DIR} and/or {root / RATERS_DIR}")
+    consensus: dict[str, Curve] | None = None
+    if have_avg:
+        consensus = _read_averaged(root, problems, dropped, range_tol)
+    else:
+        dropped.append(drop_record("read", "skipped", "no averaged-label folder", file=root / AVERAGED_DIR))
+    curves: list[Curve] = []
+    if have_raters:
+        curves = _read_raters(root, problems, dropped, range_tol)
+    else:
+        dropped.append(drop_record("read", "skipped", "no per-rater folder", file=root / RATERS_DIR))
+    return consensus, curves
+
+
+def _songs(
+    root: Path, song_ids: list[str], problems: Problems, require_audio: bool
+) -> tuple[dict[str, Song], list[str]]:
+    """The songs (``MEMD_audio/<id>.mp3``) and those whose audio is missing (a problem each if ``require_audio``)."""
+    songs = {s: Song(s, root / AUDIO_DIR / f"{s}.mp3") for s in song_ids}
+    missing_audio = [s for s, song in songs.items() if not song.path.is_file()]
+    if require_audio:
+        problems.extend(Problem(songs[s].path, None, f"audio of song {s} not found") for s in missing_audio)
+    return songs, missing_audio
+
+
+def _read_counts(dropped: list[dict]) -> dict[str, int]:
+    """What reading left out: files skipped, raters with one label only, curves trimmed to common steps."""
+    return {
+        "n_files_skipped": sum(r["action"] == "skipped" and r["song_id"] is not None for r in dropped),
+        "n_one_label_raters": sum("rater gave" in r["reason"] for r in dropped),
+        "n_trimmed": sum(r["action"] == "trimmed" for r in dropped),
+    }
+
+
+def _split_rule(train_max_id: int, test_ids: list[int]) -> Callable[[str], str | None]:
+    """song id -> "train" (id <= ``train_max_id``), "test" (in ``test_ids``) or None (neither)."""
+    test_set = set(test_ids)
+
+    def split_of(sid: str) -> str | None:
+        i = int(sid)
+        return "test" if i in test_set else "train" if i <= train_max_id else None
+
+    return split_of
+
+
+def _split(
+    curves: list[Curve], consensus: dict[str, Curve] | None, split_of, train_max_id: int, dropped: list[dict]
+) -> tuple[list[Curve], dict[str, Curve] | None, dict]:
+    """Filter 1 (split): the songs outside the train and test ids dropped."""
+    all_ids = {c.song_id for c in curves} | set(consensus or {})
+    outside = sorted((s for s in all_ids if split_of(s) is None), key=song_sort_key)
+    for sid in outside:
+        dropped.append(
+            drop_record("split", "dropped", f"song id is neither <= {train_max_id} (train) nor a test id", song_id=sid)
+        )
+    n_before = len(curves)
+    curves = [c for c in curves if split_of(c.song_id) is not None]
+    if consensus is not None:
+        consensus = {s: c for s, c in consensus.items() if split_of(s) is not None}
+    return curves, consensus, {"songs_dropped": outside, "n_curves_dropped": n_before - len(curves)}
+
+
+def _crop_clips(
+    curves: list[Curve],
+    consensus: dict[str, Curve] | None,
+    split_of,
+    clip_start_s: float,
+    clip_steps: int,
+    dropped: list[dict],
+) -> tuple[list[Curve], dict[str, Curve] | None, dict]:
+    """Filter 2 (crop): train-song curves and their consensus cut to ``clip_steps`` steps from ``clip_start_s``."""
+    n_cropped, n_short = 0, 0
+    lo = int(round(clip_start_s / STEP_S))
+    hi = lo + int(clip_steps)
+
+    def crop(c: Curve) -> Curve | None:
+        nonlocal n_cropped, n_short
+        if split_of(c.song_id) != "train":
+            return c
+        out = _crop(c, lo, hi)
+        if out is None:
+            dropped.append(
+                drop_record(
+                    "crop",
+                    "dropped",
+                    f"no values in steps [{lo}, {hi})",
+                    song_id=c.song_id,
+                    annotator_id=c.annotator_id,
+                )
+            )
+            return None
+        n_cropped += out is not c
+        n_short += out.n_steps < clip_steps
+        return out
+
+    curves = [c for c in map(crop, curves) if c is not None]
+    if consensus is not None:
+        consensus = {s: c for s, c in ((s, crop(c)) for s, c in consensus.items()) if c is not None}
+    return curves, consensus, {"steps": [lo, hi], "n_cropped": n_cropped, "n_shorter_than_clip": n_short}
+
+
+def _drop_flat(curves: list[Curve], flat_window: int, flat_mad: float, dropped: list[dict]) -> tuple[list[Curve], dict]:
+    """Filter 3 (flat): listener curves whose slider was not moved dropped."""
+    kept, flat_ids = [], []
+    for c in curves:
+        flat, mad = _flat_channels(c, flat_window, flat_mad)
+        if flat:
+            flat_ids.append([c.song_id, c.annotator_id])
+            dropped.append(
+                drop_record(
+                    "flat",
+                    "dropped",
+                    f"flat curve ({', '.join(flat)}: mean absolute deviation "
+                    f"over the first {flat_window} values < {flat_mad:g})",
+                    song_id=c.song_id,
+                    annotator_id=c.annotator_id,
+                    mad=mad,
+                )
+            )
+        else:
+            kept.append(c)
+    return kept, {"threshold": flat_mad, "window": flat_window, "n_dropped": len(flat_ids), "dropped": flat_ids}
+
+
+def _drop_few_songs(
+    curves: list[Curve], split_of, min_songs: int, scope: str, dropped: list[dict]
+) -> tuple[list[Curve], dict]:
+    """Filter 4 (min_songs): listeners with fewer than ``min_songs`` songs (counted in ``scope``) dropped."""
+    counted = [c for c in curves if scope == "all" or split_of(c.song_id) == "train"]
+    n_songs = Counter(c.annotator_id for c in counted)
+    few = {a: n for a, n in sorted(n_songs.items()) if n < min_songs}
+    for a, n in few.items():
+        dropped.append(
+            drop_record(
+                "min_songs",
+                "dropped",
+                f"listener has {n} song(s), fewer than {min_songs}",
+                annotator_id=a,
+                n_songs=n,
+            )
+        )
+    n_before = len(curves)
+    curves = [c for c in curves if c.annotator_id not in few or (scope == "train" and split_of(c.song_id) != "train")]
+    return curves, {
+        "min_songs_per_listener": min_songs,
+        "scope": scope,
+        "n_listeners_dropped": len(few),
+        "listeners_dropped": few,
+        "n_curves_dropped": n_before - len(curves),
+    }
+
+
 def load_deam(
     root: str | Path,
     *,
@@ -533,146 +691,28 @@ def load_deam(
     }
     problems = Problems()
     dropped: list[dict] = []
-    have_avg, have_raters = (root / AVERAGED_DIR).is_dir(), (root / RATERS_DIR).is_dir()
-    if not have_avg and not have_raters:
-        raise DataError(f"no DEAM annotations under {root}: expected {root / AVERAGED_DIR} and/or {root / RATERS_DIR}")
-    consensus: dict[str, Curve] | None = None
-    if have_avg:
-        consensus = _read_averaged(root, problems, dropped, range_tol)
-    else:
-        dropped.append(drop_record("read", "skipped", "no averaged-label folder", file=root / AVERAGED_DIR))
-    curves: list[Curve] = []
-    if have_raters:
-        curves = _read_raters(root, problems, dropped, range_tol)
-    else:
-        dropped.append(drop_record("read", "skipped", "no per-rater folder", file=root / RATERS_DIR))
+    consensus, curves = _read_labels(root, problems, dropped, range_tol)
     if strict:
         problems.raise_if_any(f"DEAM data under {root}")
     filters: dict[str, dict] = {
         "read": {
             "n_curves": len(curves),
             "n_consensus": len(consensus or {}),
-            "n_files_skipped": sum(r["action"] == "skipped" and r["song_id"] is not None for r in dropped),
-            "n_one_label_raters": sum("rater gave" in r["reason"] for r in dropped),
-            "n_trimmed": sum(r["action"] == "trimmed" for r in dropped),
+            **_read_counts(dropped),
         }
     }
-
-    # 1. split
-    test_set = set(test_ids)
-
-    def split_of(sid: str) -> str | None:
-        i = int(sid)
-        return "test" if i in test_set else "train" if i <= train_max_id else None
-
-    all_ids = {c.song_id for c in curves} | set(consensus or {})
-    outside = sorted((s for s in all_ids if split_of(s) is None), key=song_sort_key)
-    for sid in outside:
-        dropped.append(
-            drop_record("split", "dropped", f"song id is neither <= {train_max_id} (train) nor a test id", song_id=sid)
-        )
-    n_before = len(curves)
-    curves = [c for c in curves if split_of(c.song_id) is not None]
-    if consensus is not None:
-        consensus = {s: c for s, c in consensus.items() if split_of(s) is not None}
-    filters["split"] = {"songs_dropped": outside, "n_curves_dropped": n_before - len(curves)}
-
-    # 2. crop the clips
-    n_cropped, n_short = 0, 0
+    split_of = _split_rule(train_max_id, test_ids)
+    curves, consensus, filters["split"] = _split(curves, consensus, split_of, train_max_id, dropped)
     if clip_steps is not None:
-        lo = int(round(clip_start_s / STEP_S))
-        hi = lo + int(clip_steps)
-
-        def crop(c: Curve) -> Curve | None:
-            nonlocal n_cropped, n_short
-            if split_of(c.song_id) != "train":
-                return c
-            out = _crop(c, lo, hi)
-            if out is None:
-                dropped.append(
-                    drop_record(
-                        "crop",
-                        "dropped",
-                        f"no values in steps [{lo}, {hi})",
-                        song_id=c.song_id,
-                        annotator_id=c.annotator_id,
-                    )
-                )
-                return None
-            n_cropped += out is not c
-            n_short += out.n_steps < clip_steps
-            return out
-
-        curves = [c for c in map(crop, curves) if c is not None]
-        if consensus is not None:
-            consensus = {s: c for s, c in ((s, crop(c)) for s, c in consensus.items()) if c is not None}
-        filters["crop"] = {"steps": [lo, hi], "n_cropped": n_cropped, "n_shorter_than_clip": n_short}
-
-    # 3. flat curves
+        curves, consensus, filters["crop"] = _crop_clips(curves, consensus, split_of, clip_start_s, clip_steps, dropped)
     if flat_mad:
-        kept, flat_ids = [], []
-        for c in curves:
-            flat, mad = _flat_channels(c, flat_window, flat_mad)
-            if flat:
-                flat_ids.append([c.song_id, c.annotator_id])
-                dropped.append(
-                    drop_record(
-                        "flat",
-                        "dropped",
-                        f"flat curve ({', '.join(flat)}: mean absolute deviation "
-                        f"over the first {flat_window} values < {flat_mad:g})",
-                        song_id=c.song_id,
-                        annotator_id=c.annotator_id,
-                        mad=mad,
-                    )
-                )
-            else:
-                kept.append(c)
-        curves = kept
-        filters["flat"] = {
-            "threshold": flat_mad,
-            "window": flat_window,
-            "n_dropped": len(flat_ids),
-            "dropped": flat_ids,
-        }
+        curves, filters["flat"] = _drop_flat(curves, flat_window, flat_mad, dropped)
+    curves, filters["min_songs"] = _drop_few_songs(curves, split_of, min_songs_per_listener, min_songs_scope, dropped)
 
-    # 4. listeners with too few songs
-    counted = [c for c in curves if min_songs_scope == "all" or split_of(c.song_id) == "train"]
-    n_songs = Counter(c.annotator_id for c in counted)
-    few = {a: n for a, n in sorted(n_songs.items()) if n < min_songs_per_listener}
-    for a, n in few.items():
-        dropped.append(
-            drop_record(
-                "min_songs",
-                "dropped",
-                f"listener has {n} song(s), fewer than {min_songs_per_listener}",
-                annotator_id=a,
-                n_songs=n,
-            )
-        )
-    n_before = len(curves)
-    curves = [
-        c
-        for c in curves
-        if c.annotator_id not in few or (min_songs_scope == "train" and split_of(c.song_id) != "train")
-    ]
-    filters["min_songs"] = {
-        "min_songs_per_listener": min_songs_per_listener,
-        "scope": min_songs_scope,
-        "n_listeners_dropped": len(few),
-        "listeners_dropped": few,
-        "n_curves_dropped": n_before - len(curves),
-    }
-
-    # songs and audio
     song_ids = sorted({c.song_id for c in curves} | set(consensus or {}), key=song_sort_key)
-    songs = {s: Song(s, root / AUDIO_DIR / f"{s}.mp3") for s in song_ids}
-    missing_audio = [s for s, song in songs.items() if not song.path.is_file()]
-    if require_audio:
-        problems.extend(Problem(songs[s].path, None, f"audio of song {s} not found") for s in missing_audio)
-        if strict:
-            problems.raise_if_any(f"DEAM data under {root}")
-
+    songs, missing_audio = _songs(root, song_ids, problems, require_audio)
+    if require_audio and strict:
+        problems.raise_if_any(f"DEAM data under {root}")
     curves.sort(key=lambda c: (song_sort_key(c.song_id), c.annotator_id))
     info = {
         "source": "deam",
@@ -681,7 +721,7 @@ def load_deam(
         "filters": filters,
         "dropped": dropped,
         "missing_audio": missing_audio,
-        "problems": [str(p) for p in problems],
+        "problems": problems.messages(),
     }
     log.info(
         "DEAM %s: %d songs, %d listener curves, %d listeners; %d dropped/trimmed, %d problem(s)",

@@ -320,7 +320,7 @@ def load_pmemo(
         "no_static": [s for s in consensus if s not in static],
         "dropped": dropped,
         "missing_audio": missing_audio,
-        "problems": [str(p) for p in problems],
+        "problems": problems.messages(),
     }
     log.info(
         "PMEmo %s: %d songs (averaged curves only), scale %s; %d dropped, %d problem(s)",

@@ -299,45 +299,7 @@ def load_vgmidi(
             round_, path, root, problems, dropped, (float(duration_tol[0]), float(duration_tol[1]))
         )
         pieces.update({p.song_id: p for p in round_pieces.values()})
-        no_meta = Counter()
-        for rec_key, record in sorted(annotations.items()):
-            piece_key, _, submission = rec_key.rpartition("_")
-            sid = f"r{round_}.{piece_key}"
-            if not isinstance(record, dict) or not piece_key:
-                problems.append(Problem(path, None, f"annotations[{rec_key!r}]: not a record of the form pieceK_N"))
-                continue
-            piece = round_pieces.get(piece_key)
-            if piece is None:
-                if any(r["song_id"] == sid for r in dropped):
-                    continue  # its piece was dropped (duration check): already said
-                no_meta[piece_key] += 1
-                continue
-            aid = listener_id(round_, record, submission)
-            curve = _read_curve(record, piece, rec_key, min_recorded)
-            if isinstance(curve, str):
-                dropped.append(
-                    drop_record(
-                        "read",
-                        "dropped",
-                        f"broken curve: {curve}",
-                        song_id=sid,
-                        annotator_id=aid,
-                        file=path,
-                        record=rec_key,
-                    )
-                )
-                continue
-            records.append((aid, piece, rec_key, curve))
-        for piece_key, n in sorted(no_meta.items()):
-            dropped.append(
-                drop_record(
-                    "read",
-                    "dropped",
-                    f"{n} record(s) of a piece without metadata in 'pieces'",
-                    song_id=f"r{round_}.{piece_key}",
-                    file=path,
-                )
-            )
+        records += _round_curves(round_, path, round_pieces, annotations, min_recorded, problems, dropped)
     curves = _resolve_identities(records, dropped)
     if strict:
         problems.raise_if_any(f"VGMIDI data under {root}")
@@ -360,7 +322,7 @@ def load_vgmidi(
             for s in used
         },
         "dropped": dropped,
-        "problems": [str(p) for p in problems],
+        "problems": problems.messages(),
     }
     log.info(
         "VGMIDI %s: rounds %s, %d pieces, %d listeners, %d curves; %d dropped, %d problem(s)",
@@ -373,6 +335,59 @@ def load_vgmidi(
         len(problems),
     )
     return Dataset(name=f"vgmidi:{root}", root=root, songs=songs, curves=curves, scale="deam", info=info)
+
+
+def _round_curves(
+    round_: str,
+    path: Path,
+    round_pieces: dict[str, Piece],
+    annotations: dict,
+    min_recorded: float,
+    problems: Problems,
+    dropped: list[dict],
+) -> list[tuple[str, Piece, str, np.ndarray]]:
+    """(listener, piece, record key, grid curve) of one round's usable records; what is not usable is recorded."""
+    records: list[tuple[str, Piece, str, np.ndarray]] = []
+    no_meta = Counter()
+    for rec_key, record in sorted(annotations.items()):
+        piece_key, _, submission = rec_key.rpartition("_")
+        sid = f"r{round_}.{piece_key}"
+        if not isinstance(record, dict) or not piece_key:
+            problems.append(Problem(path, None, f"annotations[{rec_key!r}]: not a record of the form pieceK_N"))
+            continue
+        piece = round_pieces.get(piece_key)
+        if piece is None:
+            if any(r["song_id"] == sid for r in dropped):
+                continue  # its piece was dropped (duration check): already said
+            no_meta[piece_key] += 1
+            continue
+        aid = listener_id(round_, record, submission)
+        curve = _read_curve(record, piece, rec_key, min_recorded)
+        if isinstance(curve, str):
+            dropped.append(
+                drop_record(
+                    "read",
+                    "dropped",
+                    f"broken curve: {curve}",
+                    song_id=sid,
+                    annotator_id=aid,
+                    file=path,
+                    record=rec_key,
+                )
+            )
+            continue
+        records.append((aid, piece, rec_key, curve))
+    for piece_key, n in sorted(no_meta.items()):
+        dropped.append(
+            drop_record(
+                "read",
+                "dropped",
+                f"{n} record(s) of a piece without metadata in 'pieces'",
+                song_id=f"r{round_}.{piece_key}",
+                file=path,
+            )
+        )
+    return records
 
 
 def _resolve_identities(records: list[tuple[str, Piece, str, np.ndarray]], dropped: list[dict]) -> list[Curve]:
