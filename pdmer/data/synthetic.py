@@ -636,107 +636,176 @@ def render_song(factors: np.ndarray, duration_s: float, rng: np.random.Generator
     Returns:
         (duration_s * SAMPLE_RATE,) float32 in (-1, 1).
     """
-    sr = SAMPLE_RATE
-    n = int(round(duration_s * sr))
-    step_t = (np.arange(factors.shape[0]) + 0.5) * STEP_S
+    # the parts draw from rng in this order (score, melody, chords, drums): the audio depends on it
+    sc = _Score.of(factors, duration_s, rng)
+    voices = np.zeros(sc.n, np.float32)
+    _melody(sc, voices, rng)
+    _chords(sc, voices, rng)
+    _bass(sc, voices)
+    _drums(sc, voices, rng)
+    # master loudness, soft clip
+    ts = (np.arange(0, sc.n, 441) + 220) / SAMPLE_RATE  # 100 Hz control
+    gain_db = -12.0 + 10.0 * sc.at(_LOUDNESS, ts)
+    gain = np.repeat((10.0 ** (gain_db / 20.0)).astype(np.float32), 441)[: sc.n]
+    return np.tanh(voices * gain * 1.6).astype(np.float32)
 
-    def at(col: int, times: np.ndarray) -> np.ndarray:
-        return np.interp(times, step_t, factors[:, col])
 
-    tempo_i, loud_i, bright_i, mode_i, cons_i, reg_i = range(N_FACTORS)
-    # musical time: sixteenth-note grid from the tempo curve
-    tc = np.arange(0.0, duration_s + 0.01, 0.01)
-    bpm = 105.0 * 2.0 ** (0.7 * at(tempo_i, tc))
-    phase16 = np.concatenate([[0.0], np.cumsum(bpm[:-1] / 60.0 * 4 * 0.01)])  # sixteenths elapsed
-    s16 = np.arange(int(phase16[-1]))
-    t16 = np.interp(s16, phase16, tc)  # (N16,) seconds
-    on16 = np.minimum((t16 * sr).astype(np.int64), n - 1)
-    pos = s16 % 4
-    dens = (at(tempo_i, t16) + 1) / 2
-    bright = at(bright_i, t16)
-    level = np.clip(np.round((bright + 1) / 2 * (N_LEVELS - 1)), 0, N_LEVELS - 1).astype(int)
-    q_diss = (1 - at(cons_i, t16)) / 2
-    p_major = (1 + at(mode_i, t16)) / 2
-    centre = 60.0 + 12.0 * at(reg_i, t16)
-    tonic = 48 + int(rng.integers(0, 12))
-    u = rng.random((len(s16), 6))  # all per-sixteenth random draws
+_TEMPO, _LOUDNESS, _BRIGHTNESS, _MODE, _CONSONANCE, _REGISTER = range(N_FACTORS)
 
-    # per bar: mode, chord degree, dissonance
-    bar_starts = np.flatnonzero(s16 % 16 == 0)
-    n_bars = len(bar_starts)
-    major = u[bar_starts, 0] < p_major[bar_starts]
-    dissonant = u[bar_starts, 1] < q_diss[bar_starts]
-    # four-bar phrases with a clear tonal centre: I - (ii|IV|vi) - (IV|V|vi) - V
-    phrase = [[0], [1, 3, 5], [3, 4, 5], [4]]
-    degree = np.array([phrase[b % 4][int(rng.integers(len(phrase[b % 4])))] for b in range(n_bars)], dtype=int)
-    bar_of = s16 // 16
 
-    def midi_of(deg: np.ndarray, is_major: np.ndarray) -> np.ndarray:
+@dataclass
+class _Score:
+    """One song's sixteenth-note grid and what the factors set on it (arrays of shape (N16,) unless said)."""
+
+    factors: np.ndarray  # (T, N_FACTORS)
+    n: int  # samples
+    s16: np.ndarray  # sixteenth index
+    on16: np.ndarray  # onset sample
+    pos: np.ndarray  # position in the beat (0-3)
+    dens: np.ndarray  # note density in [0, 1] (tempo)
+    bright: np.ndarray  # brightness in [-1, 1]
+    level: np.ndarray  # wavetable level (brightness)
+    q_diss: np.ndarray  # share of dissonance (consonance)
+    centre: np.ndarray  # pitch centre, MIDI (register)
+    tonic: int
+    u: np.ndarray  # (N16, 6) the per-sixteenth random draws
+    major: np.ndarray  # (bars,) bar in major
+    dissonant: np.ndarray  # (bars,) bar with a cluster tone
+    degree: np.ndarray  # (bars,) chord degree
+    bar_of: np.ndarray  # bar of each sixteenth
+
+    @classmethod
+    def of(cls, factors: np.ndarray, duration_s: float, rng: np.random.Generator) -> _Score:
+        sr = SAMPLE_RATE
+        n = int(round(duration_s * sr))
+        step_t = (np.arange(factors.shape[0]) + 0.5) * STEP_S
+
+        def at(col: int, times: np.ndarray) -> np.ndarray:
+            return np.interp(times, step_t, factors[:, col])
+
+        # musical time: sixteenth-note grid from the tempo curve
+        tc = np.arange(0.0, duration_s + 0.01, 0.01)
+        bpm = 105.0 * 2.0 ** (0.7 * at(_TEMPO, tc))
+        phase16 = np.concatenate([[0.0], np.cumsum(bpm[:-1] / 60.0 * 4 * 0.01)])  # sixteenths elapsed
+        s16 = np.arange(int(phase16[-1]))
+        t16 = np.interp(s16, phase16, tc)  # (N16,) seconds
+        bright = at(_BRIGHTNESS, t16)
+        tonic = 48 + int(rng.integers(0, 12))
+        u = rng.random((len(s16), 6))  # all per-sixteenth random draws
+        # per bar: mode, chord degree, dissonance
+        bar_starts = np.flatnonzero(s16 % 16 == 0)
+        p_major = (1 + at(_MODE, t16)) / 2
+        q_diss = (1 - at(_CONSONANCE, t16)) / 2
+        # four-bar phrases with a clear tonal centre: I - (ii|IV|vi) - (IV|V|vi) - V
+        phrase = [[0], [1, 3, 5], [3, 4, 5], [4]]
+        degree = [phrase[b % 4][int(rng.integers(len(phrase[b % 4])))] for b in range(len(bar_starts))]
+        return cls(
+            factors=factors,
+            n=n,
+            s16=s16,
+            on16=np.minimum((t16 * sr).astype(np.int64), n - 1),
+            pos=s16 % 4,
+            dens=(at(_TEMPO, t16) + 1) / 2,
+            bright=bright,
+            level=np.clip(np.round((bright + 1) / 2 * (N_LEVELS - 1)), 0, N_LEVELS - 1).astype(int),
+            q_diss=q_diss,
+            centre=60.0 + 12.0 * at(_REGISTER, t16),
+            tonic=tonic,
+            u=u,
+            major=u[bar_starts, 0] < p_major[bar_starts],
+            dissonant=u[bar_starts, 1] < q_diss[bar_starts],
+            degree=np.array(degree, dtype=int),
+            bar_of=s16 // 16,
+        )
+
+    def at(self, col: int, times: np.ndarray) -> np.ndarray:
+        """Factor ``col`` interpolated at ``times`` (seconds)."""
+        step_t = (np.arange(self.factors.shape[0]) + 0.5) * STEP_S
+        return np.interp(times, step_t, self.factors[:, col])
+
+    def midi_of(self, deg: np.ndarray, is_major: np.ndarray) -> np.ndarray:
+        """MIDI notes of scale degrees ``deg`` in major or minor."""
         sc = np.where(is_major[:, None], MAJOR[None, :], MINOR[None, :])  # (N, 7)
-        return tonic + 12 * (deg // 7) + np.take_along_axis(sc, (deg % 7)[:, None], 1)[:, 0]
+        return self.tonic + 12 * (deg // 7) + np.take_along_axis(sc, (deg % 7)[:, None], 1)[:, 0]
 
-    def hz(m: np.ndarray) -> np.ndarray:
-        return 440.0 * 2.0 ** ((m - 69.0) / 12.0)
 
-    voices = np.zeros(n, np.float32)
-    # melody
-    p_note = np.where(pos == 0, 0.85, np.where(pos == 2, 0.2 + 0.6 * dens, 0.65 * dens**2))
+def _hz(m: np.ndarray) -> np.ndarray:
+    return 440.0 * 2.0 ** ((m - 69.0) / 12.0)
+
+
+def _melody(sc: _Score, voices: np.ndarray, rng: np.random.Generator) -> None:
+    """The melody, added into ``voices``: a walk over the scale pulled to the register, chromatic when dissonant."""
+    sr, u, pos = SAMPLE_RATE, sc.u, sc.pos
+    p_note = np.where(pos == 0, 0.85, np.where(pos == 2, 0.2 + 0.6 * sc.dens, 0.65 * sc.dens**2))
     mel = np.flatnonzero(u[:, 2] < p_note)
-    if len(mel):
-        target = np.round((centre[mel] - tonic) * 7 / 12).astype(int)
-        steps = rng.choice([-2, -1, -1, 0, 1, 1, 2], size=len(mel))
-        deg_list = []
-        d = int(target[0])
-        for st, tg in zip(steps.tolist(), target.tolist(), strict=True):  # random walk pulled towards the register
-            d += st - (1 if d > tg + 3 else -1 if d < tg - 3 else 0)
-            deg_list.append(d)
-        deg = np.array(deg_list)
-        m = midi_of(deg, major[bar_of[mel]]) + np.where(u[mel, 3] < 0.4 * q_diss[mel], rng.choice([-1, 1], len(mel)), 0)
-        amp = 0.22 * (0.75 + 0.25 * (pos[mel] == 0)) * (0.85 + 0.3 * u[mel, 4])
-        gate = np.full(len(mel), int(0.6 * sr))
-        voices += _voice(n, on16[mel], gate, hz(m), amp, level[mel], 0.005, 0.35)
-    # chords: bar starts, re-attacked at half bars when dense
-    ch = np.flatnonzero((s16 % 16 == 0) | ((s16 % 16 == 8) & (u[:, 2] < dens)))
-    if len(ch):
-        cb = bar_of[ch]
-        root_deg = degree[cb] + 7 * np.round((centre[ch] - 12 - tonic) / 12).astype(int)
-        detune = 1.0 + 0.02 * q_diss[ch] * (u[ch, 5] - 0.5)
-        lvl = np.clip(level[ch] - 3, 0, N_LEVELS - 1)
-        gate = np.full(len(ch), int(4 * sr))
-        root = midi_of(root_deg, major[cb])
-        extra = np.where(dissonant[cb], root + rng.choice([1, 6, 11], len(ch)), root + 12)
-        tones = np.stack(
-            [
-                hz(root),
-                hz(midi_of(root_deg + 2, major[cb])) * detune,
-                hz(midi_of(root_deg + 4, major[cb])),
-                hz(extra) / detune,
-            ],
-            axis=1,
-        )  # (N, 4)
-        amps = np.stack([np.full(len(ch), 0.11)] * 3 + [np.where(dissonant[cb], 0.10, 0.06)], axis=1)  # (N, 4)
-        voices += _voice(n, on16[ch], gate, tones, amps, lvl, 0.03, 1.6)
-    # bass on beats
+    if not len(mel):
+        return
+    target = np.round((sc.centre[mel] - sc.tonic) * 7 / 12).astype(int)
+    steps = rng.choice([-2, -1, -1, 0, 1, 1, 2], size=len(mel))
+    deg_list = []
+    d = int(target[0])
+    for st, tg in zip(steps.tolist(), target.tolist(), strict=True):  # random walk pulled towards the register
+        d += st - (1 if d > tg + 3 else -1 if d < tg - 3 else 0)
+        deg_list.append(d)
+    deg = np.array(deg_list)
+    chromatic = np.where(u[mel, 3] < 0.4 * sc.q_diss[mel], rng.choice([-1, 1], len(mel)), 0)
+    m = sc.midi_of(deg, sc.major[sc.bar_of[mel]]) + chromatic
+    amp = 0.22 * (0.75 + 0.25 * (pos[mel] == 0)) * (0.85 + 0.3 * u[mel, 4])
+    gate = np.full(len(mel), int(0.6 * sr))
+    voices += _voice(sc.n, sc.on16[mel], gate, _hz(m), amp, sc.level[mel], 0.005, 0.35)
+
+
+def _chords(sc: _Score, voices: np.ndarray, rng: np.random.Generator) -> None:
+    """Chords, added into ``voices``: at bar starts, again at half bars when dense; a cluster tone when dissonant."""
+    sr, u, s16 = SAMPLE_RATE, sc.u, sc.s16
+    ch = np.flatnonzero((s16 % 16 == 0) | ((s16 % 16 == 8) & (u[:, 2] < sc.dens)))
+    if not len(ch):
+        return
+    cb = sc.bar_of[ch]
+    major = sc.major[cb]
+    root_deg = sc.degree[cb] + 7 * np.round((sc.centre[ch] - 12 - sc.tonic) / 12).astype(int)
+    detune = 1.0 + 0.02 * sc.q_diss[ch] * (u[ch, 5] - 0.5)
+    lvl = np.clip(sc.level[ch] - 3, 0, N_LEVELS - 1)
+    gate = np.full(len(ch), int(4 * sr))
+    root = sc.midi_of(root_deg, major)
+    extra = np.where(sc.dissonant[cb], root + rng.choice([1, 6, 11], len(ch)), root + 12)
+    tones = np.stack(
+        [
+            _hz(root),
+            _hz(sc.midi_of(root_deg + 2, major)) * detune,
+            _hz(sc.midi_of(root_deg + 4, major)),
+            _hz(extra) / detune,
+        ],
+        axis=1,
+    )  # (N, 4)
+    amps = np.stack([np.full(len(ch), 0.11)] * 3 + [np.where(sc.dissonant[cb], 0.10, 0.06)], axis=1)  # (N, 4)
+    voices += _voice(sc.n, sc.on16[ch], gate, tones, amps, lvl, 0.03, 1.6)
+
+
+def _bass(sc: _Score, voices: np.ndarray) -> None:
+    """Bass notes on beats (more of them when dense), added into ``voices``."""
+    u, pos, dens = sc.u, sc.pos, sc.dens
     bs = np.flatnonzero(((pos == 0) & (u[:, 3] < 0.5 + 0.5 * dens)) | ((pos == 2) & (u[:, 3] < 0.3 * dens)))
-    if len(bs):
-        rd = degree[bar_of[bs]] + 7 * np.round((centre[bs] - 24 - tonic) / 12).astype(int)
-        m = np.maximum(midi_of(rd, major[bar_of[bs]]), 31)
-        lvl = np.clip(level[bs] - 5, 0, N_LEVELS - 1)
-        voices += _voice(n, on16[bs], np.full(len(bs), int(0.4 * sr)), hz(m), np.full(len(bs), 0.28), lvl, 0.01, 0.4)
-    # drums
+    if not len(bs):
+        return
+    rd = sc.degree[sc.bar_of[bs]] + 7 * np.round((sc.centre[bs] - 24 - sc.tonic) / 12).astype(int)
+    m = np.maximum(sc.midi_of(rd, sc.major[sc.bar_of[bs]]), 31)
+    lvl = np.clip(sc.level[bs] - 5, 0, N_LEVELS - 1)
+    gate = np.full(len(bs), int(0.4 * SAMPLE_RATE))
+    voices += _voice(sc.n, sc.on16[bs], gate, _hz(m), np.full(len(bs), 0.28), lvl, 0.01, 0.4)
+
+
+def _drums(sc: _Score, voices: np.ndarray, rng: np.random.Generator) -> None:
+    """Kicks and hi-hats added into ``voices`` (hi-hat level with brightness)."""
+    sr, pos, dens = SAMPLE_RATE, sc.pos, sc.dens
     tk = np.arange(int(0.25 * sr)) / sr
     kick = (np.sin(2 * np.pi * np.cumsum(45 + 65 * np.exp(-tk / 0.03)) / sr) * np.exp(-tk / 0.07)).astype(np.float32)
-    kicks = np.flatnonzero((s16 % 8 == 0) | ((pos == 0) & (dens > 0.6)))
-    _place(voices, on16[kicks], np.full(len(kicks), 0.45), kick)
+    kicks = np.flatnonzero((sc.s16 % 8 == 0) | ((pos == 0) & (dens > 0.6)))
+    _place(voices, sc.on16[kicks], np.full(len(kicks), 0.45), kick)
     th = np.arange(int(0.06 * sr)) / sr
     hat = (np.diff(rng.standard_normal(len(th) + 1)) * np.exp(-th / 0.012) * 0.5).astype(np.float32)
-    hats = np.flatnonzero((pos % 2 == 0) | (u[:, 4] < dens))
-    _place(voices, on16[hats], 0.03 + 0.10 * (bright[hats] + 1) / 2, hat)
-    # master loudness, soft clip
-    ts = (np.arange(0, n, 441) + 220) / sr  # 100 Hz control
-    gain_db = -12.0 + 10.0 * at(loud_i, ts)
-    gain = np.repeat((10.0 ** (gain_db / 20.0)).astype(np.float32), 441)[:n]
-    return np.tanh(voices * gain * 1.6).astype(np.float32)
+    hats = np.flatnonzero((pos % 2 == 0) | (sc.u[:, 4] < dens))
+    _place(voices, sc.on16[hats], 0.03 + 0.10 * (sc.bright[hats] + 1) / 2, hat)
 
 
 def _render_to_file(args: tuple) -> tuple[str, float]:
@@ -858,58 +927,10 @@ def generate(cfg: SyntheticConfig, root: Path, workers: int | None = None) -> Pa
         n_rows = _write_curves(tmp / "ratings.csv", [sim.ratings[k] for k in order])
         _write_curves(tmp / "oracle.csv", [sim.oracle[k] for k in order])
         _write_curves(tmp / "consensus.csv", [sim.consensus[s.song_id] for s in sim.songs])
-        listeners = {
-            lid: {
-                "base": p.to_json(),
-                "songs": {sid: sim.params[lid, sid].to_json() for (l2, sid) in sorted(sim.params) if l2 == lid},
-            }
-            for lid, p in sim.base.items()
-        }
-        with open(tmp / "listeners.json", "w") as f:
-            json.dump(
-                {
-                    "labels": LABELS,
-                    "factors": FACTORS,
-                    "population_weights": {
-                        lab: dict(zip(FACTORS, POP_WEIGHTS[i].tolist(), strict=True)) for i, lab in enumerate(LABELS)
-                    },
-                    "note": "weight_dev = personal deviation from population_weights; per-song parameters mix the "
-                    "base latents with fresh ones (carryover)",
-                    "listeners": listeners,
-                },
-                f,
-                indent=1,
-            )
-        np.savez(
-            tmp / "factors.npz",
-            factor_names=np.array(FACTORS),
-            **{s.song_id: s.factors.astype(np.float32) for s in sim.songs},
-        )
+        _write_truths(tmp, sim)
         t_write = time.perf_counter() - t2
-        meta = {
-            "generator": "pdmer.data.synthetic",
-            "version": GENERATOR_VERSION,
-            "config": dataclasses.asdict(cfg),
-            "config_hash": config_hash(cfg),
-            "sample_rate": SAMPLE_RATE,
-            "labels": LABELS,
-            "factors": FACTORS,
-            "scale": "deam",
-            "n_songs": len(sim.songs),
-            "n_listeners": len(sim.base),
-            "n_curves": len(sim.ratings),
-            "n_ratings": n_rows,
-            "audio_s": round(sum(s.duration_s for s in sim.songs), 1),
-            "factor_model": dataclasses.asdict(FACTOR_MODEL),
-            "listener_model": dataclasses.asdict(LISTENER_MODEL),
-            "timing_s": {
-                "simulate": round(t_sim, 3),
-                "audio": round(t_audio, 3),
-                "audio_cpu": round(sum(per_song.values()), 3),
-                "write": round(t_write, 3),
-                "total": round(time.perf_counter() - t0, 3),
-            },
-        }
+        timing = {"simulate": t_sim, "audio": t_audio, "audio_cpu": sum(per_song.values()), "write": t_write}
+        meta = _meta(cfg, sim, n_rows, {**timing, "total": time.perf_counter() - t0})
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
         _replace_dir(tmp, root)
@@ -918,6 +939,59 @@ def generate(cfg: SyntheticConfig, root: Path, workers: int | None = None) -> Pa
         raise
     logger.info("synthetic benchmark written to %s in %.1f s", root, time.perf_counter() - t0)
     return root
+
+
+def _write_truths(folder: Path, sim: Simulation) -> None:
+    """The listeners' parameters (``listeners.json``) and the songs' factor curves (``factors.npz``)."""
+    listeners = {
+        lid: {
+            "base": p.to_json(),
+            "songs": {sid: sim.params[lid, sid].to_json() for (l2, sid) in sorted(sim.params) if l2 == lid},
+        }
+        for lid, p in sim.base.items()
+    }
+    with open(folder / "listeners.json", "w") as f:
+        json.dump(
+            {
+                "labels": LABELS,
+                "factors": FACTORS,
+                "population_weights": {
+                    lab: dict(zip(FACTORS, POP_WEIGHTS[i].tolist(), strict=True)) for i, lab in enumerate(LABELS)
+                },
+                "note": "weight_dev = personal deviation from population_weights; per-song parameters mix the "
+                "base latents with fresh ones (carryover)",
+                "listeners": listeners,
+            },
+            f,
+            indent=1,
+        )
+    np.savez(
+        folder / "factors.npz",
+        factor_names=np.array(FACTORS),
+        **{s.song_id: s.factors.astype(np.float32) for s in sim.songs},
+    )
+
+
+def _meta(cfg: SyntheticConfig, sim: Simulation, n_rows: int, timing: dict[str, float]) -> dict:
+    """``meta.json``: the generator, its config and models, counts and ``timing`` (seconds per stage)."""
+    return {
+        "generator": "pdmer.data.synthetic",
+        "version": GENERATOR_VERSION,
+        "config": dataclasses.asdict(cfg),
+        "config_hash": config_hash(cfg),
+        "sample_rate": SAMPLE_RATE,
+        "labels": LABELS,
+        "factors": FACTORS,
+        "scale": "deam",
+        "n_songs": len(sim.songs),
+        "n_listeners": len(sim.base),
+        "n_curves": len(sim.ratings),
+        "n_ratings": n_rows,
+        "audio_s": round(sum(s.duration_s for s in sim.songs), 1),
+        "factor_model": dataclasses.asdict(FACTOR_MODEL),
+        "listener_model": dataclasses.asdict(LISTENER_MODEL),
+        "timing_s": {k: round(v, 3) for k, v in timing.items()},
+    }
 
 
 def _meta_matches(root: Path, cfg: SyntheticConfig) -> bool:
