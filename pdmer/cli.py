@@ -1,4 +1,5 @@
 """Command line: ``python run.py <command> ...`` (see ``python run.py --help``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from pdmer.reproduce import SeedFailed, reproduce
-
     from pdmer.config import ConfigError
+    from pdmer.reproduce import SeedFailed, reproduce
 
     seeds = None
     if args.seeds is not None:  # overrides after the seeds were already taken out by `parse`
@@ -113,18 +113,26 @@ def cmd_calibrate(args) -> int:
     if args.inner_lr is not None:
         check_setting("meta.inner_lr", args.inner_lr, "--inner-lr")
     prof = calibrate(
-        args.name, args.audio, args.ratings, args.model,
-        annotators_dir=args.annotators, keep_history=args.keep_history,
-        inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+        args.name,
+        args.audio,
+        args.ratings,
+        args.model,
+        annotators_dir=args.annotators,
+        keep_history=args.keep_history,
+        inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
     )
     info = prof.info
     base, ad, fit = info["base"], info["adaptation"], info["fit"]["mean"]
     how = "given" if args.model else "the latest trained run; --model RUN_DIR picks another"
     print(f"model: {base['run']} ({how})")
     songs = ", ".join(f"{s['song_id']} ({s['rated_from_s']:.1f}-{s['rated_to_s']:.1f} s)" for s in info["songs"])
-    print(f"calibrated {prof.name!r} on {len(info['songs'])} song(s): {songs}; {ad['inner_steps']} inner steps at "
-          + ("the run's learned rates" if ad.get("inner_lr_learned") else f"lr {ad['inner_lr']:g}"))
-    print(f"fit on the support song(s), mean CCC: generic {fit['generic']['ccc_mean']:.3f} -> personal {fit['personalized']['ccc_mean']:.3f}")
+    print(
+        f"calibrated {prof.name!r} on {len(info['songs'])} song(s): {songs}; {ad['inner_steps']} inner steps at "
+        + ("the run's learned rates" if ad.get("inner_lr_learned") else f"lr {ad['inner_lr']:g}")
+    )
+    g, pz = fit["generic"]["ccc_mean"], fit["personalized"]["ccc_mean"]
+    print(f"fit on the support song(s), mean CCC: generic {g:.3f} -> personal {pz:.3f}")
     print(f"wrote {_show(prof.path)}/")
     for f in prof.files:
         print(f"  {f.name}")
@@ -134,7 +142,9 @@ def cmd_calibrate(args) -> int:
 def cmd_predict(args) -> int:
     from pdmer.personal import predict
 
-    preds = predict(args.songs, args.name, args.model, out_dir=args.out, annotators_dir=args.annotators, plot=not args.no_plot)
+    preds = predict(
+        args.songs, args.name, args.model, out_dir=args.out, annotators_dir=args.annotators, plot=not args.no_plot
+    )
     if preds:
         how = preds[0].model_how + ("" if args.model else "; --model RUN_DIR picks another")
         print(f"model: {_show(preds[0].model)} ({how})")
@@ -154,8 +164,14 @@ def cmd_rate(args) -> int:
 
     try:
         session = RateSession(
-            args.name, args.audio, args.predict or (), args.model, annotators_dir=args.annotators, out_dir=args.out,
-            keep_history=args.keep_history, practice_s=args.practice_s,
+            args.name,
+            args.audio,
+            args.predict or (),
+            args.model,
+            annotators_dir=args.annotators,
+            out_dir=args.out,
+            keep_history=args.keep_history,
+            practice_s=args.practice_s,
         )
     except ProfileError as e:  # a bad name, no usable model
         print(f"error: {e}", file=sys.stderr)
@@ -167,7 +183,9 @@ def cmd_rate(args) -> int:
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
     print(f"rating page for {args.name!r}, {len(session.songs)} song(s): {server.url}", flush=True)
-    print("open it in a browser on this machine (the address holds the access token); Ctrl-C stops the server", flush=True)
+    print(
+        "open it in a browser on this machine (the address holds the access token); Ctrl-C stops the server", flush=True
+    )
     if not args.no_browser and can_open_browser():
         webbrowser.open(server.url)
     try:
@@ -198,17 +216,31 @@ def cmd_sweep(args) -> int:
     from pdmer.sweep import run_sweep
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # pdmer logs each trial itself
-    res = run_sweep(args.sweep, trials=args.trials, storage=args.storage, study_name=args.study, overrides=args.overrides)
+    res = run_sweep(
+        args.sweep, trials=args.trials, storage=args.storage, study_name=args.study, overrides=args.overrides
+    )
     c, best = res.counts, res.summary["best"]
-    print(f"\nsweep {res.study_name}: {c['complete'] + c['pruned']} of {res.requested} trials finished "
-          f"({c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed); this process ran {len(res.ran)}")
+    print(
+        f"\nsweep {res.study_name}: {c['complete'] + c['pruned']} of {res.requested} trials finished "
+        f"({c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed); this process ran {len(res.ran)}"
+    )
     print(f"storage: {res.storage}")
     if best:
-        print(f"best: trial {best['trial']}, {res.summary['objective']['metric']} = {best['value']:.4f}: "
-              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()))
+        print(
+            f"best: trial {best['trial']}, {res.summary['objective']['metric']} = {best['value']:.4f}: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        )
     print(f"sweep folder: {res.sweep_dir}")
-    for name in ("summary.md", "summary.json", "best.yaml", "optimization_history.png", "parallel_coordinate.png",
-                 "intermediate_values.png", "param_importances.png", "trials"):
+    for name in (
+        "summary.md",
+        "summary.json",
+        "best.yaml",
+        "optimization_history.png",
+        "parallel_coordinate.png",
+        "intermediate_values.png",
+        "param_importances.png",
+        "trials",
+    ):
         if (res.sweep_dir / name).exists():
             print(f"  {name}")
     if best:
@@ -223,20 +255,46 @@ def build_parser() -> argparse.ArgumentParser:
         f"With no command, trains the default experiment ({DEFAULT_EXPERIMENT}) on the embedded benchmark.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of an error too (a mistake in the input otherwise prints one `error:` line)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error too (a mistake in the input otherwise prints one `error:` line)",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_training_commands(sub)
+    _add_listener_commands(sub)
+    _add_rate_command(sub)
+    _add_data_command(sub)
+    _add_sweep_command(sub)
+    return p
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # key.sub=value
+TAKES_OVERRIDES = ("train", "reproduce", "sweep", "data")
+
+
+def _add_training_commands(sub) -> None:
+    """Train, reproduce, tables, evaluate: the commands of the benchmark's runs."""
     t = sub.add_parser("train", help="train one experiment and evaluate it on test listeners")
-    t.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT, help="name in experiments/ (e.g. pdmer.synthetic.dsaml) or a YAML path")
+    t.add_argument(
+        "experiment",
+        nargs="?",
+        default=DEFAULT_EXPERIMENT,
+        help="name in experiments/ (e.g. pdmer.synthetic.dsaml) or a YAML path",
+    )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iterations=50 model.hidden=64")
     t.add_argument("--force", action="store_true", help="train again even if this exact config already finished")
-    t.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last training state (checkpoints/state/), with the same result")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last training state (checkpoints/state/), with the same result",
+    )
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser(
-        "reproduce", help="train and evaluate one experiment for each seed; table of mean ± std in runs/reproduce/",
+        "reproduce",
+        help="train and evaluate one experiment for each seed; table of mean ± std in runs/reproduce/",
         description="Train and evaluate EXPERIMENT once per training seed (train.seed; data and split fixed), then "
         "write runs/reproduce/<experiment>-<hash>/table.md and table.json with every test metric's mean and standard "
         "deviation. Finished seeds are reused; --resume continues an interrupted seed from its last training state.",
@@ -245,9 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides for every seed, e.g. train.iterations=100")
     r.add_argument("--seeds", nargs="+", metavar="S", help="training seeds (default: 0 1 2)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted seed from its last training state")
-    r.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train N seeds at once, each in its own process (default 1); give each its share of the "
-                   "cores with runtime.threads, e.g. --jobs 3 runtime.threads=4 on 12 cores")
+    r.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N seeds at once, each in its own process (default 1); give each its share of the "
+        "cores with runtime.threads, e.g. --jobs 3 runtime.threads=4 on 12 cores",
+    )
     r.set_defaults(func=cmd_reproduce)
 
     tb = sub.add_parser("tables", help="regenerate experiments/README.md from the reproductions' table.json files")
@@ -259,88 +322,163 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=("test", "val"))
     e.set_defaults(func=cmd_evaluate)
 
-    c = sub.add_parser("calibrate", help="adapt the trained model to one listener from their ratings; saves annotators/NAME/")
+
+def _add_listener_commands(sub) -> None:
+    """Calibrate and predict: one listener's profile and its curves."""
+    c = sub.add_parser(
+        "calibrate", help="adapt the trained model to one listener from their ratings; saves annotators/NAME/"
+    )
     c.add_argument("--name", required=True, help="listener name: letters, digits, - and _")
-    c.add_argument("--audio", required=True, action="extend", nargs="+", metavar="SONG",
-                   help="a rated audio file (repeat for k-shot: --audio a.wav --audio b.wav); song id = file name without extension")
-    c.add_argument("--ratings", required=True, metavar="RATINGS.csv",
-                   help="song_id,annotator_id,time_s,valence,arousal (or time_s,valence,arousal for one song); any rate, values in [-1, 1]")
+    c.add_argument(
+        "--audio",
+        required=True,
+        action="extend",
+        nargs="+",
+        metavar="SONG",
+        help="a rated audio file (repeat for k-shot: --audio a.wav --audio b.wav); "
+        "song id = file name without extension",
+    )
+    c.add_argument(
+        "--ratings",
+        required=True,
+        metavar="RATINGS.csv",
+        help="song_id,annotator_id,time_s,valence,arousal (or time_s,valence,arousal for one song); "
+        "any rate, values in [-1, 1]",
+    )
     c.add_argument("--model", metavar="RUN_DIR", help="base run (default: the latest finished run in runs/)")
-    c.add_argument("--keep-history", action="store_true", help="keep a replaced profile in annotators/.history/NAME/<time>/")
+    c.add_argument(
+        "--keep-history", action="store_true", help="keep a replaced profile in annotators/.history/NAME/<time>/"
+    )
     c.add_argument("--inner-steps", type=int, help="default: the base run's meta.inner_steps")
     c.add_argument("--inner-lr", type=float, help="default: the base run's meta.inner_lr")
     c.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
     c.set_defaults(func=cmd_calibrate)
 
-    pr = sub.add_parser("predict", help="valence/arousal curves (CSV + PNG) of whole songs, generic or for a calibrated listener")
+    pr = sub.add_parser(
+        "predict", help="valence/arousal curves (CSV + PNG) of whole songs, generic or for a calibrated listener"
+    )
     pr.add_argument("songs", nargs="+", metavar="SONG", help="audio files")
     pr.add_argument("--name", help="a calibrated listener: the personal curve beside the generic one")
-    pr.add_argument("--model", metavar="RUN_DIR", help="base run (default: the profile's base run, else the latest finished run)")
+    pr.add_argument(
+        "--model", metavar="RUN_DIR", help="base run (default: the profile's base run, else the latest finished run)"
+    )
     pr.add_argument("--out", metavar="DIR", help="output folder (default: predictions/)")
     pr.add_argument("--no-plot", action="store_true", help="write the CSV files only")
     pr.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
     pr.set_defaults(func=cmd_predict)
 
+
+def _add_rate_command(sub) -> None:
+    """Rate: the browser rating page, then calibrate."""
     ra = sub.add_parser(
-        "rate", help="rate songs in the browser (a local page), then calibrate: annotators/NAME/",
+        "rate",
+        help="rate songs in the browser (a local page), then calibrate: annotators/NAME/",
         description="Serve a rating page on 127.0.0.1 (a random token in the printed address): it plays each --audio "
         "song and records valence and arousal while it plays, on a 2-D pad or one dimension per pass, after a short "
         "practice. On submit the ratings are binned to 2 Hz, calibrate runs (k-shot with several songs) and the page "
         "shows the fit and the --predict songs' personal and generic curves.",
     )
     ra.add_argument("--name", required=True, help="listener name: letters, digits, - and _ (checked as calibrate does)")
-    ra.add_argument("--audio", required=True, action="extend", nargs="+", metavar="SONG",
-                    help="a song to rate (repeat for k-shot); wav, flac, mp3 or ogg; the page plays only these")
-    ra.add_argument("--predict", action="extend", nargs="+", metavar="SONG",
-                    help="songs to predict with the new profile: personal against generic curve (CSV + PNG)")
+    ra.add_argument(
+        "--audio",
+        required=True,
+        action="extend",
+        nargs="+",
+        metavar="SONG",
+        help="a song to rate (repeat for k-shot); wav, flac, mp3 or ogg; the page plays only these",
+    )
+    ra.add_argument(
+        "--predict",
+        action="extend",
+        nargs="+",
+        metavar="SONG",
+        help="songs to predict with the new profile: personal against generic curve (CSV + PNG)",
+    )
     ra.add_argument("--model", metavar="RUN_DIR", help="base run (default: the latest finished run in runs/)")
-    ra.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (default 127.0.0.1, this machine only; another one is warned about)")
+    ra.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; another one is warned about)",
+    )
     ra.add_argument("--port", type=int, default=0, help="port (default: any free one)")
     ra.add_argument("--no-browser", action="store_true", help="do not try to open the page in a browser")
-    ra.add_argument("--practice-s", type=float, default=8.0, metavar="S",
-                    help="seconds of practice at the song's start, not recorded (default 8; 0 = none)")
-    ra.add_argument("--keep-history", action="store_true", help="keep a replaced profile in annotators/.history/NAME/<time>/")
+    ra.add_argument(
+        "--practice-s",
+        type=float,
+        default=8.0,
+        metavar="S",
+        help="seconds of practice at the song's start, not recorded (default 8; 0 = none)",
+    )
+    ra.add_argument(
+        "--keep-history", action="store_true", help="keep a replaced profile in annotators/.history/NAME/<time>/"
+    )
     ra.add_argument("--out", metavar="DIR", help="where --predict curves go (default: predictions/)")
     ra.add_argument("--annotators", metavar="DIR", help="profiles folder (default: annotators/)")
     ra.set_defaults(func=cmd_rate)
 
+
+def _add_data_command(sub) -> None:
+    """Data check: a dataset validated as training reads it."""
     d = sub.add_parser("data", help="dataset tools: `data check --format deam|pmemo|vgmidi|generic|synthetic ROOT`")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     dc = dsub.add_parser(
-        "check", help="validate a dataset and print a summary; exit 1 listing every problem",
+        "check",
+        help="validate a dataset and print a summary; exit 1 listing every problem",
         description="Read a dataset as training would and print songs, listeners, ratings per listener, labelled time, "
         "label ranges, what was filtered and why, and every problem with its file and line or song. Exit 0 when "
         "there is none, 1 otherwise.",
     )
-    dc.add_argument("--format", required=True, choices=FORMATS,
-                    help="deam / pmemo: the official folders; generic: audio/ + ratings.csv; synthetic: the embedded benchmark")
+    dc.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="deam / pmemo: the official folders; generic: audio/ + ratings.csv; synthetic: the embedded benchmark",
+    )
     dc.add_argument("root", nargs="?", help="dataset folder (synthetic: optional, default = the default benchmark)")
-    dc.add_argument("overrides", nargs="*", help="data options, e.g. data.deam.min_songs_per_listener=10 data.pmemo.scale=deam")
-    dc.add_argument("--audio", choices=("decode", "header", "none"), default="decode",
-                    help="decode every file as training does (default), read headers only (fast), or only note missing files")
+    dc.add_argument(
+        "overrides", nargs="*", help="data options, e.g. data.deam.min_songs_per_listener=10 data.pmemo.scale=deam"
+    )
+    dc.add_argument(
+        "--audio",
+        choices=("decode", "header", "none"),
+        default="decode",
+        help="decode every file as training does (default), read headers only (fast), or only note missing files",
+    )
     dc.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     dc.add_argument("--verbose-report", action="store_true", help="list every problem and every dropped item")
     dc.set_defaults(func=cmd_data_check)
 
+
+def _add_sweep_command(sub) -> None:
+    """Sweep: an optuna study over a sweep file."""
     sw = sub.add_parser(
-        "sweep", help="hyperparameter sweep with optuna (experiments/sweeps/*.yaml); run it again to continue",
+        "sweep",
+        help="hyperparameter sweep with optuna (experiments/sweeps/*.yaml); run it again to continue",
         description="Run trials (each a normal run folder) until the study has N finished (complete or pruned) trials, "
         "pruning poor ones at validation, then write runs/sweeps/<study>/: summary.md/.json, plots and best.yaml. "
-        "The same command continues an interrupted sweep; several processes or machines share a study through --storage.",
+        "The same command continues an interrupted sweep; "
+        "several processes or machines share a study through --storage.",
     )
     sw.add_argument("sweep", help="name in experiments/sweeps/ (e.g. pdmer.synthetic.dsaml) or a YAML path")
-    sw.add_argument("overrides", nargs="*", help="dotted overrides of the base experiment for every trial, e.g. train.iterations=100")
-    sw.add_argument("--trials", type=int, metavar="N", help="finished trials the study should have (default: the sweep file's trials)")
-    sw.add_argument("--storage", metavar="URL", help="optuna RDB URL, e.g. postgresql+psycopg2://user:password@host/db "
-                    "(default: SQLite runs/sweeps/<study>/study.db)")
+    sw.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides of the base experiment for every trial, e.g. train.iterations=100",
+    )
+    sw.add_argument(
+        "--trials",
+        type=int,
+        metavar="N",
+        help="finished trials the study should have (default: the sweep file's trials)",
+    )
+    sw.add_argument(
+        "--storage",
+        metavar="URL",
+        help="optuna RDB URL, e.g. postgresql+psycopg2://user:password@host/db "
+        "(default: SQLite runs/sweeps/<study>/study.db)",
+    )
     sw.add_argument("--study", metavar="NAME", help="study name (default: the sweep file's name)")
     sw.set_defaults(func=cmd_sweep)
-    return p
-
-
-OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # key.sub=value
-TAKES_OVERRIDES = ("train", "reproduce", "sweep", "data")
 
 
 def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
@@ -355,8 +493,8 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> arg
     extra: list[str] = []
     if command in TAKES_OVERRIDES:
         i = argv.index(command)
-        extra = [a for a in argv[i + 1:] if OVERRIDE.match(a)]
-        argv = argv[: i + 1] + [a for a in argv[i + 1:] if not OVERRIDE.match(a)]
+        extra = [a for a in argv[i + 1 :] if OVERRIDE.match(a)]
+        argv = argv[: i + 1] + [a for a in argv[i + 1 :] if not OVERRIDE.match(a)]
     args = parser.parse_args(argv)
     if extra:
         args.overrides = list(args.overrides or []) + extra
@@ -422,6 +560,9 @@ def report_error(e: Exception, debug: bool = False) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     traceback.print_exception(e, file=sys.stderr)
-    print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (a bug in pdmer: please report it with the traceback above)",
-          file=sys.stderr)
+    print(
+        f"error: unexpected {type(e).__name__}: {_one_line(e)} "
+        "(a bug in pdmer: please report it with the traceback above)",
+        file=sys.stderr,
+    )
     return 1

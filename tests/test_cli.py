@@ -1,4 +1,5 @@
 """The command line: help lists the commands, bad input exits 2 with one `error:` line naming it."""
+
 import json
 import os
 import re
@@ -17,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "run.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "run.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     for cmd in ("train", "evaluate"):
         assert cmd in out
 
@@ -44,11 +47,18 @@ def test_overrides_without_experiment_apply_to_the_default(capsys):
 def test_overrides_may_stand_anywhere_after_the_command():
     from pdmer.cli import parse
 
-    for argv in (["reproduce", "exp", "a.b=1", "c=2", "--resume", "--seeds", "0", "1"],
-                 ["reproduce", "exp", "--seeds", "0", "1", "--resume", "a.b=1", "c=2"],
-                 ["reproduce", "exp", "--resume", "a.b=1", "--seeds", "0", "1", "c=2"]):
+    for argv in (
+        ["reproduce", "exp", "a.b=1", "c=2", "--resume", "--seeds", "0", "1"],
+        ["reproduce", "exp", "--seeds", "0", "1", "--resume", "a.b=1", "c=2"],
+        ["reproduce", "exp", "--resume", "a.b=1", "--seeds", "0", "1", "c=2"],
+    ):
         args = parse(argv)
-        assert (args.experiment, args.overrides, args.seeds, args.resume) == ("exp", ["a.b=1", "c=2"], ["0", "1"], True), argv
+        assert (args.experiment, args.overrides, args.seeds, args.resume) == (
+            "exp",
+            ["a.b=1", "c=2"],
+            ["0", "1"],
+            True,
+        ), argv
     args = parse(["train", "--resume", "meta.inner_lr=0.1"])
     assert (args.experiment, args.overrides) == ("pdmer.synthetic.dsaml", ["meta.inner_lr=0.1"])
     args = parse(["predict", "a=b.wav"])  # not a command with overrides: a song path stays a path
@@ -143,15 +153,28 @@ def fake_unfinished_run(tmp_path) -> Path:
 
 def _calibrate(tmp: Path, *extra: str, audio: Path | None = None, ratings: Path = EXAMPLE) -> list[str]:
     audio = audio or wav(tmp / "clip_000.wav")
-    return ["calibrate", "--name", "zoe", "--audio", str(audio), "--ratings", str(ratings),
-            "--annotators", str(tmp / "ann"), *extra]
+    return [
+        "calibrate",
+        "--name",
+        "zoe",
+        "--audio",
+        str(audio),
+        "--ratings",
+        str(ratings),
+        "--annotators",
+        str(tmp / "ann"),
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--inner-lr", "-1"], r"--inner-lr \(= meta\.inner_lr\)=-1\.0 is refused: it must be a finite number > 0"),
-    (["--inner-lr", "nan"], r"--inner-lr \(= meta\.inner_lr\)=nan is refused"),
-    (["--inner-steps", "0"], r"--inner-steps \(= meta\.inner_steps\)=0 is refused: it must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--inner-lr", "-1"], r"--inner-lr \(= meta\.inner_lr\)=-1\.0 is refused: it must be a finite number > 0"),
+        (["--inner-lr", "nan"], r"--inner-lr \(= meta\.inner_lr\)=nan is refused"),
+        (["--inner-steps", "0"], r"--inner-steps \(= meta\.inner_steps\)=0 is refused: it must be an integer >= 1"),
+    ],
+)
 def test_bad_calibrate_settings_are_one_error_line(tmp_path, capsys, extra, expected):
     assert main(_calibrate(tmp_path, *extra)) == 2
     assert re.search(expected, one_error(capsys.readouterr().err))
@@ -162,7 +185,19 @@ def test_a_run_still_training_is_refused_as_model(tmp_path, capsys, fake_unfinis
     assert main(_calibrate(tmp_path, "--model", str(fake_unfinished_run))) == 2
     line = one_error(capsys.readouterr().err)
     assert "has not finished training (no results.json)" in line and f"being trained by process {os.getpid()}" in line
-    assert main(["predict", str(wav(tmp_path / "song.wav")), "--model", str(fake_unfinished_run), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(wav(tmp_path / "song.wav")),
+                "--model",
+                str(fake_unfinished_run),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "has not finished training" in one_error(capsys.readouterr().err)
 
 
@@ -192,8 +227,11 @@ def test_ratings_on_another_scale_get_a_hint(tmp_path, capsys):
     assert main(_calibrate(tmp_path, ratings=r)) == 2
     err = capsys.readouterr().err
     line = one_error(err)
-    assert re.search(r"values lie outside \[-1, 1\] \(valence 1 to 9, arousal 1 to 9; first on line 2: .*look like a "
-                     r"1-9 scale: rescale them with x' = \(x - 5\) / 4", line), line
+    assert re.search(
+        r"values lie outside \[-1, 1\] \(valence 1 to 9, arousal 1 to 9; first on line 2: .*look like a "
+        r"1-9 scale: rescale them with x' = \(x - 5\) / 4",
+        line,
+    ), line
     assert len(err.splitlines()) < 5  # one problem, not one per line of the file
 
 
