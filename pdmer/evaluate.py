@@ -115,10 +115,23 @@ def predict_curve(model, feats, curve: Curve, seq_len: int, hop: int, params: Pa
     return predict_steps(model, feats, curve.start_step, curve.end_step, seq_len, hop, params)
 
 
-def choose_support(curves: list[Curve], k: int, seed: int, listener: str) -> list[int]:
-    """Indices of the support curves of a listener: fixed by (seed, listener id)."""
-    rng = np.random.default_rng([seed, zlib.crc32(listener.encode())])
-    return sorted(rng.choice(len(curves), size=k, replace=False).tolist())
+def choose_support(curves: list[Curve], k: int, seed: int, listener: str, draw: int = 0) -> list[int] | None:
+    """Indices of the support curves of a listener: fixed by (seed, listener id, draw).
+
+    Draw 0 is the evaluation protocol's support. Draws 1, 2, ... (the safe rule's choice on
+    validation listeners, :func:`pdmer.train.rule_parts`) take ``k`` curves not used by an
+    earlier draw; None when too few are left.
+    """
+    key = [seed, zlib.crc32(listener.encode())]
+    used: set[int] = set()
+    for j in range(draw + 1):
+        rng = np.random.default_rng(key if j == 0 else key + [j])
+        free = [i for i in range(len(curves)) if i not in used]
+        if len(free) < k:
+            return None
+        pick = sorted(int(free[i]) for i in rng.choice(len(free), size=k, replace=False))
+        used.update(pick)
+    return pick
 
 
 def support_batch(curves: list[Curve], features: dict, seq_len: int, device) -> list[tuple]:
@@ -158,6 +171,7 @@ class Adaptation:
         seed: fixes each listener's support songs (``train.seed``).
         min_query_steps: the within-song protocol skips curves that leave fewer query steps.
         check: run the safe rule's held-out check (a second adaptation on the support's first part).
+        draw: which support draw of the listener (:func:`choose_support`; 0 = the protocol's).
     """
 
     loss_fn: Callable
@@ -169,6 +183,7 @@ class Adaptation:
     seed: int = 0
     min_query_steps: int = 2
     check: bool = True
+    draw: int = 0
 
 
 def _support_parts(model, features: dict, support: list[Curve], how: Adaptation) -> tuple[Params, Support, Check | None]:
@@ -213,7 +228,9 @@ def evaluate_listener(
     listener's train-song curves) and only ``queries`` (their val / test songs) are scored.
     The safe rule's condition ("personalized") is filled in by :func:`apply_weights`.
     """
-    idx = choose_support(curves, how.support_songs, how.seed, listener)
+    idx = choose_support(curves, how.support_songs, how.seed, listener, how.draw)
+    if idx is None:
+        raise ValueError(f"listener {listener}: too few curves for support draw {how.draw}")
     support = [curves[i] for i in idx]
     if queries is None:
         queries = [c for i, c in enumerate(curves) if i not in idx]
@@ -222,7 +239,7 @@ def evaluate_listener(
     offset = stats.offset.astype(np.float32)  # the offset condition's shift: mean support error of the generic model
     result = ListenerResult(listener, [c.song_id for c in support], {c: {} for c in CONDITIONS},
                             {c: {} for c in (*CONDITIONS, "ratings")})
-    part = Parts(stats, check, {})
+    part = Parts(stats, check, {}, listener)
     for q in queries:
         part.queries[q.song_id] = _score_query(model, dataset, features, listener, q, params, how, result, keep_curves,
                                                offset, references)
@@ -259,7 +276,7 @@ def evaluate_within_song(
         query = Curve(c.song_id, c.annotator_id, c.start_step + seq_len, c.values[seq_len:])
         params, stats, check = _support_parts(model, features, [support], how)
         offset = stats.offset.astype(np.float32)
-        part = Parts(stats, check, {})
+        part = Parts(stats, check, {}, listener)
         part.queries[query.song_id] = _score_query(model, dataset, features, listener, query, params, how, result,
                                                    keep_curves, offset, references)
         result.parts.append(part)

@@ -26,7 +26,7 @@ from pdmer.data.loading import MIN_QUERY_STEPS, load_dataset, make_splits, role_
 from pdmer.data.types import Curve, DataError, Dataset
 from pdmer.evaluate import (Adaptation, ListenerResult, apply_weights, evaluate_listener, evaluate_within_song, format_table,
                             paired_gains, plot_listener, summarize)
-from pdmer.personalize import COMPONENTS, Weights, choose_weights
+from pdmer.personalize import COMPONENTS, RULE_DRAWS, Parts, Weights, choose_weights
 from pdmer.references import References
 from pdmer.meta.maml import attach_inner_lrs, call, meta_step, meta_step_batched, split_state, unrolled_lstm
 from pdmer.data.check import fit_to_audio
@@ -233,7 +233,8 @@ def references(ctx: Context) -> References:
 
 
 def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None = None, keep_curves: bool = False,
-                   weights: Weights | None = None, protocol: str | None = None) -> tuple[dict, list[ListenerResult]]:
+                   weights: Weights | None = None, protocol: str | None = None, draw: int = 0
+                   ) -> tuple[dict, list[ListenerResult]]:
     """Score every listener of ``split`` (at most ``limit``); see :mod:`pdmer.evaluate`.
 
     Listener split: each listener's support song(s) and queries are among all their songs.
@@ -244,13 +245,16 @@ def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None
     ``weights``: the safe rule's population weights for the ``personalized`` condition; None
     chooses them on these same listeners (:func:`pdmer.personalize.choose_weights`; in-sample, for
     the checkpoint selection during training).
+
+    ``draw`` (songs protocol): which support draw of each listener (:func:`pdmer.evaluate.choose_support`;
+    0 = the protocol's); listeners who rated too few songs for it are left out.
     """
     cfg = ctx.cfg
     protocol = protocol or (cfg.eval.protocol if split == "test" else "songs")
     listeners = ctx.splits[split][:limit] if limit else ctx.splits[split]
     pools = role_curves(ctx.dataset, listeners, ctx.songs, split)
     how = Adaptation(make_loss_fn(cfg), cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.train.seq_len, cfg.eval.hop,
-                     cfg.eval.support_songs, cfg.train.seed, MIN_QUERY_STEPS, cfg.eval.safe_check)
+                     cfg.eval.support_songs, cfg.train.seed, MIN_QUERY_STEPS, cfg.eval.safe_check, draw)
     refs = references(ctx)
     k, results = cfg.eval.support_songs, []
     for a in listeners:
@@ -260,7 +264,7 @@ def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None
                                      keep_curves, refs)
             if r is not None:
                 results.append(r)
-        elif (len(pool) > k) if queries is None else (len(pool) >= k and queries):
+        elif (len(pool) > k and len(pool) >= k * (draw + 1)) if queries is None else (len(pool) >= k * (draw + 1) and queries):
             results.append(evaluate_listener(model, ctx.dataset, ctx.features, a, pool, how, keep_curves, queries, refs))
     if not results:
         raise DataError(f"no {split} listener can be scored (split {ctx.split_record()['kind']}, protocol {protocol})")
@@ -271,8 +275,16 @@ def evaluate_split(model: nn.Module, ctx: Context, split: str, limit: int | None
     return summarize(results), results
 
 
-def choose_rule(model: nn.Module, ctx: Context) -> tuple[Weights, dict]:
-    """The safe rule's population weights, chosen on every validation listener under the test protocol."""
+def rule_parts(model: nn.Module, ctx: Context) -> tuple[list[Parts], str]:
+    """What the safe rule is chosen on: every validation listener under the test protocol.
+
+    Songs protocol: each listener is scored with up to ``RULE_DRAWS`` different support songs in
+    turn (the protocol's draw first), so that their vote does not hang on one song's luck; the
+    choice averages a listener's draws (:func:`pdmer.personalize.by_listener`).
+
+    Returns:
+        (parts, what they are, for the report).
+    """
     protocol = ctx.cfg.eval.protocol
     try:
         _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol=protocol)
@@ -282,9 +294,25 @@ def choose_rule(model: nn.Module, ctx: Context) -> tuple[Weights, dict]:
         log.warning("safe personalization: %s; the weights are chosen under the songs protocol instead", e)
         protocol = f"songs (no validation listener can be scored {protocol})"
         _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol="songs")
+    listeners = len(results)
     parts = [p for r in results for p in r.parts]
-    weights, report = choose_weights(parts, f"{len(results)} validation listeners, protocol {protocol}",
-                                     use_gate=ctx.cfg.eval.safe_check)
+    draws = 1
+    if protocol == "songs":
+        for draw in range(1, RULE_DRAWS):
+            try:
+                _, more = evaluate_split(model, ctx, "val", weights=Weights(), protocol="songs", draw=draw)
+            except DataError:  # no validation listener rated enough songs for another draw
+                break
+            parts += [p for r in more for p in r.parts]
+            draws += 1
+    what = f"{listeners} validation listeners, protocol {protocol}"
+    return parts, what + (f", up to {draws} support draws each ({len(parts)} in all)" if draws > 1 else "")
+
+
+def choose_rule(model: nn.Module, ctx: Context) -> tuple[Weights, dict]:
+    """The safe rule's population weights, chosen on every validation listener under the test protocol."""
+    parts, what = rule_parts(model, ctx)
+    weights, report = choose_weights(parts, what, use_gate=ctx.cfg.eval.safe_check)
     log.info("safe personalization: weights %s (%s)", {k: getattr(weights, k) for k in COMPONENTS}, weights.chosen_on)
     return weights, report
 

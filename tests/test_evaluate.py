@@ -140,3 +140,14 @@ def test_offset_condition_shifts_generic_by_mean_support_error():
     np.testing.assert_allclose(r.curves["offset"]["s2"], generic + shift, rtol=1e-5, atol=1e-5)
     assert r.per_song["offset"]["s2"] == pytest.approx(song_metrics(generic + shift, qry.values))
     assert set(r.per_song["generic"]) == set(r.per_song["maml"]) == {"s2"}
+
+
+def test_support_draws_are_distinct_and_draw_0_is_the_protocols():
+    from pdmer.data.types import Curve
+
+    curves = [Curve(f"s{i}", "L001", 0, np.zeros((10, 2), np.float32)) for i in range(7)]
+    first = choose_support(curves, 2, 0, "L001")
+    assert choose_support(curves, 2, 0, "L001", draw=0) == first
+    draws = [choose_support(curves, 2, 0, "L001", draw=j) for j in range(3)]
+    assert len({i for d in draws for i in d}) == 6  # no song is a support twice
+    assert choose_support(curves, 2, 0, "L001", draw=3) is None  # one song left: not enough for a draw

@@ -158,3 +158,52 @@ def test_where_levels_carry_over_the_rule_is_at_least_as_good_as_the_offset_shif
         assert chosen["ccc_gain"] - chosen["rmse_change"] >= ccc - rmse - 1e-12
         assert chosen["rmse_change"] <= rmse + 0.01
     assert "with_check" in report or "without_check" in report  # both were tried
+
+
+def maml_population(n: int, rmse_shift: float, seed: int = 0, copies: int = 1) -> list[Parts]:
+    """Listeners whose adapted curve moves toward their query ratings by a fixed share (a CCC gain),
+    plus a level error of random sign whose mean is ``rmse_shift`` (RMSE then changes by about that)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        g = generic_curve(80, i)
+        bend = 0.3 * np.stack([np.sin(np.arange(80) / 3 + i), np.cos(np.arange(80) / 4 + i)], 1)  # what the generic misses
+        y = g + bend + rng.normal(0, 0.05, g.shape)
+        err = rmse_shift + rng.normal(0, 0.02)
+        a = g + 0.5 * bend + err
+        for _ in range(copies):
+            out.append(Parts(Support(np.zeros(2), np.ones(2)), None, {"q": (y, g, a)}, f"L{i}"))
+    return out
+
+
+def test_choice_takes_a_gain_that_leaves_rmse_unchanged():
+    """Non-inferiority: a component whose RMSE change is about zero is not turned away for it."""
+    w, report = choose_weights(maml_population(40, rmse_shift=0.0), use_gate=False)
+    assert min(w.maml) > 0
+    assert report["arousal"]["ccc_gain"] > 0
+
+
+def test_choice_refuses_a_gain_that_costs_rmse():
+    w, _ = choose_weights(maml_population(40, rmse_shift=0.3, seed=1), use_gate=False)
+    assert max(w.maml) < 1.0  # the full adaptation's level error costs more RMSE than the margin allows
+    for d in range(2):
+        parts = maml_population(40, rmse_shift=0.3, seed=1)
+        from pdmer.personalize import _dim_scores
+
+        assert _dim_scores(parts, d, w.of(d), False, {})[:, 1].mean() <= 1e-9
+
+
+def test_a_listener_counts_once_however_many_parts():
+    """Copies of one listener's part are one vote: 2 listeners x 50 copies are not 100 listeners."""
+    from pdmer.personalize import by_listener
+
+    ch = np.arange(12, dtype=float).reshape(6, 2)
+    np.testing.assert_allclose(by_listener(ch, ["a", "b", "a", "", "b", ""]),
+                               [[2, 3], [5, 6], [6, 7], [10, 11]])
+    for n, shift in ((3, 0.05), (3, 0.0), (12, 0.1)):
+        few, r_few = choose_weights(maml_population(n, rmse_shift=shift, seed=n), use_gate=False)
+        many, r_many = choose_weights(maml_population(n, rmse_shift=shift, seed=n, copies=20), use_gate=False)
+        assert few == many  # copies change neither the means nor the test
+        assert r_few["listeners"] == r_many["listeners"] == n
+        for label in ("arousal", "valence"):
+            assert r_few[label]["ccc_gain"] == pytest.approx(r_many[label]["ccc_gain"], abs=1e-12)
