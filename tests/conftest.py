@@ -1,9 +1,15 @@
-"""Shared fixtures: tiny overrides that make any experiment run in seconds."""
+"""Shared fixtures: tiny overrides that make any experiment run in seconds; a training process killed mid-run."""
+
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
 def tiny_overrides(tmp: Path, tag: str) -> list[str]:
@@ -40,3 +46,52 @@ def tiny_overrides(tmp: Path, tag: str) -> list[str]:
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pdmer")
+
+
+def kill_after_saved_state(
+    cmd: list[str], state: Path, iteration: int, env: dict, with_descendants: bool = False, timeout_s: float = 300
+) -> int:
+    """Start a training process, wait until its saved training state reaches ``iteration``, SIGKILL it.
+
+    Args:
+        cmd: the training command (run in the repository root).
+        state: the run's training-state file (``<run>/`` + ``pdmer.train.STATE_FILE``).
+        iteration: kill once the saved state is at this iteration or later.
+        env: the process environment.
+        with_descendants: kill its descendants first (torchrun starts the ranks in sessions of their own).
+        timeout_s: how long to wait for the state.
+
+    Returns:
+        The iteration of the saved state the killed process left.
+    """
+    from pdmer.checkpoint import read_meta
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and read_meta(state).get("iteration", 0) >= iteration:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    for pid in [*(descendants(proc.pid) if with_descendants else []), proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    return read_meta(state)["iteration"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), deepest last."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        p0 = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == p0]
+        out += kids
+        todo += kids
+    return out

@@ -127,6 +127,7 @@ def test_decomposed_norms_equal_the_fused_ones():
     torch.testing.assert_close(bn.running_mean, stats)  # frozen: the batched path leaves them alone
 
 
+@pytest.mark.slow
 def test_training_with_batched_tasks_and_bf16_runs_end_to_end(session_tmp):
     """meta.batch_tasks (in chunks) and train.precision=bf16 train, validate and score a tiny run."""
     from conftest import tiny_overrides

@@ -251,6 +251,7 @@ def test_a_huge_ratings_file_is_refused(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rerunning_an_interrupted_run_without_resume_is_refused(tmp_path, capsys, caplog):
     import logging
 

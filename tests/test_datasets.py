@@ -3,8 +3,10 @@
 Fixtures are written in exactly the publishers' layouts (``official_layouts.py``), with real
 audio, and broken on purpose: NaN, out-of-range values, a missing sample column (misaligned
 times), a rater with only arousal, an unreadable file, a file shorter than its labels, a
-96 kHz stereo file (generic layout; MP3 stops at 48 kHz). Each gives the intended data or the intended error, naming the file.
+96 kHz stereo file (generic layout; MP3 stops at 48 kHz). Each gives the intended data or the
+intended error, naming the file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,10 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import SHARED_DATA, tiny_overrides
-from official_layouts import (CLIP_IDS, SR, TEST_IDS, deam_fixture, deam_overrides, pmemo_fixture, pmemo_overrides,
-                              song_audio, write_deam)
+from official_layouts import (
+    CLIP_IDS,
+    SR,
+    TEST_IDS,
+    deam_fixture,
+    deam_overrides,
+    pmemo_fixture,
+    pmemo_overrides,
+    song_audio,
+    write_deam,
+)
+
 from pdmer.cli import main
 from pdmer.config import ConfigError, DeamConfig, FeatureConfig, config_hash, load_config
 from pdmer.data.check import alignment_problems, check_data, fit_to_audio
@@ -45,7 +56,7 @@ def rewrite_cell(path: Path, line: int, col: int, value: str) -> None:
 def drop_column(path: Path, col: int) -> None:
     rows = list(csv.reader(open(path, newline="")))
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([r[:col] + r[col + 1:] for r in rows])
+        csv.writer(f).writerows([r[:col] + r[col + 1 :] for r in rows])
 
 
 def data_check(capsys, *args) -> tuple[int, str]:
@@ -76,10 +87,13 @@ def test_source_choices_and_hash_of_unused_options():
         load_config(None, ["data.pmemo.scale=percent"])
     base = load_config("pdmer.synthetic.dsaml")
     # options of a source that is not used cannot change a result, nor the run folder
-    assert config_hash(base) == config_hash(load_config("pdmer.synthetic.dsaml", ["data.deam.min_songs_per_listener=3",
-                                                                                 "data.pmemo.scale=deam"]))
+    assert config_hash(base) == config_hash(
+        load_config("pdmer.synthetic.dsaml", ["data.deam.min_songs_per_listener=3", "data.pmemo.scale=deam"])
+    )
     deam = load_config("pdmer.synthetic.dsaml", ["data.source=deam"])
-    assert config_hash(deam) != config_hash(load_config("pdmer.synthetic.dsaml", ["data.source=deam", "data.deam.flat_mad=null"]))
+    assert config_hash(deam) != config_hash(
+        load_config("pdmer.synthetic.dsaml", ["data.source=deam", "data.deam.flat_mad=null"])
+    )
     assert config_hash(base) != config_hash(load_config("pdmer.synthetic.dsaml", ["data.split.kind=song"]))
 
 
@@ -93,7 +107,9 @@ def test_load_dataset_deam_and_pmemo_from_config(session_tmp):
     assert ds.scale == "deam" and ds.info["options"]["min_songs_per_listener"] == 3
     assert sorted(ds.info["split"]["test"]) == list(TEST_IDS) and len(ds.info["split"]["train"]) == len(CLIP_IDS)
     assert {c.annotator_id for c in ds.curves} == {"W1", "W2", "W3", "W4"}  # W5 (arousal only) and W6 (flat) left out
-    assert any(r["reason"] == "rater gave arousal but no valence" and r["annotator_id"] == "W5" for r in ds.info["dropped"])
+    assert any(
+        r["reason"] == "rater gave arousal but no valence" and r["annotator_id"] == "W5" for r in ds.info["dropped"]
+    )
     assert ds.songs["1001"].path == root / AUDIO_DIR / "1001.mp3"
     clip = next(c for c in ds.curves if c.song_id == "1001")
     assert clip.start_step == 30 and clip.n_steps == 20  # cut to 15-25 s
@@ -101,7 +117,9 @@ def test_load_dataset_deam_and_pmemo_from_config(session_tmp):
 
     proot = pmemo_fixture(session_tmp)
     for scale, name, lo in (("native", "unit", 0.0), ("deam", "deam", -1.0)):
-        p = load_dataset(cfg_for(session_tmp, "x", "data.source=pmemo", f"data.root={proot}", f"data.pmemo.scale={scale}").data)
+        p = load_dataset(
+            cfg_for(session_tmp, "x", "data.source=pmemo", f"data.root={proot}", f"data.pmemo.scale={scale}").data
+        )
         assert p.scale == name and all(c.annotator_id == "consensus" and c.start_step == 31 for c in p.curves)
         v = np.concatenate([c.values for c in p.curves])
         assert v.min() >= lo and v.max() <= 1.0 and (scale == "native" or v.min() < 0)
@@ -144,8 +162,14 @@ def test_song_split_deam_uses_the_official_test_songs(session_tmp):
     # the within-song protocol needs test curves longer than the support: 40 steps cannot give 60 + 2
     with pytest.raises(DataError, match="no test listener"):
         make_splits(ds, cfg.data, 1, "within_song", 60)
-    listener_split, none = make_splits(ds, load_config(None, ["data.split.val_listeners=1", "data.split.test_listeners=1"]).data)
-    assert none is None and len(listener_split["test"]) == 1 and not set(listener_split["train"]) & set(listener_split["test"])
+    listener_split, none = make_splits(
+        ds, load_config(None, ["data.split.val_listeners=1", "data.split.test_listeners=1"]).data
+    )
+    assert (
+        none is None
+        and len(listener_split["test"]) == 1
+        and not set(listener_split["train"]) & set(listener_split["test"])
+    )
 
 
 def test_song_split_without_official_test_songs(tmp_path):
@@ -178,13 +202,17 @@ def broken_deam(session_tmp: Path, tmp_path: Path, labels: bool, audio: bool) ->
     if audio:
         (root / AUDIO_DIR / "1006.mp3").write_bytes(b"ID3 this is not audio" * 50)  # unreadable
         sf.write(root / AUDIO_DIR / "1002.mp3", song_audio(20.0, 1), SR)  # labels run to 25 s
-        sf.write(root / AUDIO_DIR / "1001.mp3", song_audio(25.1, 0, sr=48000, channels=2), 48000)  # fine (MP3 stops at 48 kHz)
+        sf.write(
+            root / AUDIO_DIR / "1001.mp3", song_audio(25.1, 0, sr=48000, channels=2), 48000
+        )  # fine (MP3 stops at 48 kHz)
     return root
 
 
 def test_data_check_deam_fixture(session_tmp, capsys):
     root = deam_fixture(session_tmp)
-    rc, out = data_check(capsys, "--format", "deam", root, *deam_overrides(root)[1:3], "data.deam.min_songs_per_listener=3")
+    rc, out = data_check(
+        capsys, "--format", "deam", root, *deam_overrides(root)[1:3], "data.deam.min_songs_per_listener=3"
+    )
     assert rc == 0, out
     assert "8 (6 train, 2 test)" in out and "4 (32 listener curves; 8 averaged curves)" in out
     assert "rater gave arousal but no valence" in out and "listener W5" in out  # reported, not zero-filled
@@ -212,7 +240,13 @@ def test_data_check_lists_every_problem_and_train_refuses_with_the_same(session_
 
     # train refuses the same labels with the same messages, before any training
     runs = tmp_path / "runs"
-    argv = ["train", "pdmer.deam.dsaml", *tiny_overrides(session_tmp, "broken"), *deam_overrides(root), f"runtime.out_dir={runs}"]
+    argv = [
+        "train",
+        "pdmer.deam.dsaml",
+        *tiny_overrides(session_tmp, "broken"),
+        *deam_overrides(root),
+        f"runtime.out_dir={runs}",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert all(line in err for line in expected[:3])
@@ -220,7 +254,13 @@ def test_data_check_lists_every_problem_and_train_refuses_with_the_same(session_
 
     # with the labels fixed, train refuses the audio, naming each file, with the check's messages
     root2 = broken_deam(session_tmp, tmp_path / "audio_only", labels=False, audio=True)
-    argv = ["train", "pdmer.deam.dsaml", *tiny_overrides(session_tmp, "broken"), *deam_overrides(root2), f"runtime.out_dir={runs}"]
+    argv = [
+        "train",
+        "pdmer.deam.dsaml",
+        *tiny_overrides(session_tmp, "broken"),
+        *deam_overrides(root2),
+        f"runtime.out_dir={runs}",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     rc, out = data_check(capsys, "--format", "deam", root2, *opts)
@@ -256,7 +296,9 @@ def test_data_check_generic_problems(tmp_path, capsys):
     (root / "audio").mkdir(parents=True)
     sf.write(root / "audio" / "a.wav", song_audio(5.0, 1), SR)
     with open(root / "ratings.csv", "w") as f:
-        f.write("song_id,annotator_id,time_s,valence,arousal\na,me,0,0.1,0.2\na,me,1,nan,0.2\na,me,2,0.1,3\nb,me,0,0,0\nb,me,1,0,0\n")
+        f.write(
+            "song_id,annotator_id,time_s,valence,arousal\na,me,0,0.1,0.2\na,me,1,nan,0.2\na,me,2,0.1,3\nb,me,0,0,0\nb,me,1,0,0\n"
+        )
     rc, out = data_check(capsys, "--format", "generic", root)
     assert rc == 1
     assert "ratings.csv line 3 (song 'a', annotator 'me'): valence='nan' is not finite" in out
@@ -279,7 +321,10 @@ def test_data_check_real_deam_annotations(tmp_path, capsys):
     assert "7 x read/trimmed" in out and "1802 of 1802 file(s) missing" in out
     rc, out = data_check(capsys, "--format", "deam", tmp_path / "DEAM", "--audio", "header")
     assert rc == 1 and "every audio file is missing" in out
-    assert f"{tmp_path / 'DEAM' / AUDIO_DIR / '2.mp3'}: audio file not found (song '2')" in out and "PROBLEMS (1802)" in out
+    assert (
+        f"{tmp_path / 'DEAM' / AUDIO_DIR / '2.mp3'}: audio file not found (song '2')" in out
+        and "PROBLEMS (1802)" in out
+    )
 
 
 def test_data_check_tiny_benchmark(session_tmp, capsys):
@@ -318,18 +363,32 @@ def write_generic(root: Path, short: bool = False) -> Path:
             for k in range(4):
                 v = 0.5 * np.sin(0.4 * t + j + k)
                 a = 0.5 * np.cos(0.3 * t * (1 + 0.1 * j) + k)
-                w.writerows([[f"s{k}", f"L{j}", f"{x:g}", round(y, 4), round(z, 4)] for x, y, z in zip(t, v, a)])
+                w.writerows(
+                    [[f"s{k}", f"L{j}", f"{x:g}", round(y, 4), round(z, 4)] for x, y, z in zip(t, v, a, strict=False)]
+                )
     return root
 
 
-GENERIC = ["data.source=generic", "data.split.val_listeners=1", "data.split.test_listeners=1", "train.seq_len=20", "eval.hop=10"]
+GENERIC = [
+    "data.source=generic",
+    "data.split.val_listeners=1",
+    "data.split.test_listeners=1",
+    "train.seq_len=20",
+    "eval.hop=10",
+]
 
 
 def test_generic_with_96k_stereo_trains_and_too_short_is_refused(session_tmp, tmp_path, capsys):
     root = write_generic(tmp_path / "mine")
     runs = tmp_path / "runs"
-    argv = ["train", "pdmer.synthetic.dsaml", *tiny_overrides(session_tmp, "generic"), *GENERIC, f"data.root={root}",
-            f"runtime.out_dir={runs}"]
+    argv = [
+        "train",
+        "pdmer.synthetic.dsaml",
+        *tiny_overrides(session_tmp, "generic"),
+        *GENERIC,
+        f"data.root={root}",
+        f"runtime.out_dir={runs}",
+    ]
     assert main(argv) == 0
     (run,) = runs.iterdir()
     res = json.loads((run / "results.json").read_text())
@@ -340,8 +399,14 @@ def test_generic_with_96k_stereo_trains_and_too_short_is_refused(session_tmp, tm
     line = f"{bad / 'audio' / 's3.wav'}: audio is 15.0 s (30 steps of 0.5 s) but song 's3' is rated until 25.0 s"
     rc, out = data_check(capsys, "--format", "generic", bad)
     assert rc == 1 and line in out
-    argv = ["train", "pdmer.synthetic.dsaml", *tiny_overrides(session_tmp, "generic"), *GENERIC, f"data.root={bad}",
-            f"runtime.out_dir={tmp_path / 'runs2'}"]
+    argv = [
+        "train",
+        "pdmer.synthetic.dsaml",
+        *tiny_overrides(session_tmp, "generic"),
+        *GENERIC,
+        f"data.root={bad}",
+        f"runtime.out_dir={tmp_path / 'runs2'}",
+    ]
     assert main(argv) == 2
     assert line in capsys.readouterr().err and not (tmp_path / "runs2").exists()
 
@@ -350,27 +415,36 @@ def test_check_alignment_names_the_file(tmp_path):
     class F:
         n_steps = 50
 
-    curves = [Curve("s", "L1", 30, np.zeros((30, 2))), Curve("s", "L2", 30, np.zeros((10, 2))), Curve("t", "L1", 0, np.zeros((5, 2)))]
+    curves = [
+        Curve("s", "L1", 30, np.zeros((30, 2))),
+        Curve("s", "L2", 30, np.zeros((10, 2))),
+        Curve("t", "L1", 0, np.zeros((5, 2))),
+    ]
     songs = {"s": Song("s", tmp_path / "audio" / "s.mp3"), "t": Song("t", tmp_path / "audio" / "t.mp3")}
     with pytest.raises(DataError) as e:
         check_alignment(curves, {"s": F()}, songs)
     msg = str(e.value)
-    assert f"{tmp_path / 'audio' / 's.mp3'}: audio is 25.0 s (50 steps of 0.5 s) but song 's' is rated until 30.0 s" in msg
+    assert (
+        f"{tmp_path / 'audio' / 's.mp3'}: audio is 25.0 s (50 steps of 0.5 s) but song 's' is rated until 30.0 s" in msg
+    )
     assert f"{tmp_path / 'audio' / 't.mp3'}: no audio features" in msg
     assert alignment_problems(curves[1:2], {"s": 50}, songs) == []
 
 
 def test_fit_to_audio_cuts_only_a_last_step_the_audio_ends_in(tmp_path):
     songs = {"s": Song("s", tmp_path / "s.wav")}
-    fits, ends_inside, one_step, too_long = (Curve("s", a, 30, np.ones((n, 2))) for a, n in
-                                             (("A", 20), ("B", 21), ("C", 1), ("D", 22)))
+    fits, ends_inside, one_step, too_long = (
+        Curve("s", a, 30, np.ones((n, 2))) for a, n in (("A", 20), ("B", 21), ("C", 1), ("D", 22))
+    )
     one_step.start_step = 50
     fitted, records, problems = fit_to_audio([fits, ends_inside, one_step, too_long], {"s": 50}, songs)
     assert [(c.annotator_id, c.end_step) for c in fitted] == [("A", 50), ("B", 50), ("D", 52)]
     assert [(r["annotator_id"], r["action"]) for r in records] == [("B", "trimmed"), ("C", "dropped")]
     assert records[0]["reason"] == "the audio ends inside the last labelled step [25, 25.5) s: that step is cut"
-    assert problems == [f"{tmp_path / 's.wav'}: audio is 25.0 s (50 steps of 0.5 s) but song 's' is rated until 26.0 s "
-                        "(annotator 'D'): the audio is shorter than its labels"]
+    assert problems == [
+        f"{tmp_path / 's.wav'}: audio is 25.0 s (50 steps of 0.5 s) but song 's' is rated until 26.0 s "
+        "(annotator 'D'): the audio is shorter than its labels"
+    ]
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -393,14 +467,25 @@ def test_deam_and_pmemo_train_from_the_cli(session_tmp, capsys):
         assert set(r["generic"]) <= set(TEST_IDS)
 
     pm = pmemo_fixture(session_tmp)
-    argv = ["train", "dmer.pmemo.dsaml", *tiny_overrides(session_tmp, "dmer.pmemo.dsaml"), *pmemo_overrides(pm),
-            "data.pmemo.scale=deam"]
+    argv = [
+        "train",
+        "dmer.pmemo.dsaml",
+        *tiny_overrides(session_tmp, "dmer.pmemo.dsaml"),
+        *pmemo_overrides(pm),
+        "data.pmemo.scale=deam",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     run = Path(out.split("run folder: ")[1].split()[0])
     res = json.loads((run / "results.json").read_text())
     assert res["label_scale"] == "deam" and "labels on the deam scale" in (run / "results.md").read_text()
-    assert set(res["test"]) == {"generic", "personalized", "maml", "offset", "ridge"}  # PMEmo's "listener" is the consensus itself
+    assert set(res["test"]) == {
+        "generic",
+        "personalized",
+        "maml",
+        "offset",
+        "ridge",
+    }  # PMEmo's "listener" is the consensus itself
 
 
 # --------------------------------------------------------------------------------------------- real PMEmo
@@ -413,7 +498,10 @@ def test_real_pmemo_samples_decode_and_align(tmp_path, session_tmp, capsys):
     root = tmp_path / "PMEmo2019"
     (root / "chorus").mkdir(parents=True)
     (root / DYNAMIC_FILE).parent.mkdir(parents=True)
-    dyn, stat = [["musicId", "frameTime", "Arousal(mean)", "Valence(mean)"]], [["musicId", "Arousal(mean)", "Valence(mean)"]]
+    dyn, stat = (
+        [["musicId", "frameTime", "Arousal(mean)", "Valence(mean)"]],
+        [["musicId", "Arousal(mean)", "Valence(mean)"]],
+    )
     last_t = {}
     for p in sorted(src.glob("*.json")):
         if not p.stem.isdigit():
@@ -421,7 +509,7 @@ def test_real_pmemo_samples_decode_and_align(tmp_path, session_tmp, capsys):
         d = json.loads(p.read_text())
         (root / "chorus" / f"{p.stem}.mp3").symlink_to((src / f"{p.stem}.mp3").resolve())
         t, a, v = d["dynamic"]["t"], d["dynamic"]["a"], d["dynamic"]["v"]
-        dyn += [[p.stem, x, y, z] for x, y, z in zip(t, a, v)]
+        dyn += [[p.stem, x, y, z] for x, y, z in zip(t, a, v, strict=False)]
         stat.append([p.stem, d["arousal_mean"], d["valence_mean"]])
         last_t[p.stem] = t[-1]
     for path, rows in ((root / DYNAMIC_FILE, dyn), (root / STATIC_FILE, stat)):
@@ -442,11 +530,18 @@ def test_real_pmemo_samples_decode_and_align(tmp_path, session_tmp, capsys):
         assert last_t[sid] <= len(wave) / SR < last_t[sid] + 0.5
     # ... so the step it labels is not whole: fitting the curves to the audio cuts that one step, and says so
     fitted, records, problems = fit_to_audio(ds.curves, {s: f.n_steps for s, f in feats.items()}, ds.songs)
-    assert problems == [] and len(records) == 4 and all(r["stage"] == "audio" and r["action"] == "trimmed" for r in records)
+    assert (
+        problems == []
+        and len(records) == 4
+        and all(r["stage"] == "audio" and r["action"] == "trimmed" for r in records)
+    )
     for c in fitted:
         assert c.end_step == feats[c.song_id].n_steps  # the features cover the labels exactly
         np.testing.assert_array_equal(c.values, ds.consensus[c.song_id].values[:-1])
     rc, out = data_check(capsys, "--format", "pmemo", root)
     assert rc == 0, out
     assert "4 of 4 file(s) read" in out and "min 60, median 64, max 90" in out
-    assert "4 x audio/trimmed, e.g. song 108, listener consensus" in out and "the audio ends inside the last labelled step [49, 49.5) s" in out
+    assert (
+        "4 x audio/trimmed, e.g. song 108, listener consensus" in out
+        and "the audio ends inside the last labelled step [49, 49.5) s" in out
+    )

@@ -1,4 +1,5 @@
 """DEAM readers on tiny fixtures written in the official layout, and on the real averaged files."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdmer.data.deam import (AUDIO_DIR, AVERAGED_DIR, RATERS_DIR, check_deam, load_deam, parse_sample_columns,
-                             read_deam_averaged, read_deam_raters)
+from pdmer.data.deam import (
+    AUDIO_DIR,
+    AVERAGED_DIR,
+    RATERS_DIR,
+    check_deam,
+    load_deam,
+    parse_sample_columns,
+    read_deam_averaged,
+    read_deam_raters,
+)
 from pdmer.data.types import DataError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -113,8 +122,7 @@ def test_curves_start_at_step_30_and_keep_label_order(deam_root):
 def test_rater_file_starting_later_keeps_its_offset(tmp_path):
     root = tmp_path / "DEAM"
     for label in ("arousal", "valence"):
-        write_csv(rater_path(root, label, "1500"), ["WorkerId"] + sample_columns(16000, 4),
-                  [["W", 0.1, 0.2, 0.3, 0.4]])
+        write_csv(rater_path(root, label, "1500"), ["WorkerId"] + sample_columns(16000, 4), [["W", 0.1, 0.2, 0.3, 0.4]])
     (c,) = read_deam_raters(root)
     assert (c.song_id, c.annotator_id, c.start_step, c.n_steps) == ("1500", "W", 32, 4)
 
@@ -126,9 +134,18 @@ def test_load_reports_every_filter(deam_root):
     ds = load_small(deam_root)
     assert ds.scale == "deam" and ds.name.startswith("deam:")
     pairs = {(c.song_id, c.annotator_id) for c in ds.curves}
-    assert pairs == {("1001", "A1"), ("1002", "A1"), ("1003", "A1"), ("2001", "A1"),
-                     ("1001", "A2"), ("1003", "A2"), ("2001", "A2"),
-                     ("1002", "A3"), ("1003", "A3"), ("2001", "A3")}
+    assert pairs == {
+        ("1001", "A1"),
+        ("1002", "A1"),
+        ("1003", "A1"),
+        ("2001", "A1"),
+        ("1001", "A2"),
+        ("1003", "A2"),
+        ("2001", "A2"),
+        ("1002", "A3"),
+        ("1003", "A3"),
+        ("2001", "A3"),
+    }
     dropped = ds.info["dropped"]
 
     # a rater with arousal only is reported, not zero-filled
@@ -207,7 +224,9 @@ def test_songs_consensus_and_audio_paths(deam_root):
 
 def test_arousal_and_valence_of_different_lengths_are_trimmed_and_reported(tmp_path):
     root = tmp_path / "DEAM"
-    write_csv(rater_path(root, "arousal", "1500"), ["WorkerId"] + sample_columns(15000, 5), [["W", 0.1, 0.2, 0.3, 0.4, 0.5]])
+    write_csv(
+        rater_path(root, "arousal", "1500"), ["WorkerId"] + sample_columns(15000, 5), [["W", 0.1, 0.2, 0.3, 0.4, 0.5]]
+    )
     write_csv(rater_path(root, "valence", "1500"), ["WorkerId"] + sample_columns(15000, 4), [["W", 0.1, 0.2, 0.3, 0.4]])
     dropped = []
     (c,) = read_deam_raters(root, dropped=dropped)
@@ -244,6 +263,7 @@ def rewrite(path: Path, edit) -> None:
 def set_cell(line: int, col: int, value: str):
     def edit(rows):
         rows[line - 1][col] = value
+
     return edit
 
 
@@ -251,24 +271,45 @@ def drop_column(col: int):
     def edit(rows):
         for r in rows:
             del r[col]
+
     return edit
 
 
 BAD_CASES = {
     # name: (file to edit, edit, expected message, line named)
-    "empty cell inside a curve": ("arousal/1002.csv", set_cell(2, 10, ""), r"missing value \(empty or NaN\) inside the curve "
-                                  r"at column\(s\) sample_19500ms", 2),
+    "empty cell inside a curve": (
+        "arousal/1002.csv",
+        set_cell(2, 10, ""),
+        r"missing value \(empty or NaN\) inside the curve "
+        r"at column\(s\) sample_19500ms",
+        2,
+    ),
     "NaN inside a curve": ("valence/1003.csv", set_cell(3, 5, "NaN"), r"missing value", 3),
     "out of range": ("arousal/1001.csv", set_cell(4, 7, "1.5"), r"column sample_18000ms: value 1.5 out of range", 4),
     "non-numeric": ("valence/2001.csv", set_cell(2, 100, "abc"), r"non-numeric value 'abc'", 2),
-    "missing column": ("arousal/1003.csv", drop_column(2), r"missing column\(s\) between 'sample_15000ms' and "
-                       r"'sample_16000ms' \(expected sample_15500ms\)", 1),
-    "misaligned column": ("valence/1001.csv", set_cell(1, 1, "sample_15250ms"), r"column 'sample_15250ms': 15.25 s "
-                          r"is not on the 0.5 s grid", 1),
+    "missing column": (
+        "arousal/1003.csv",
+        drop_column(2),
+        r"missing column\(s\) between 'sample_15000ms' and "
+        r"'sample_16000ms' \(expected sample_15500ms\)",
+        1,
+    ),
+    "misaligned column": (
+        "valence/1001.csv",
+        set_cell(1, 1, "sample_15250ms"),
+        r"column 'sample_15250ms': 15.25 s "
+        r"is not on the 0.5 s grid",
+        1,
+    ),
     "decreasing columns": ("valence/1001.csv", set_cell(1, 3, "sample_15000ms"), r"does not increase", 1),
     "not a sample column": ("arousal/2001.csv", set_cell(1, 4, "time"), r"column 'time' is not a sample_<ms>ms", 1),
-    "duplicate worker": ("arousal/1003.csv", set_cell(3, 0, "A1"), r"worker 'A1' listed twice for song 1003 "
-                         r"\(also line 2\)", 3),
+    "duplicate worker": (
+        "arousal/1003.csv",
+        set_cell(3, 0, "A1"),
+        r"worker 'A1' listed twice for song 1003 "
+        r"\(also line 2\)",
+        3,
+    ),
     "empty worker": ("arousal/1003.csv", set_cell(3, 0, " "), r"empty WorkerId", 3),
 }
 
@@ -315,8 +356,10 @@ def test_not_strict_skips_bad_rows_and_returns_problems(deam_root):
     assert len(ds.info["problems"]) == 1 and ds.info["problems"][0].startswith(f"{path}:2:")
     assert ("1003", "A1") not in {(c.song_id, c.annotator_id) for c in ds.curves}
     # the valence of that rating is left out too, and reported
-    assert any(r["song_id"] == "1003" and r["annotator_id"] == "A1" and r["reason"].startswith("arousal rejected")
-               for r in ds.info["dropped"])
+    assert any(
+        r["song_id"] == "1003" and r["annotator_id"] == "A1" and r["reason"].startswith("arousal rejected")
+        for r in ds.info["dropped"]
+    )
     report = check_deam(deam_root, min_songs_per_listener=3)
     assert not report["ok"] and report["problems"] == ds.info["problems"]
 
@@ -330,6 +373,7 @@ def test_no_annotations_at_all(tmp_path):
 
 def test_averaged_only_dataset(deam_root):
     import shutil
+
     shutil.rmtree(deam_root / RATERS_DIR)
     ds = load_deam(deam_root)
     assert ds.curves == [] and len(ds.consensus) == 4

@@ -1,32 +1,35 @@
 """Meta-training on 2 processes (gloo, CPU): the same outer steps as one process; a killed run resumes.
 
-The weights after each of the first ``STEPS_COMPARED`` outer steps of a 2-process run equal a one-process run's with the same
-meta-batch within ``|a - b| <= ATOL * step + RTOL |b|`` (float32: the ranks' shares are summed in another
-order, and Adam magnifies the float noise of near-zero gradients), the averaged meta-gradients
-within ``GRAD_ATOL + GRAD_RTOL |g|``; the two ranks' weights are identical to the bit. A 2-process run killed with SIGKILL and resumed with
-``--resume`` ends with exactly the metrics of an uninterrupted 2-process run.
+The weights after each of the first ``STEPS_COMPARED`` outer steps of a 2-process run equal a one-process
+run's with the same meta-batch within ``|a - b| <= ATOL * step + RTOL |b|`` (float32: the ranks' shares are
+summed in another order, and Adam magnifies the float noise of near-zero gradients), the averaged
+meta-gradients within ``GRAD_ATOL + GRAD_RTOL |g|``; the two ranks' weights are identical to the bit. A
+2-process run killed with SIGKILL and resumed with ``--resume`` ends with exactly the metrics of an
+uninterrupted 2-process run.
 """
+
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import kill_after_saved_state, tiny_overrides
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_overrides
-from pdmer.checkpoint import read_meta
 from pdmer.config import load_config
 from pdmer.train import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-RTOL, ATOL = 1e-5, 1e-5  # weights after step k: ATOL * k + RTOL |w| (ATOL: a hundredth of an Adam step at outer_lr=1e-3)
+pytestmark = pytest.mark.slow  # two-process training runs
+RTOL, ATOL = (
+    1e-5,
+    1e-5,
+)  # weights after step k: ATOL * k + RTOL |w| (ATOL: a hundredth of an Adam step at outer_lr=1e-3)
 # Later steps drift apart chaotically: Adam turns the float noise of null gradients into +-outer_lr steps,
 # and their rounding spreads (measured: the first convolution's gradient differs by 3 % at step 4 of 8).
 STEPS_COMPARED = 3
@@ -36,16 +39,29 @@ GRAD_RTOL, GRAD_ATOL, NULL_GRAD = 1e-4, 1e-5, 1e-6  # the averaged meta-gradient
 CASES = {  # (experiment, overrides, iterations): tasks_per_batch=3 so the two shares differ (2 + 1 tasks)
     "pdmer": ("pdmer.synthetic.dsaml", [], 8),
     "pdmer-batched-second-order": (
-        "pdmer.synthetic.dsaml", ["meta.batch_tasks=true", "meta.first_order=false", "meta.generic_loss_weight=0.5"], 3),
+        "pdmer.synthetic.dsaml",
+        ["meta.batch_tasks=true", "meta.first_order=false", "meta.generic_loss_weight=0.5"],
+        3,
+    ),
     "dmer": ("dmer.synthetic.dsaml", [], 3),
 }
 
 
 def overrides(tmp: Path, case: str, out: str) -> list[str]:
     _, extra, iterations = CASES[case]
-    ov = [o for o in tiny_overrides(tmp, "distributed") if not o.startswith(("runtime.out_dir=", "meta.tasks_per_batch="))]
-    return ov + ["meta.tasks_per_batch=3", "model.dropout=0", f"train.iterations={iterations}", "train.eval_every=2",
-                 "runtime.threads=1", "eval.plot=false", f"runtime.out_dir={tmp / out}", *extra]
+    ov = [
+        o for o in tiny_overrides(tmp, "distributed") if not o.startswith(("runtime.out_dir=", "meta.tasks_per_batch="))
+    ]
+    return ov + [
+        "meta.tasks_per_batch=3",
+        "model.dropout=0",
+        f"train.iterations={iterations}",
+        "train.eval_every=2",
+        "runtime.threads=1",
+        "eval.plot=false",
+        f"runtime.out_dir={tmp / out}",
+        *extra,
+    ]
 
 
 def _recording(out: Path, tag: str):
@@ -57,7 +73,9 @@ def _recording(out: Path, tag: str):
     def recorded(model, optimizer, sampler, loss_fn, cfg, iteration):
         res = step(model, optimizer, sampler, loss_fn, cfg, iteration)
         snaps.update({f"{iteration}/{k}": v.detach().clone() for k, v in model.state_dict().items()})
-        snaps.update({f"{iteration}/grad.{k}": p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        snaps.update(
+            {f"{iteration}/grad.{k}": p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        )
         save_file(snaps, str(out / f"{tag}.safetensors"))
         return res
 
@@ -67,8 +85,9 @@ def _recording(out: Path, tag: str):
 
 def _rank(rank: int, world: int, port: int, name: str, ov: list[str], out: str) -> None:
     """One spawned rank, with the environment torchrun would give it."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     from pdmer.train import train
 
     _recording(Path(out), f"rank{rank}")
@@ -86,24 +105,6 @@ def _snapshots(path: Path) -> dict[int, dict[str, torch.Tensor]]:
     for k, v in load_file(str(path)).items():
         it, name = k.split("/", 1)
         out.setdefault(int(it), {})[name] = v
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), deepest last."""
-    parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(stat.parent.name)] = int(fields[1])
-    out, todo = [], [pid]
-    while todo:
-        p0 = todo.pop()
-        kids = [p for p, pp in parent.items() if pp == p0]
-        out += kids
-        todo += kids
     return out
 
 
@@ -129,8 +130,11 @@ def runs(session_tmp):
         ov = overrides(session_tmp, case, f"runs-dist-two-{case}")
         mp.spawn(_rank, args=(2, _free_port(), name, ov, str(rec)), nprocs=2, join=True)
         two = session_tmp / f"runs-dist-two-{case}" / single.name
-        out[case] = {"single": single, "two": two, "weights": {k: _snapshots(rec / f"{k}.safetensors")
-                                                               for k in ("single", "rank0", "rank1")}}
+        out[case] = {
+            "single": single,
+            "two": two,
+            "weights": {k: _snapshots(rec / f"{k}.safetensors") for k in ("single", "rank0", "rank1")},
+        }
     return out
 
 
@@ -142,20 +146,30 @@ def test_two_processes_take_the_one_process_steps(runs, case):
     # A gradient that is zero in exact arithmetic (a convolution's bias before BatchNorm, attention's key bias)
     # holds float noise, which Adam's first steps turn into +-outer_lr: such parameters are left out of the
     # weight comparison (their gradients are compared, and they do not change the outputs).
-    null = {k.removeprefix("grad.") for k in w["single"][1] if k.startswith("grad.")
-            and max(float(w["single"][it][k].abs().max()) for it in w["single"]) < NULL_GRAD}
+    null = {
+        k.removeprefix("grad.")
+        for k in w["single"][1]
+        if k.startswith("grad.") and max(float(w["single"][it][k].abs().max()) for it in w["single"]) < NULL_GRAD
+    }
     assert len(null) < 6, null
     worst = 0.0
     for it in range(1, min(iterations, STEPS_COMPARED) + 1):
         for k, ref in w["single"][it].items():
             got = w["rank0"][it][k]
+            where = f"{k}, step {it}"
             assert torch.equal(got, w["rank1"][it][k]), f"ranks differ in {k} after step {it}"
             if k.startswith("grad."):
-                torch.testing.assert_close(got, ref, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"{k}, step {it}: {m}")
+                torch.testing.assert_close(
+                    got, ref, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m, where=where: f"{where}: {m}"
+                )
             elif k.endswith("running_mean"):  # follows the null-gradient biases before it: within their drift
-                torch.testing.assert_close(got, ref, rtol=0, atol=OUTER_LR * it, msg=lambda m: f"{k}, step {it}: {m}")
+                torch.testing.assert_close(
+                    got, ref, rtol=0, atol=OUTER_LR * it, msg=lambda m, where=where: f"{where}: {m}"
+                )
             elif k not in null:
-                torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL * it, msg=lambda m: f"{k}, step {it}: {m}")
+                torch.testing.assert_close(
+                    got, ref, rtol=RTOL, atol=ATOL * it, msg=lambda m, where=where: f"{where}: {m}"
+                )
                 if ref.is_floating_point():
                     worst = max(worst, float(((got - ref).abs() / (ref.abs() + ATOL)).max()))
     print(f"{case}: largest relative difference {worst:.2g}")
@@ -170,21 +184,20 @@ def test_killed_two_process_run_resumes(runs, session_tmp):
     reference = runs["pdmer"]["two"]
     ov = overrides(session_tmp, "pdmer", "runs-dist-killed")
     run = session_tmp / "runs-dist-killed" / reference.name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "run.py", "train", name,
-           *ov]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "run.py",
+        "train",
+        name,
+        *ov,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = run / STATE_FILE
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and read_meta(state).get("iteration", 0) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    for pid in [*_descendants(proc.pid), proc.pid]:  # both ranks (torchrun starts them in sessions of their own), then torchrun
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = read_meta(state)["iteration"]
+    killed_at = kill_after_saved_state(cmd, run / STATE_FILE, 2, env, with_descendants=True)  # both ranks, torchrun
     assert 2 <= killed_at < CASES["pdmer"][2] and not (run / "results.json").exists()
     done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,6 +17,7 @@ def test_there_are_experiments():
     assert "pdmer.synthetic.dsaml" in EXPERIMENTS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_smoke_run(name, session_tmp):
     # DEAM / PMEmo experiments run on tiny fixtures written in the official layouts
@@ -42,6 +43,7 @@ def test_experiment_smoke_run(name, session_tmp):
     assert json.loads((run / "run.json").read_text())["config_hash"] in run.name
 
 
+@pytest.mark.slow
 def test_evaluate_command_reproduces_results(session_tmp):
     name = "pdmer.synthetic.dsaml"
     cfg = load_config(name, tiny_overrides(session_tmp, name))
@@ -52,6 +54,7 @@ def test_evaluate_command_reproduces_results(session_tmp):
         assert after[cond]["ccc_mean"] == pytest.approx(before[cond]["ccc_mean"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_within_song_evaluation_reuses_the_finished_training_twin(session_tmp):
     """Only eval.protocol differs: the weights of the finished songs-protocol run are reused, nothing is trained."""
     from safetensors.torch import load_file

@@ -1,4 +1,5 @@
 """Dual-scale features: log-Mel patches, the built-in descriptor, user embeddings, the cache."""
+
 import logging
 from pathlib import Path
 
@@ -162,7 +163,9 @@ def test_chunked_cqt_equals_one_centred_call(monkeypatch):
     x = _chord([45, 64], 3.0)[::2].copy()  # 22.05 kHz
     monkeypatch.setattr(desc_mod, "CQT_CHUNK_FRAMES", 29)
     ours = desc_mod.cqt_magnitude(x, 22050, 1 + len(x) // 441, 441)
-    ref = CQT(sr=22050, hop_length=441, fmin=desc_mod.CQT_FMIN, n_bins=84, center=True, verbose=False)(torch.from_numpy(x))
+    ref = CQT(sr=22050, hop_length=441, fmin=desc_mod.CQT_FMIN, n_bins=84, center=True, verbose=False)(
+        torch.from_numpy(x)
+    )
     ref = ref[0].T.numpy()  # (84, T) -> (T, 84)
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.max())
@@ -207,7 +210,7 @@ def test_window_mean_equals_brute_force():
     starts = np.array([0.0, 3.5, 10.25, 39.0, 0.0])
     stops = np.array([40.0, 9.5, 12.75, 40.0, 0.5])
     got = window_mean(x, starts, stops)
-    for j, (a, b) in enumerate(zip(starts, stops)):
+    for j, (a, b) in enumerate(zip(starts, stops, strict=False)):
         w = np.clip(np.minimum(np.arange(40) + 1, b) - np.maximum(np.arange(40), a), 0, 1)  # overlap of each step
         np.testing.assert_allclose(got[j], (w[:, None] * x).sum(0) / (b - a), rtol=1e-12)
 
@@ -234,7 +237,9 @@ def test_window_statistics_by_cumsum_equal_direct_computation():
         np.testing.assert_allclose(g[k, [IX["onset_mean"], IX["onset_std"]]], [mean[32], std[32]], atol=1e-5)
         np.testing.assert_allclose(g[k, [IX["rms_mean"], IX["rms_std"]]], [mean[33] / 20, std[33] / 10], atol=1e-5)
         np.testing.assert_allclose(g[k, [IX["centroid_mean"], IX["centroid_std"]]], [mean[34], std[34]], atol=1e-5)
-        np.testing.assert_allclose(g[k, [IX["flatness_mean"], IX["flatness_std"]]], [mean[35] / 5, std[35] / 5], atol=1e-5)
+        np.testing.assert_allclose(
+            g[k, [IX["flatness_mean"], IX["flatness_std"]]], [mean[35] / 5, std[35] / 5], atol=1e-5
+        )
         peaks = (w10 * ff["onset_peak"]).sum()
         assert g[k, IX["onset_rate"]] == pytest.approx(peaks / ((b - a) * 0.5) / 4, abs=1e-5)
         pm, ps = stats(ff["cqt_pitch"][:, None], w20)
@@ -441,7 +446,9 @@ def test_extractor_with_user_embeddings(tmp_path):
 # ---------------------------------------------------------------------------- real audio
 
 
-@pytest.mark.skipif(not PMEMO.is_dir(), reason="../shared/data/pmemo_samples (real PMEmo mp3s) not available on this machine")
+@pytest.mark.skipif(
+    not PMEMO.is_dir(), reason="../shared/data/pmemo_samples (real PMEmo mp3s) not available on this machine"
+)
 def test_real_pmemo_songs_end_to_end(tmp_path):
     import json
 

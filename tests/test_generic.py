@@ -1,4 +1,5 @@
 """The generic loader: resampling onto the 2 Hz grid and validation messages."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,14 @@ from pdmer.data.types import STEP_S, DataError
 HEADER = "song_id,annotator_id,time_s,valence,arousal\n"
 
 
-def make_root(tmp_path: Path, ratings: str | None, songs=("s1",), ext: str = "wav", header: str = HEADER,
-              extra: dict[str, str] | None = None) -> Path:
+def make_root(
+    tmp_path: Path,
+    ratings: str | None,
+    songs=("s1",),
+    ext: str = "wav",
+    header: str = HEADER,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """A dataset folder with (empty, never decoded) audio files and the given CSV bodies."""
     root = tmp_path / "ds"
     (root / "audio").mkdir(parents=True)
@@ -28,7 +35,7 @@ def make_root(tmp_path: Path, ratings: str | None, songs=("s1",), ext: str = "wa
 
 
 def rows(song: str, ann: str, times, val, aro) -> str:
-    return "".join(f"{song},{ann},{t!r},{v!r},{a!r}\n" for t, v, a in zip(times, val, aro))
+    return "".join(f"{song},{ann},{t!r},{v!r},{a!r}\n" for t, v, a in zip(times, val, aro, strict=False))
 
 
 def test_uniform_2hz_passes_exactly(tmp_path):
@@ -124,21 +131,57 @@ GOOD = rows("s1", "A", [15.0, 15.5, 16.0], [0.1, 0.2, 0.3], [0.0, 0.1, 0.2])
 @pytest.mark.parametrize(
     "body, expected",
     [
-        (GOOD.replace("0.2,0.1", "abc,0.1"), [r"ratings\.csv line 3 \(song 's1', annotator 'A'\)", "valence='abc' is not a number"]),
-        (GOOD.replace("0.2,0.1", "nan,0.1"), [r"ratings\.csv line 3 \(song 's1', annotator 'A'\)", "valence='nan' is not finite"]),
-        (GOOD.replace("0.3,0.2", "0.3,inf"), [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", "arousal='inf' is not finite"]),
-        (GOOD.replace("0.3,0.2", "0.3,1.5"), [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", r"arousal=1.5 is outside \[-1.05, 1.05\]"]),
-        (GOOD.replace("16.0", "15.5"), [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", "duplicate time_s=15.5 .*line 3"]),
-        (GOOD.replace("16.0", "14.0"), [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", "time_s=14.0 is not after time_s=15.5 on line 3"]),
+        (
+            GOOD.replace("0.2,0.1", "abc,0.1"),
+            [r"ratings\.csv line 3 \(song 's1', annotator 'A'\)", "valence='abc' is not a number"],
+        ),
+        (
+            GOOD.replace("0.2,0.1", "nan,0.1"),
+            [r"ratings\.csv line 3 \(song 's1', annotator 'A'\)", "valence='nan' is not finite"],
+        ),
+        (
+            GOOD.replace("0.3,0.2", "0.3,inf"),
+            [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", "arousal='inf' is not finite"],
+        ),
+        (
+            GOOD.replace("0.3,0.2", "0.3,1.5"),
+            [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", r"arousal=1.5 is outside \[-1.05, 1.05\]"],
+        ),
+        (
+            GOOD.replace("16.0", "15.5"),
+            [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", "duplicate time_s=15.5 .*line 3"],
+        ),
+        (
+            GOOD.replace("16.0", "14.0"),
+            [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", "time_s=14.0 is not after time_s=15.5 on line 3"],
+        ),
         (GOOD.replace("15.0", "-1.0"), [r"ratings\.csv line 2 \(song 's1', annotator 'A'\)", "negative"]),
-        (rows("s1", "A", [15.0], [0.1], [0.1]), [r"ratings\.csv \(song 's1', annotator 'A'\), line 2", "only 1 rating"]),
+        (
+            rows("s1", "A", [15.0], [0.1], [0.1]),
+            [r"ratings\.csv \(song 's1', annotator 'A'\), line 2", "only 1 rating"],
+        ),
         (GOOD + rows("s2", "A", [15.0, 15.5], [0.1, 0.1], [0.1, 0.1]), [r"ratings\.csv: song 's2' has no audio file"]),
         (GOOD + "s1,A,16.5\n", [r"ratings\.csv line 5: 3 fields, header has 5"]),
-        (rows("s1", "A", [15.1, 15.3], [0.1, 0.1], [0.1, 0.1]), [r"ratings\.csv \(song 's1', annotator 'A'\)", "no 0.5 s grid time"]),
+        (
+            rows("s1", "A", [15.1, 15.3], [0.1, 0.1], [0.1, 0.1]),
+            [r"ratings\.csv \(song 's1', annotator 'A'\)", "no 0.5 s grid time"],
+        ),
         ("", [r"ratings\.csv: no data rows"]),
     ],
-    ids=["non-numeric", "nan", "inf", "out-of-range", "duplicate-time", "time-backwards", "negative-time",
-         "one-rating", "no-audio", "short-row", "no-grid-time", "empty"],
+    ids=[
+        "non-numeric",
+        "nan",
+        "inf",
+        "out-of-range",
+        "duplicate-time",
+        "time-backwards",
+        "negative-time",
+        "one-rating",
+        "no-audio",
+        "short-row",
+        "no-grid-time",
+        "empty",
+    ],
 )
 def test_errors_name_file_and_line(tmp_path, body, expected):
     root = make_root(tmp_path, body)
@@ -185,7 +228,9 @@ def test_all_problems_listed_at_once(tmp_path):
         + rows("s2", "B", [15.0, 15.0], [0.1, 0.1], [0.1, 0.1])  # duplicate time, no audio
         + rows("s1", "C", [15.0, 15.5], [0.1, 2.0], [0.1, 0.1])  # out of range on line 8
     )
-    cons = rows("s1", "consensus", [15.0, 15.5], [0.1, 0.1], [0.1, 0.1]) + rows("s1", "other", [15.0, 15.5], [0.1, 0.1], [0.1, 0.1])
+    cons = rows("s1", "consensus", [15.0, 15.5], [0.1, 0.1], [0.1, 0.1]) + rows(
+        "s1", "other", [15.0, 15.5], [0.1, 0.1], [0.1, 0.1]
+    )
     root = make_root(tmp_path, body, extra={"consensus.csv": cons, "oracle.csv": rows("s1", "A", [15.0], [0.1], [0.1])})
     with pytest.raises(DataError) as e:
         load_generic(root)

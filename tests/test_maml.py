@@ -1,4 +1,5 @@
 """MAML meta-gradients against finite differences on a tiny float64 DSAML."""
+
 import pytest
 import torch
 
@@ -12,7 +13,18 @@ T, G = 8, 5
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden=8, layers=1, heads=2, ff=8, dropout=0.0, lstm_hidden=4, head_hidden=4, local_window=1, global_window=3, **kw)
+    cfg = ModelConfig(
+        hidden=8,
+        layers=1,
+        heads=2,
+        ff=8,
+        dropout=0.0,
+        lstm_hidden=4,
+        head_hidden=4,
+        local_window=1,
+        global_window=3,
+        **kw,
+    )
     return DSAML(cfg, global_dim=G).double()
 
 
@@ -34,7 +46,7 @@ def query_after_adaptation(model, flat, names, shapes, support, query, steps, lr
     flat = flat.detach().requires_grad_(True)  # the inner loop differentiates w.r.t. it
     params = {}
     i = 0
-    for n, s in zip(names, shapes):
+    for n, s in zip(names, shapes, strict=False):
         k = int(torch.tensor(s).prod()) if len(s) else 1
         params[n] = flat[i : i + k].view(s)
         i += k
@@ -57,12 +69,30 @@ def test_meta_gradient_matches_finite_differences(first_order):
 
     if first_order:
         # FOMAML: the meta-gradient is the query gradient at the adapted parameters
-        adapted, _ = inner_loop(model, {k: p.detach().requires_grad_() for k, p in params.items()}, buffers, support, loss_fn, steps, lr, True)
+        adapted, _ = inner_loop(
+            model,
+            {k: p.detach().requires_grad_() for k, p in params.items()},
+            buffers,
+            support,
+            loss_fn,
+            steps,
+            lr,
+            True,
+        )
         theta = torch.cat([adapted[n].detach().flatten() for n in names])
-        f = lambda flat: query_after_adaptation(model, flat, names, [params[n].shape for n in names], support, query, 0, lr, True)
+
+        def f(flat):
+            return query_after_adaptation(
+                model, flat, names, [params[n].shape for n in names], support, query, 0, lr, True
+            )
+
     else:
         theta = torch.cat([params[n].detach().flatten() for n in names])
-        f = lambda flat: query_after_adaptation(model, flat, names, [params[n].shape for n in names], support, query, steps, lr, False)
+
+        def f(flat):
+            return query_after_adaptation(
+                model, flat, names, [params[n].shape for n in names], support, query, steps, lr, False
+            )
 
     rng = torch.Generator().manual_seed(0)
     idx = torch.randperm(theta.numel(), generator=rng)[:40]
@@ -128,9 +158,9 @@ def test_learned_inner_lr_gradient_matches_finite_differences(first_order):
     for _ in range(2):
         grads = torch.autograd.grad(loss_fn(model, cur, buffers0, support), tuple(cur.values()))
         rates = {k: buffers0[LR_PREFIX + k.replace(".", "__")].exp().detach() for k in cur}
-        for (k, v), g in zip(cur.items(), grads):
+        for (k, _v), g in zip(cur.items(), grads, strict=False):
             traj_steps[k].append(g)
-        cur = {k: (v - rates[k] * g).detach().requires_grad_() for (k, v), g in zip(cur.items(), grads)}
+        cur = {k: (v - rates[k] * g).detach().requires_grad_() for (k, v), g in zip(cur.items(), grads, strict=False)}
 
     def rate_of(k):
         return dict(model.named_parameters())[LR_PREFIX + k.replace(".", "__")].detach().exp()
@@ -150,7 +180,9 @@ def test_learned_inner_lr_gradient_matches_finite_differences(first_order):
             else:
                 with torch.enable_grad():
                     start = {k: v.detach().requires_grad_() for k, v in params.items()}
-                    adapted, _ = inner_loop(model, start, {k: v.detach() for k, v in buffers.items()}, support, loss_fn, 2, 0.1, False)
+                    adapted, _ = inner_loop(
+                        model, start, {k: v.detach() for k, v in buffers.items()}, support, loss_fn, 2, 0.1, False
+                    )
                     values.append(loss_fn(model, adapted, buffers, query).item())
             with torch.no_grad():
                 p -= sign * eps

@@ -1,4 +1,5 @@
 """DSAML shapes, band masks checked through gradients, ablation switches."""
+
 import pytest
 import torch
 
@@ -9,7 +10,9 @@ G = 6
 
 
 def tiny(**kw):
-    base = dict(hidden=16, layers=2, heads=2, ff=16, dropout=0.0, lstm_hidden=4, head_hidden=8, local_window=2, global_window=4)
+    base = dict(
+        hidden=16, layers=2, heads=2, ff=16, dropout=0.0, lstm_hidden=4, head_hidden=8, local_window=2, global_window=4
+    )
     base.update(kw)
     return ModelConfig(**base)
 

@@ -123,6 +123,7 @@ def song(tiny, sid: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_personal_beats_generic_on_test_listeners(tiny, base, tmp_path):
     """One-shot calibration of each test listener, then whole-song predictions of their other songs."""
     by = curves_of(tiny.ds, tiny.splits["test"])

@@ -1,4 +1,5 @@
 """PMEmo2019 readers on fixtures written in the official layout (from the real samples when present)."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdmer.data.pmemo import (AUDIO_DIR, DYNAMIC_FILE, STATIC_FILE, check_pmemo, load_pmemo, read_pmemo_dynamic,
-                              read_pmemo_static)
+from pdmer.data.pmemo import (
+    AUDIO_DIR,
+    DYNAMIC_FILE,
+    STATIC_FILE,
+    check_pmemo,
+    load_pmemo,
+    read_pmemo_dynamic,
+    read_pmemo_static,
+)
 from pdmer.data.types import DataError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -28,7 +36,7 @@ def write_pmemo(root: Path, songs: dict[str, dict]) -> Path:
         w = csv.writer(f)
         w.writerow(DYNAMIC_HEADER)
         for sid, s in songs.items():
-            for t, a, v in zip(s["t"], s["a"], s["v"]):
+            for t, a, v in zip(s["t"], s["a"], s["v"], strict=False):
                 w.writerow([sid, t, a, v])
     with open(root / STATIC_FILE, "w", newline="") as f:
         w = csv.writer(f)
@@ -46,7 +54,12 @@ def real_songs() -> dict[str, dict]:
         if path.stem.isdigit():
             d = json.loads(path.read_text())
             dyn = d["dynamic"]
-            out[path.stem] = {"t": dyn["t"], "a": dyn["a"], "v": dyn["v"], "static": (d["arousal_mean"], d["valence_mean"])}
+            out[path.stem] = {
+                "t": dyn["t"],
+                "a": dyn["a"],
+                "v": dyn["v"],
+                "static": (d["arousal_mean"], d["valence_mean"]),
+            }
     return out
 
 

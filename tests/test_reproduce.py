@@ -135,6 +135,7 @@ def test_the_table_names_the_commit_each_seed_was_trained_at(reproduction):
     assert "(seed" not in (out / "table.md").read_text()  # one commit: named once
 
 
+@pytest.mark.slow
 def test_seeds_trained_in_parallel_processes_match_one_process(reproduction, session_tmp):
     """--jobs 2: each seed in its own `run.py train` process, same metrics as the sequential fixture."""
     from pdmer.reproduce import SeedFailed

@@ -1,16 +1,14 @@
 """Checkpoints and resume: a run killed with SIGKILL, resumed, ends as an uninterrupted run; determinism."""
+
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_after_saved_state, tiny_overrides
 
-from conftest import tiny_overrides
-from pdmer.checkpoint import read_meta
 from pdmer.config import load_config
 from pdmer.runs import RunBusyError, lock_run
 from pdmer.train import STATE_FILE, train
@@ -22,8 +20,13 @@ ITERATIONS = 12
 
 def overrides(tmp: Path, out: str) -> list[str]:
     ov = [o for o in tiny_overrides(tmp, "resume") if not o.startswith("runtime.out_dir=")]
-    return ov + [f"train.iterations={ITERATIONS}", "train.eval_every=2", "runtime.threads=1", "eval.plot=false",
-                 f"runtime.out_dir={tmp / out}"]
+    return ov + [
+        f"train.iterations={ITERATIONS}",
+        "train.eval_every=2",
+        "runtime.threads=1",
+        "eval.plot=false",
+        f"runtime.out_dir={tmp / out}",
+    ]
 
 
 def metrics_of(run: Path) -> dict:
@@ -37,6 +40,7 @@ def reference(session_tmp):
     return train(load_config(NAME, overrides(session_tmp, "runs-reference")))
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(reference, session_tmp):
     # resume=True with no saved state: a fresh start
     again = train(load_config(NAME, overrides(session_tmp, "runs-again")), resume=True)
@@ -44,27 +48,19 @@ def test_same_seed_same_metrics(reference, session_tmp):
     assert metrics_of(again) == metrics_of(reference)
 
 
+@pytest.mark.slow
 def test_other_seed_other_metrics(reference, session_tmp):
     other = train(load_config(NAME, overrides(session_tmp, "runs-seed1") + ["train.seed=1"]))
     assert metrics_of(other)["test"] != metrics_of(reference)["test"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(reference, session_tmp):
     ov = overrides(session_tmp, "runs-killed")
     run = reference.parent.parent / "runs-killed" / reference.name
     cmd = [sys.executable, "run.py", "train", NAME, *ov]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = run / STATE_FILE
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and read_meta(state).get("iteration", 0) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = read_meta(state)["iteration"]
+    killed_at = kill_after_saved_state(cmd, run / STATE_FILE, 2, env)
     assert 2 <= killed_at < ITERATIONS and not (run / "results.json").exists()
     done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -72,20 +68,36 @@ def test_killed_run_resumes_to_the_same_metrics(reference, session_tmp):
     assert metrics_of(run) == metrics_of(reference)
 
 
-
+@pytest.mark.slow
 def test_a_folder_being_trained_is_not_trained_twice(reference, session_tmp):
     """A second process on a folder in training gets a clear error before it writes anything."""
     files = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file() and p.name != ".lock"}
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pdmer.runs import lock_run\n"
-        "with lock_run(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)"), str(reference)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from pdmer.runs import lock_run\n"
+                "with lock_run(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)"
+            ),
+            str(reference),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunBusyError, match=f"being trained by another process \\(pid {holder.pid}\\)"):
             train(load_config(NAME, overrides(session_tmp, "runs-reference")), resume=True)
-        cli = subprocess.run([sys.executable, "run.py", "train", NAME, "--force", *overrides(session_tmp, "runs-reference")],
-                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        cli = subprocess.run(
+            [sys.executable, "run.py", "train", NAME, "--force", *overrides(session_tmp, "runs-reference")],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+        )
         assert cli.returncode == 2 and "being trained by another process" in cli.stderr
     finally:
         holder.kill()

@@ -175,6 +175,7 @@ def test_help_lists_sweep():
 # --- a tiny sweep end to end ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_sweep_prunes_summarizes_and_its_best_config_trains(tiny, session_tmp, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -233,6 +234,7 @@ def test_tiny_sweep_prunes_summarizes_and_its_best_config_trains(tiny, session_t
     assert more.ran == [4]
 
 
+@pytest.mark.slow  # resumes the study of the tiny sweep above
 def test_resuming_with_another_search_space_is_refused(tiny, session_tmp):
     path = write_sweep(
         session_tmp / "other.yaml",
@@ -258,6 +260,7 @@ def wait_for(predicate, timeout: float, what: str, proc=None) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_repeating_finished_trials(tiny, session_tmp):
     path = write_sweep(session_tmp / "kill_sweep.yaml")
     name = f"kill-{uuid.uuid4().hex[:6]}"

@@ -1,4 +1,5 @@
 """The embedded benchmark: layout, determinism, listener model, calibration, audio."""
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,13 @@ from pdmer.data.types import STEP_S, Curve, Dataset, Song
 
 DEAM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "deam"
 SMALL = SyntheticConfig(
-    n_clips=6, n_long=1, long_min_s=60.0, long_max_s=75.0, n_listeners=8,
-    min_songs_per_listener=3, max_songs_per_listener=5,
+    n_clips=6,
+    n_long=1,
+    long_min_s=60.0,
+    long_max_s=75.0,
+    n_listeners=8,
+    min_songs_per_listener=3,
+    max_songs_per_listener=5,
 )
 
 
@@ -49,7 +55,9 @@ def read_rows(path: Path) -> dict[tuple[str, str], list[tuple[float, float, floa
         r = csv.DictReader(f)
         assert r.fieldnames == ["song_id", "annotator_id", "time_s", "valence", "arousal"]
         for row in r:
-            out[row["song_id"], row["annotator_id"]].append((float(row["time_s"]), float(row["valence"]), float(row["arousal"])))
+            out[row["song_id"], row["annotator_id"]].append(
+                (float(row["time_s"]), float(row["valence"]), float(row["arousal"]))
+            )
     return out
 
 
@@ -125,7 +133,9 @@ def test_time_grid(small_root):
 
 def test_deterministic_and_seeded(small_root, tmp_path):
     again = generate(SMALL, tmp_path / "again", workers=1)  # also: independent of the worker count
-    files = ["ratings.csv", "oracle.csv", "consensus.csv"] + [f"audio/{p.name}" for p in sorted((small_root / "audio").iterdir())]
+    files = ["ratings.csv", "oracle.csv", "consensus.csv"] + [
+        f"audio/{p.name}" for p in sorted((small_root / "audio").iterdir())
+    ]
     for name in files:
         assert (again / name).read_bytes() == (small_root / name).read_bytes(), name
     other = tmp_path / "other"
@@ -159,7 +169,9 @@ def test_default_root():
 
 
 def _params(**kw) -> ListenerParams:
-    base = dict(offset=np.zeros(2), gain=np.ones(2), weights=np.zeros((2, len(FACTORS))), lag_s=1.0, tau_s=1.5, noise_sd=0.0)
+    base = dict(
+        offset=np.zeros(2), gain=np.ones(2), weights=np.zeros((2, len(FACTORS))), lag_s=1.0, tau_s=1.5, noise_sd=0.0
+    )
     base.update(kw)
     return ListenerParams(**base)
 
@@ -185,7 +197,7 @@ def test_personal_weights_change_the_shape_not_only_the_level():
 def test_generated_personal_curves_differ_in_shape():
     sim = simulate(dataclasses.replace(SMALL, n_listeners=20))
     resid = []
-    for (lid, sid), c in sim.oracle.items():
+    for (_lid, sid), c in sim.oracle.items():
         d = c.values - sim.consensus[sid].values  # (T, 2)
         resid.append(np.std(d - d.mean(0), axis=0).max())
     assert np.median(resid) > 0.01
@@ -205,11 +217,11 @@ def test_consensus_is_the_population_average():
 def _pair_r(sim: S.Simulation, get) -> float:
     """Correlation of a parameter between consecutive rated songs of the same listener."""
     by_l = defaultdict(list)
-    for (lid, sid), p in sorted(sim.params.items()):
+    for (lid, _sid), p in sorted(sim.params.items()):
         by_l[lid].append(np.atleast_1d(get(p)))
     x, y = [], []
     for vals in by_l.values():
-        for a, b in zip(vals, vals[1:]):
+        for a, b in zip(vals, vals[1:], strict=False):
             x.append(a)
             y.append(b)
     return float(np.corrcoef(np.concatenate(x), np.concatenate(y))[0, 1])
@@ -227,19 +239,27 @@ GETTERS = {
 def test_carryover_one_keeps_the_listener():
     cfg = dataclasses.replace(SMALL, n_listeners=10, carryover=1.0, offset_carryover=1.0)
     sim = simulate(cfg)
-    for (lid, sid), p in sim.params.items():
+    for (lid, _sid), p in sim.params.items():
         b = sim.base[lid]
         for get in GETTERS.values():
             np.testing.assert_allclose(get(p), get(b), rtol=1e-12, atol=1e-12)
     # the offsets have their own knob
     sim = simulate(dataclasses.replace(cfg, offset_carryover=0.1))
-    assert all(np.allclose(p.weights, sim.base[l].weights) for (l, s), p in sim.params.items())
-    assert not any(np.allclose(p.offset, sim.base[l].offset) for (l, s), p in sim.params.items())
+    assert all(np.allclose(p.weights, sim.base[lid].weights) for (lid, _), p in sim.params.items())
+    assert not any(np.allclose(p.offset, sim.base[lid].offset) for (lid, _), p in sim.params.items())
 
 
 def test_carryover_zero_gives_uncorrelated_songs():
-    cfg = dataclasses.replace(SMALL, n_clips=20, n_long=0, n_listeners=150, min_songs_per_listener=6,
-                              max_songs_per_listener=8, carryover=0.0, offset_carryover=0.0)
+    cfg = dataclasses.replace(
+        SMALL,
+        n_clips=20,
+        n_long=0,
+        n_listeners=150,
+        min_songs_per_listener=6,
+        max_songs_per_listener=8,
+        carryover=0.0,
+        offset_carryover=0.0,
+    )
     sim0 = simulate(cfg)
     sim5 = simulate(dataclasses.replace(cfg, carryover=0.5, offset_carryover=0.5))
     for name, get in GETTERS.items():
@@ -278,7 +298,9 @@ def test_calibration_stats_by_hand():
     assert st["raters_per_song"] == 3 and st["n_songs"] == 2
 
 
-needs_deam = pytest.mark.skipif(not DEAM.is_dir(), reason=f"real DEAM files not found at {DEAM} (shared data folder absent)")
+needs_deam = pytest.mark.skipif(
+    not DEAM.is_dir(), reason=f"real DEAM files not found at {DEAM} (shared data folder absent)"
+)
 
 
 @needs_deam
@@ -370,6 +392,9 @@ def test_audio_follows_the_factors():
         major[[0, 2, 4, 5, 7, 9, 11]] = 1
         return min(1 - (c * np.roll(major, k)).sum() for k in range(12))
 
-    assert out_of_scale(_chroma(_render("consonance", -1.0, 45))) > out_of_scale(_chroma(_render("consonance", 1.0, 45))) + 0.03
+    assert (
+        out_of_scale(_chroma(_render("consonance", -1.0, 45)))
+        > out_of_scale(_chroma(_render("consonance", 1.0, 45))) + 0.03
+    )
     x = _render("loudness", 1.0)
     assert np.abs(x).max() < 1.0 and x.dtype == np.float32

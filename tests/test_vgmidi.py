@@ -1,4 +1,5 @@
 """VGMIDI loader: the official layout, the annotation tool's rules, identities, rendering."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +12,21 @@ import pytest
 from official_layouts import write_midi
 
 from pdmer.data.types import DataError
-from pdmer.data.vgmidi import fill_unrecorded, find_soundfont, load_vgmidi, midi_length, render_piece, to_grid
+from pdmer.data.vgmidi import fill_unrecorded, find_soundfont, load_vgmidi, render_piece, to_grid
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "vgmidi"
-ANSWERS = {"age": "21-25", "gender": "Male", "country": "US", "musicianship": 1, "isKnown": False,
-           "ex1_valence": "1", "ex1_arousal": "2", "ex1_description": "upbeat", "ex2_valence": "3", "ex2_arousal": "Calm"}
+ANSWERS = {
+    "age": "21-25",
+    "gender": "Male",
+    "country": "US",
+    "musicianship": 1,
+    "isKnown": False,
+    "ex1_valence": "1",
+    "ex1_arousal": "2",
+    "ex1_description": "upbeat",
+    "ex2_valence": "3",
+    "ex2_arousal": "Calm",
+}
 
 
 def curve(m: int, seed: int, lo: float = -0.9, hi: float = 0.9) -> list[float]:
@@ -24,7 +35,12 @@ def curve(m: int, seed: int, lo: float = -0.9, hi: float = 0.9) -> list[float]:
 
 def record(m: int, seed: int, as_string: bool = False, **answers) -> dict:
     v, a = curve(m, seed), curve(m, seed + 1000)
-    rec = {**ANSWERS, **answers, "valence": json.dumps(v) if as_string else v, "arousal": json.dumps(a) if as_string else a}
+    rec = {
+        **ANSWERS,
+        **answers,
+        "valence": json.dumps(v) if as_string else v,
+        "arousal": json.dumps(a) if as_string else a,
+    }
     return rec
 
 
@@ -89,7 +105,11 @@ def test_fixture_rules(tmp_path):
     assert any("11 values, expected measures=8" in r for r in reasons(ds))
     assert any("only 3 of 8 bins recorded" in r for r in reasons(ds))
     dup = [d for d in ds.info["dropped"] if d["stage"] == "identity"]
-    assert len(dup) == 1 and "duplicate submission" in dup[0]["reason"] and sorted(dup[0]["records"]) == ["piece0_4", "piece0_5"]
+    assert (
+        len(dup) == 1
+        and "duplicate submission" in dup[0]["reason"]
+        and sorted(dup[0]["records"]) == ["piece0_4", "piece0_5"]
+    )
     # listeners: A and B differ in one answer; counts of usable curves per listener
     counts = sorted(len(cs) for cs in by.values())
     assert counts == [1, 1, 1, 2, 2]  # A 2, B 2, C 1 (piece1), D 1 (piece1), E 1 (piece0)
@@ -106,8 +126,12 @@ def test_identity_needs_submission_index_without_tutorial_answers(tmp_path):
     path = root / "labelled" / "annotations" / "vgmidi_raw_1.json"
     data = json.loads(path.read_text())
     blank = {k: None for k in ("ex1_valence", "ex1_arousal", "ex1_description", "ex2_valence", "ex2_arousal")}
-    data["annotations"] = {"piece0_7": record(8, 20, **blank), "piece1_7": record(8, 21, **blank),
-                           "piece0_8": record(8, 22, **blank), "piece1_8": record(8, 23, **blank)}
+    data["annotations"] = {
+        "piece0_7": record(8, 20, **blank),
+        "piece1_7": record(8, 21, **blank),
+        "piece0_8": record(8, 22, **blank),
+        "piece1_8": record(8, 23, **blank),
+    }
     path.write_text(json.dumps(data))
     ds = load_vgmidi(root, render=False, audio_dir=tmp_path / "audio")
     # same demographics, no tutorial answers: submissions 7 and 8 are two listeners with two pieces each
@@ -116,7 +140,7 @@ def test_identity_needs_submission_index_without_tutorial_answers(tmp_path):
 
 def test_time_mapping_and_filling():
     # bin i is the cursor at the END of its slice: a sample at (i + 1) * D / M
-    d, m = 8.0, 4  # slices of 2 s; samples at 2, 4, 6, 8 s
+    d, _m = 8.0, 4  # slices of 2 s; samples at 2, 4, 6, 8 s
     values = np.array([[0.2, -0.2], [0.4, -0.4], [0.6, -0.6], [0.8, -0.8]])
     grid = to_grid(values, d)
     assert grid.shape == (16, 2)
@@ -175,8 +199,11 @@ def test_rendering_is_deterministic_and_cut_to_duration(tmp_path):
     first = hashlib.sha256(path.read_bytes()).hexdigest()
     from pdmer.data.vgmidi import Piece
 
-    again = render_piece(Piece("1", "piece1", "r1.piece1", root / "labelled" / "midi" / "other.mid", 16.0, 8, "Other"),
-                         tmp_path / "again.wav", find_soundfont())
+    again = render_piece(
+        Piece("1", "piece1", "r1.piece1", root / "labelled" / "midi" / "other.mid", 16.0, 8, "Other"),
+        tmp_path / "again.wav",
+        find_soundfont(),
+    )
     assert hashlib.sha256(again.read_bytes()).hexdigest() == first
     assert np.abs(sf.read(str(path))[0]).max() > 0.01  # not silent
     assert not list((tmp_path / "audio").glob(".render-*"))  # no temporary left

@@ -235,9 +235,7 @@ def _curve(name: str, key: tuple[str, str], rows: list[Row], problems: Problems)
 def _find_audio(audio_dir: Path, problems: Problems) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if not audio_dir.is_dir():
-        problems.add(
-            f"{audio_dir}: audio folder not found (expected audio/<song_id>.<{_EXTS}>)"
-        )
+        problems.add(f"{audio_dir}: audio folder not found (expected audio/<song_id>.<{_EXTS}>)")
         return found
     for p in sorted(audio_dir.iterdir()):
         if p.is_file() and p.suffix.lower() in AUDIO_EXTS:

@@ -5,6 +5,7 @@
   (:func:`load_embeddings`, one ``<song_id>.npy`` per song);
 - :class:`FeatureExtractor` / :func:`extract_many`: both scales of a song, cached on disk.
 """
+
 from pdmer.features.audio import audio_duration, check_waveform, load_audio, resample
 from pdmer.features.cache import (
     DEFAULT_CACHE_DIR,

@@ -4,6 +4,7 @@ Decoding uses soundfile (libsndfile: WAV, FLAC, OGG, MP3 with libsndfile >= 1.1)
 mono by averaging channels, and resampling with ``torchaudio.functional.resample``. Every
 problem is a :class:`~pdmer.data.types.DataError` whose message names the file.
 """
+
 from __future__ import annotations
 
 import logging

@@ -9,6 +9,7 @@ an edited file or a changed setting misses it. With ``global_encoder: embeddings
 features come from the user's ``<song_id>.npy`` files at every call (they are cheap to read
 and the user may replace them); the cache still saves the audio work.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,8 @@ from pdmer.data.types import DataError, Song
 from pdmer.features import descriptor as _desc
 from pdmer.features.audio import check_waveform, load_audio, resample
 from pdmer.features.embeddings import embedding_dim, load_embeddings
-from pdmer.io import atomic_write, sha256_file
 from pdmer.features.local import frames_per_step, log_mel, n_steps_for, patches_from_log_mel
+from pdmer.io import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,9 @@ def compute_features(wave: np.ndarray, cfg: FeatureConfig) -> tuple[torch.Tensor
 def _check_long_enough(wave: np.ndarray, cfg: FeatureConfig, name: str) -> int:
     n_steps = n_steps_for(len(wave), cfg)
     if n_steps < 1:
-        raise DataError(f"{name}: audio is {len(wave) / cfg.sample_rate:.3f} s long, shorter than one {cfg.step_s} s step")
+        raise DataError(
+            f"{name}: audio is {len(wave) / cfg.sample_rate:.3f} s long, shorter than one {cfg.step_s} s step"
+        )
     return n_steps
 
 
@@ -160,9 +163,13 @@ class FeatureExtractor:
         self.cache_dir = Path(cache_dir)
         self.use_cache = use_cache
         if cfg.global_encoder not in ("descriptor", "embeddings"):
-            raise ValueError(f"features.global_encoder={cfg.global_encoder!r} is not one of ('descriptor', 'embeddings')")
+            raise ValueError(
+                f"features.global_encoder={cfg.global_encoder!r} is not one of ('descriptor', 'embeddings')"
+            )
         if cfg.global_encoder == "embeddings" and not cfg.embeddings_dir:
-            raise ValueError("features.global_encoder=embeddings needs features.embeddings_dir (a folder of <song_id>.npy)")
+            raise ValueError(
+                "features.global_encoder=embeddings needs features.embeddings_dir (a folder of <song_id>.npy)"
+            )
         frames_per_step(cfg)  # validates step / hop / patch settings early
         self._global_dim: int | None = None
 
@@ -270,7 +277,9 @@ class FeatureExtractor:
             return None
         return local, desc
 
-    def _write_cache(self, cache_file: Path, local: torch.Tensor, desc: torch.Tensor, path: Path, n_samples: int) -> None:
+    def _write_cache(
+        self, cache_file: Path, local: torch.Tensor, desc: torch.Tensor, path: Path, n_samples: int
+    ) -> None:
         meta = {
             "format": "pdmer-features",
             "audio_file": path.name,

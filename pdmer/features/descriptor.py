@@ -56,6 +56,7 @@ tonalness              1     10 * (1 - entropy of the window chroma / ln 12): 0 
                              chroma (noise, no tonal centre), larger = fewer pitch classes
 =====================  ====  ==================================================================
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,8 +64,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
 from scipy.ndimage import maximum_filter1d, uniform_filter1d
+from torch import Tensor
 
 from pdmer.config import FeatureConfig
 from pdmer.features.audio import resample
@@ -90,6 +91,7 @@ EPS = 1e-8
 # Krumhansl-Kessler key profiles, tonic first.
 KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+
 
 def _n_pool(cfg: FeatureConfig) -> int:
     return min(MEL_POOL_BANDS, cfg.n_mels)
@@ -160,7 +162,9 @@ class OctaveCQT:
     def __init__(self, sr: int, hop: int) -> None:
         from nnAudio.features import CQT
 
-        ref = CQT(sr=sr, hop_length=hop, fmin=CQT_FMIN, n_bins=CQT_BINS, bins_per_octave=12, center=False, verbose=False)
+        ref = CQT(
+            sr=sr, hop_length=hop, fmin=CQT_FMIN, n_bins=CQT_BINS, bins_per_octave=12, center=False, verbose=False
+        )
         self.hop, self.kernel_width = hop, int(ref.kernel_width)
         real, imag = ref.cqt_kernels_real[:, 0], ref.cqt_kernels_imag[:, 0]  # (84, W)
         self.scale = torch.sqrt(ref.lenghts.float()).view(-1, 1)  # (84, 1) librosa normalisation
@@ -239,7 +243,9 @@ def _per_step_mean(x: np.ndarray, n_steps: int) -> np.ndarray:
     return x.reshape(n_steps, -1, x.shape[-1]).mean(axis=1)  # (n_steps, m, d) -> (n_steps, d)
 
 
-def frame_features(wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | np.ndarray | None = None) -> dict[str, np.ndarray]:
+def frame_features(
+    wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Frame-level features on their step-aligned grids (a helper of :func:`step_summaries`).
 
     Args:
@@ -313,7 +319,9 @@ def frame_features(wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | 
     return {"frame": frame, "cqt_pitch": pitch, "chroma": chroma, "onset_env": onset, "onset_peak": peak}
 
 
-def step_summaries(wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | np.ndarray | None = None) -> StepSummaries:
+def step_summaries(
+    wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | np.ndarray | None = None
+) -> StepSummaries:
     """Per-step additive summaries of a song (the expensive part, done once per song).
 
     Args:
@@ -330,8 +338,12 @@ def step_summaries(wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | 
     hop_s = cfg.hop_length / cfg.sample_rate
 
     # pitch lives on the CQT grid: its per-step mean / mean square are taken there
-    frame_mean = np.concatenate([_per_step_mean(ff["frame"], n_steps), _per_step_mean(ff["cqt_pitch"][:, None], n_steps)], axis=1)
-    frame_sq = np.concatenate([_per_step_mean(ff["frame"] ** 2, n_steps), _per_step_mean(ff["cqt_pitch"][:, None] ** 2, n_steps)], axis=1)
+    frame_mean = np.concatenate(
+        [_per_step_mean(ff["frame"], n_steps), _per_step_mean(ff["cqt_pitch"][:, None], n_steps)], axis=1
+    )
+    frame_sq = np.concatenate(
+        [_per_step_mean(ff["frame"] ** 2, n_steps), _per_step_mean(ff["cqt_pitch"][:, None] ** 2, n_steps)], axis=1
+    )
     chroma = _per_step_mean(ff["chroma"], n_steps)  # (n_steps, 12)
     onset_rate = ff["onset_peak"].reshape(n_steps, m).sum(axis=1, keepdims=True) / cfg.step_s  # (n_steps, 1)
 
@@ -348,7 +360,14 @@ def step_summaries(wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | 
     ac = _per_step_mean(prods, n_steps)  # (n_steps, n_lags)
     ac0 = _per_step_mean((e**2)[:, None], n_steps)  # (n_steps, 1)
 
-    blocks = {"frame": frame_mean, "frame_sq": frame_sq, "chroma": chroma, "onset_rate": onset_rate, "ac": ac, "ac0": ac0}
+    blocks = {
+        "frame": frame_mean,
+        "frame_sq": frame_sq,
+        "chroma": chroma,
+        "onset_rate": onset_rate,
+        "ac": ac,
+        "ac0": ac0,
+    }
     slices, start = {}, 0
     for name, arr in blocks.items():
         slices[name] = slice(start, start + arr.shape[1])
@@ -496,7 +515,9 @@ def step_descriptors(s: StepSummaries, cfg: FeatureConfig) -> np.ndarray:
     return window_descriptor(s, starts, stops, cfg)
 
 
-def global_descriptor(wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+def global_descriptor(
+    wave: np.ndarray, cfg: FeatureConfig, logmel: torch.Tensor | np.ndarray | None = None
+) -> np.ndarray:
     """The built-in global feature of every step of a song.
 
     Args:

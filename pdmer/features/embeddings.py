@@ -8,6 +8,7 @@ One file per song, ``<dir>/<song_id>.npy``, holding either
 
 Files are read with ``allow_pickle=False``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,7 +72,10 @@ def load_embeddings(directory: str | Path, song_id: str, n_steps: int) -> np.nda
     if arr.ndim == 1:
         arr = np.broadcast_to(arr[None, :], (n_steps, arr.shape[0]))  # (D,) -> (n_steps, D)
     elif arr.shape[0] != n_steps:
-        raise DataError(f"{path}: {arr.shape[0]} embedding rows but the song has {n_steps} steps; expected shape ({n_steps}, D) or (D,)")
+        raise DataError(
+            f"{path}: {arr.shape[0]} embedding rows but the song has {n_steps} steps; "
+            f"expected shape ({n_steps}, D) or (D,)"
+        )
     if not np.isfinite(arr).all():
         raise DataError(f"{path}: embedding contains NaN or infinite values")
     return np.array(arr, dtype=np.float32, order="C", copy=True)  # writable, detached from the file

@@ -11,6 +11,7 @@ The STFT is run in chunks of frames on the once-padded signal, which gives the s
 as one call over the whole song without holding the full complex spectrogram of a long
 song in memory (a 10-minute song would need about 640 MB for it).
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Features of long songs, decoded and featurised segment by segment (memory does not grow with the song)."""
+
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,9 @@ STREAM_CORE_S = 120.0  # steps kept from each segment
 STREAM_MARGIN_S = 20.0  # context on each side (at least half the global window + 5 s of filter context)
 
 
-def song_features(path: Path, extractor, stream_min_s: float | None = None, core_s: float | None = None, margin_s: float | None = None):
+def song_features(
+    path: Path, extractor, stream_min_s: float | None = None, core_s: float | None = None, margin_s: float | None = None
+):
     """Features of one song; a long song is decoded and featurised segment by segment.
 
     Songs up to ``stream_min_s`` (and songs already in the feature cache, or MP3 files whose
@@ -42,7 +45,6 @@ def song_features(path: Path, extractor, stream_min_s: float | None = None, core
         DataError: missing, undecodable, silent or NaN audio; a song shorter than one step.
     """
     import soundfile as sf
-
 
     stream_min_s = STREAM_MIN_S if stream_min_s is None else stream_min_s
     core_s = STREAM_CORE_S if core_s is None else core_s
@@ -92,7 +94,9 @@ def _in_segments(path: Path, extractor, sr: int, frames: int, in_step: int, core
                 s0 = max(0, min(k0 - margin, n_steps - window - margin) if last else k0 - margin)
                 f.seek(s0 * in_step)
                 want = (min(k1 + margin, n_steps) - s0) * in_step
-                block = f.read(frames - s0 * in_step if last else want, dtype="float32", always_2d=True)  # (n, channels)
+                block = f.read(
+                    frames - s0 * in_step if last else want, dtype="float32", always_2d=True
+                )  # (n, channels)
                 if not np.isfinite(block).all():
                     raise DataError(f"{path}: audio contains NaN or infinite samples")
                 x = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]  # (n,)
@@ -104,7 +108,10 @@ def _in_segments(path: Path, extractor, sr: int, frames: int, in_step: int, core
                 del x
                 a, b = k0 - s0, k0 - s0 + (k1 - k0)
                 if seg_local.shape[0] < b:
-                    raise DataError(f"{path}: audio ended early (step {s0 + seg_local.shape[0]} of {n_steps}); the file may be truncated")
+                    raise DataError(
+                        f"{path}: audio ended early (step {s0 + seg_local.shape[0]} of {n_steps}); "
+                        "the file may be truncated"
+                    )
                 local[k0:k1] = seg_local[a:b]
                 if cfg.global_encoder == "descriptor":
                     glob[k0:k1] = seg_desc[a:b]

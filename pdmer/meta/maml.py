@@ -17,6 +17,7 @@ Two ways to run a meta-batch, with the same gradients (``tests/test_maml.py`` ch
 Nothing here calls ``.item()``: inner losses are returned as a tensor so the caller can
 sync once per meta-batch.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
@@ -103,7 +104,7 @@ def inner_loop(
     for _ in range(steps):
         loss = loss_fn(model, params, buffers, support)
         grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=not first_order, allow_unused=True)
-        params = {k: (p if g is None else p - rates[k] * g) for (k, p), g in zip(params.items(), grads)}
+        params = {k: (p if g is None else p - rates[k] * g) for (k, p), g in zip(params.items(), grads, strict=True)}
         losses.append(loss.detach())
     if not losses:
         return params, torch.zeros(0)
@@ -126,7 +127,7 @@ def adapt(
     start = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
     # cuDNN's LSTM refuses a backward in eval mode: on the GPU the LSTM runs unrolled here
     cuda = any(p.is_cuda for p in params.values())
-    with torch.enable_grad(), (unrolled_lstm(model) if cuda else nullcontext()):
+    with torch.enable_grad(), unrolled_lstm(model) if cuda else nullcontext():
         adapted, losses = inner_loop(model, start, buffers, support, loss_fn, steps, lr, first_order=True)
     return {k: p.detach() for k, p in adapted.items()}, losses
 
@@ -203,7 +204,7 @@ def tasks_batched(model: nn.Module, second_order: bool = True):
 
 def stack_tasks(batches: list[tuple]) -> tuple:
     """Stack the per-task batches ``(local, global, target)`` along a new leading task axis."""
-    return tuple(torch.stack(parts) for parts in zip(*batches))
+    return tuple(torch.stack(parts) for parts in zip(*batches, strict=True))
 
 
 def batched_inner_loop(

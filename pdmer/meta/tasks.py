@@ -5,6 +5,7 @@ inputs are the song's feature steps at the same indices. A *task* (PDMER) is one
 listener: support = one song, query = ``query_songs`` other songs of that listener
 (drawn with replacement when the listener has fewer).
 """
+
 from __future__ import annotations
 
 import logging
@@ -106,7 +107,9 @@ class TaskSampler:
         kept = {a: [c for c in cs if c.n_steps >= self.seq_len] for a, cs in self.curves.items()}
         short = sum(len(cs) for cs in self.curves.values()) - sum(len(cs) for cs in kept.values())
         if short:
-            log.warning("%d training curves shorter than seq_len=%d steps are left out of training", short, self.seq_len)
+            log.warning(
+                "%d training curves shorter than seq_len=%d steps are left out of training", short, self.seq_len
+            )
         self.curves = {a: cs for a, cs in kept.items() if len(cs) >= 2}
         if not self.curves:
             raise DataError(f"no training listener has 2 or more curves of at least {self.seq_len} steps")

@@ -7,6 +7,7 @@ Attention is written out explicitly (no ``scaled_dot_product_attention``): MAML'
 second-order gradients need double backward, which SDPA lacks on the CPU, and the
 diagonal attention loss needs the maps anyway.
 """
+
 from __future__ import annotations
 
 import math
