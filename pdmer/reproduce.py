@@ -153,15 +153,20 @@ def short_commit(table: dict) -> str:
     """The commit(s) the seeds were trained at, e.g. ``085bab3`` or ``085bab3 (seeds 0, 1); cc87c3b (seed 2)``.
 
     A finished seed is reused by later reproductions, so the seeds of one table may come from
-    different commits; the table says so. Tables written before ``trained_at`` existed show the
-    commit the table was written at.
+    different commits; the table says so, and names the commit a seed was evaluated at when it
+    was re-evaluated later (``run.py evaluate``).
     """
-    trained = table.get("trained_at")
-    if not trained:
-        return _commit(table.get("git"))
+    trained = table["trained_at"]
+    evaluated = table.get("evaluated_at") or {}
     groups: dict[str, list[str]] = {}
     for seed, git in trained.items():
-        groups.setdefault(_commit(git), []).append(str(seed))
+        how = _commit(git)
+        ev = evaluated.get(seed)
+        if ev is None:
+            how += ", evaluation commit not recorded"
+        elif _commit(ev) != how:
+            how += f", evaluated at {_commit(ev)}"
+        groups.setdefault(how, []).append(str(seed))
     if len(groups) == 1:
         return next(iter(groups))
     return "; ".join(f"{c} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for c, s in groups.items())
@@ -288,6 +293,8 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "git": git_info(),  # where the table was written
         "trained_at": {str(s): g for s, g in trained.items()},  # where each seed was trained (reused seeds may differ)
+        # where each seed's test results were computed (a run re-evaluated by `run.py evaluate` differs)
+        "evaluated_at": {str(s): results[s].get("evaluated_at") for s in seeds},
         "std": "sample standard deviation over seeds (ddof=1)",
         **aggregate(results),
     }
@@ -315,8 +322,9 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
   model; in `dmer.*` rows it is the plain-DMER model (the *no-adaptation baseline*).
 - **personalized**: the safe personalization rule (`pdmer/personalize.py`): the listener's
   offset, movement scale and MAML adaptation, each weighted by a population weight chosen on
-  validation listeners under the test protocol (only weights that make none of CCC, RMSE, PCC
-  worse by a one-sided test over those listeners are eligible), and, where that choice keeps
+  validation listeners under the test protocol (each scored with up to {draws} support songs in
+  turn; only weights that make none of CCC, RMSE, PCC worse, on average and by a one-sided
+  non-inferiority test over those listeners at a margin of {margin}, are eligible), and, where that choice keeps
   it, only where a held-out later part of the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
   fine-tuned on the support song.
 - **maml**: plain MAML, the model after the inner loop on the listener's support song (in `dmer.*`
@@ -329,6 +337,12 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
 - First- versus second-order MAML: `pdmer.synthetic.dsaml` (first order) against
   `pdmer.synthetic.second_order`.
 """
+
+
+def _readme_head() -> str:
+    from pdmer.personalize import CHOICE_MARGIN, RULE_DRAWS
+
+    return README_HEAD.replace("{draws}", str(RULE_DRAWS)).replace("{margin}", f"{CHOICE_MARGIN:g}")
 
 
 def describe(path: Path) -> str:
@@ -394,7 +408,7 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
                  "command where they are, then `python run.py tables` fills the row.")
     notes = path.parent / "NOTES.md"  # hand-written reading of the table (no numbers are generated from it)
     text = "\n".join([
-        README_HEAD, "## Table", "", data_note, "",
+        _readme_head(), "## Table", "", data_note, "",
         "| experiment | what it tests | command | " + " | ".join(f"{c} CCC" for c in ROW_CONDITIONS)
         + " | gain | personalized worse than generic on | seeds | measured (date, training commit) |",
         "|" + "---|" * (len(ROW_CONDITIONS) + 7), *rows, "",

@@ -33,7 +33,7 @@ from pdmer.data.check import fit_to_audio
 from pdmer.meta.tasks import TaskSampler
 from pdmer.metrics import attention_loss, emotion_loss
 from pdmer.models.dsaml import DSAML, count_parameters
-from pdmer.runs import STATE_PATH, REPO, add_file_log, check_restart, lock_run, prepare_run_dir, RunBusyError, resolve_device, run_dir_for
+from pdmer.runs import STATE_PATH, REPO, add_file_log, check_restart, lock_run, prepare_run_dir, RunBusyError, git_info, resolve_device, run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -610,6 +610,7 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
             for r in per_listener
         },
         "eval_seconds": time.time() - t0,
+        "evaluated_at": git_info(),  # a finished run re-evaluated later (run.py evaluate) differs from run.json's
         **extra,
     }
     if writer is not None:

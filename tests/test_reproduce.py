@@ -130,7 +130,9 @@ def test_the_table_names_the_commit_each_seed_was_trained_at(reproduction):
     finally:
         path.write_text(original)
     assert table["trained_at"]["1"] == {"commit": "f" * 40, "dirty": True}
-    assert "fffffff (uncommitted changes) (seed 1)" in md and "(seed 0)" in md
+    # seed 1's results were computed at another commit than its (edited) training one: both are named
+    assert "fffffff (uncommitted changes), evaluated at " in md and "(seed 1)" in md and "(seed 0)" in md
+    assert table["evaluated_at"]["1"] == json.loads((Path(table["runs"]["1"]) / "results.json").read_text())["evaluated_at"]
     reproduce(NAME, [0, 1], ov)
     assert "(seed" not in (out / "table.md").read_text()  # one commit: named once
 
