@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """pdmer's one entry point: ``python run.py --help``."""
+
 import sys
 
 from pdmer.cli import main

@@ -20,6 +20,7 @@ memory: the subprocess's maximum resident set (CPU) and ``torch.cuda.max_memory_
 (GPU). ``--quick`` (used by the test suite so the script cannot rot) shrinks shapes and repeats;
 its figures are not the benchmark's. The weights are random: speed does not depend on them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,12 +113,17 @@ def section_meta(args) -> dict:
     import torch
 
     from pdmer.meta.maml import meta_step, meta_step_batched
-    from pdmer.train import make_loss_fn
+    from pdmer.training.context import make_loss_fn
 
     cfg, device, model = _setup(args)
     shape = QUICK_META if args.quick else PAPER_META
-    tasks = [(_random_batch(1, shape["seq_len"], model.global_dim, device),
-              _random_batch(shape["query"], shape["seq_len"], model.global_dim, device)) for _ in range(shape["tasks"])]
+    tasks = [
+        (
+            _random_batch(1, shape["seq_len"], model.global_dim, device),
+            _random_batch(shape["query"], shape["seq_len"], model.global_dim, device),
+        )
+        for _ in range(shape["tasks"])
+    ]
     loss_fn = make_loss_fn(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
@@ -140,7 +146,7 @@ def section_dmer(args) -> dict:
     import torch
 
     from pdmer.meta.maml import split_state
-    from pdmer.train import make_loss_fn
+    from pdmer.training.context import make_loss_fn
 
     cfg, device, model = _setup(args)
     songs = 3 if args.quick else 15
@@ -179,7 +185,7 @@ def section_calibrate(args) -> dict:
     from pdmer.meta.maml import adapt
     from pdmer.meta.tasks import make_batch
     from pdmer.personal import song_features
-    from pdmer.train import make_loss_fn
+    from pdmer.training.context import make_loss_fn
 
     cfg, device, model = _setup(args)
     model.eval()
@@ -201,7 +207,7 @@ def section_calibrate(args) -> dict:
 
 
 def section_predict(args) -> dict:
-    from pdmer.evaluate import predict_steps
+    from pdmer.evaluation.inference import predict_steps
     from pdmer.features import FeatureExtractor
     from pdmer.personal import song_features
 
@@ -234,8 +240,20 @@ SECTIONS = {"meta": section_meta, "dmer": section_dmer, "calibrate": section_cal
 
 
 def _sub(args, section: str, **extra) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", section, "--device", args.device,
-           "--size", args.size, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--section",
+        section,
+        "--device",
+        args.device,
+        "--size",
+        args.size,
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     cmd += ["--quick"] if args.quick else []
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -244,8 +262,12 @@ def _sub(args, section: str, **extra) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"benchmark section {section} {extra} failed:\n{p.stderr[-4000:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    print(f"  {section} {' '.join(f'{k}={v}' for k, v in extra.items())}: {out['median']:.3f} s median "
-          f"({time.perf_counter() - t0:.0f} s wall)", file=sys.stderr, flush=True)
+    print(
+        f"  {section} {' '.join(f'{k}={v}' for k, v in extra.items())}: {out['median']:.3f} s median "
+        f"({time.perf_counter() - t0:.0f} s wall)",
+        file=sys.stderr,
+        flush=True,
+    )
     return out
 
 
@@ -256,7 +278,7 @@ def _device_name(device: str) -> str:
         return torch.cuda.get_device_name(0)
     cpu = ""
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor()
     return f"{cpu or 'CPU'}, {torch.get_num_threads()} threads"
@@ -267,10 +289,16 @@ def run_all(args) -> dict:
 
     from pdmer.runs import git_info
 
-    res: dict = {"device": args.device, "device_name": _device_name(args.device), "size": args.size, "quick": args.quick,
-                 "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                 "git": git_info(exclude=("benchmarks/results",)),  # writing one result must not mark the next dirty
-                 "precisions": {}}
+    res: dict = {
+        "device": args.device,
+        "device_name": _device_name(args.device),
+        "size": args.size,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "git": git_info(exclude=("benchmarks/results",)),  # writing one result must not mark the next dirty
+        "precisions": {},
+    }
     for prec in args.precision:
         r = {}
         if "meta" not in args.skip:
@@ -297,10 +325,14 @@ def summarize(res: dict) -> dict:
         s["meta_batched_peak_gib"] = first["meta_batched"].get("peak_gpu_gib", first["meta_batched"]["peak_rss_gib"])
     if "dmer" in first:
         s["dmer_step_s"] = first["dmer"]["median"]
-    s.update({"calibrate_s": res["calibrate"]["median"],
-         "predict_rtf": res["predict"]["rtf"],
-         "predict_peak_rss_gib": res["predict"]["peak_rss_gib"],
-         "predict_long_peak_rss_gib": res["predict_long"]["peak_rss_gib"]})
+    s.update(
+        {
+            "calibrate_s": res["calibrate"]["median"],
+            "predict_rtf": res["predict"]["rtf"],
+            "predict_peak_rss_gib": res["predict"]["peak_rss_gib"],
+            "predict_long_peak_rss_gib": res["predict_long"]["peak_rss_gib"],
+        }
+    )
     if "meta_sequential" in first:
         s["meta_sequential_s"] = first["meta_sequential"]["median"]
         s["meta_speedup"] = s["meta_sequential_s"] / s["meta_batched_s"]
@@ -315,39 +347,63 @@ def table(res: dict) -> str:
     """Markdown table of one benchmark result, with the targets that apply to it."""
     dev, size = res["device"], res["size"]
     gpu = dev == "cuda"
-    mem = (lambda m: f"{m['peak_gpu_gib']:.2f} GiB GPU, {m['peak_rss_gib']:.2f} GiB RSS") if gpu else (lambda m: f"{m['peak_rss_gib']:.2f} GiB RSS")
+    mem = (
+        (lambda m: f"{m['peak_gpu_gib']:.2f} GiB GPU, {m['peak_rss_gib']:.2f} GiB RSS")
+        if gpu
+        else (lambda m: f"{m['peak_rss_gib']:.2f} GiB RSS")
+    )
     rows = []
     for prec, r in res["precisions"].items():
         if "meta_batched" in r:
             sh = r["meta_batched"]["shape"]
             what = f"{sh['tasks']} tasks x {sh['steps']} inner steps, query {sh['query']} x {sh['seq_len']}"
-            rows.append(f"| PDMER meta-batch, tasks batched ({prec}; {what}) | {fmt_time(r['meta_batched'])} | {mem(r['meta_batched'])} |")
+            rows.append(
+                f"| PDMER meta-batch, tasks batched ({prec}; {what}) | {fmt_time(r['meta_batched'])} | {mem(r['meta_batched'])} |"
+            )
         if "meta_sequential" in r:
             ratio = r["meta_sequential"]["median"] / r["meta_batched"]["median"]
-            rows.append(f"| PDMER meta-batch, tasks one by one ({prec}) | {fmt_time(r['meta_sequential'])} | {mem(r['meta_sequential'])} |")
+            rows.append(
+                f"| PDMER meta-batch, tasks one by one ({prec}) | {fmt_time(r['meta_sequential'])} | {mem(r['meta_sequential'])} |"
+            )
             rows.append(f"| batched speed-up over one by one ({prec}) | {ratio:.2f}x | |")
         if "dmer" in r:
-            rows.append(f"| DMER train step ({prec}; {r['dmer']['songs']} songs x 60 steps) | {fmt_time(r['dmer'])} | {mem(r['dmer'])} |")
+            rows.append(
+                f"| DMER train step ({prec}; {r['dmer']['songs']} songs x 60 steps) | {fmt_time(r['dmer'])} | {mem(r['dmer'])} |"
+            )
     c, p, q = res["calibrate"], res["predict"], res["predict_long"]
-    rows.append(f"| one-shot calibration, 30 s song (WAV -> adapted weights, {c['inner_steps']} steps) | {fmt_time(c)} | {mem(c)} |")
-    rows.append(f"| prediction, {p['song_s'] / 60:.0f}-min song (WAV -> curve) | {fmt_time(p)} = **{p['rtf']:.0f}x real time** | {mem(p)} |")
-    rows.append(f"| of which: decoding + features / the model's sliding windows | {p['features_median']:.3f} s / {p['model_median']:.3f} s | |")
-    rows.append(f"| prediction, {q['song_s'] / 60:.0f}-min song (memory against song length) | {fmt_time(q)} = {q['rtf']:.0f}x real time | {mem(q)} |")
-    head = (f"**{dev}, size {size}{', quick' if res['quick'] else ''}**: {res['device_name']}; torch {res['torch']}; "
-            f"{res['date']}, commit {(res['git']['commit'] or 'unknown')[:7]}{' (uncommitted changes)' if res['git']['dirty'] else ''}")
+    rows.append(
+        f"| one-shot calibration, 30 s song (WAV -> adapted weights, {c['inner_steps']} steps) | {fmt_time(c)} | {mem(c)} |"
+    )
+    rows.append(
+        f"| prediction, {p['song_s'] / 60:.0f}-min song (WAV -> curve) | {fmt_time(p)} = **{p['rtf']:.0f}x real time** | {mem(p)} |"
+    )
+    rows.append(
+        f"| of which: decoding + features / the model's sliding windows | {p['features_median']:.3f} s / {p['model_median']:.3f} s | |"
+    )
+    rows.append(
+        f"| prediction, {q['song_s'] / 60:.0f}-min song (memory against song length) | {fmt_time(q)} = {q['rtf']:.0f}x real time | {mem(q)} |"
+    )
+    head = (
+        f"**{dev}, size {size}{', quick' if res['quick'] else ''}**: {res['device_name']}; torch {res['torch']}; "
+        f"{res['date']}, commit {(res['git']['commit'] or 'unknown')[:7]}{' (uncommitted changes)' if res['git']['dirty'] else ''}"
+    )
     lines = [head, "", "| measurement | time: median (min-max, repeats) | peak memory |", "|---|---|---|", *rows]
     checks = []
     for (key, d, sz), (bound, unit, how) in TARGETS.items():
         if d == dev and sz == size and key in res["summary"]:
             v = res["summary"][key]
             ok = v <= bound if how == "max" else v >= bound
-            checks.append(f"- target {key} {'<=' if how == 'max' else '>='} {bound:g} {unit}: measured {v:.3g} -> "
-                          f"**{'met' if ok else 'NOT met'}**")
+            checks.append(
+                f"- target {key} {'<=' if how == 'max' else '>='} {bound:g} {unit}: measured {v:.3g} -> "
+                f"**{'met' if ok else 'NOT met'}**"
+            )
     key = "peak_gpu_gib" if gpu else "peak_rss_gib"
     growth = q[key] / p[key]
-    checks.append(f"- prediction memory flat in song length: peak {p[key]:.2f} GiB for {p['song_s']:.0f} s, "
-                  f"{q[key]:.2f} GiB for {q['song_s']:.0f} s ({growth:.2f}x for {q['song_s'] / p['song_s']:.0f}x the "
-                  f"audio) -> **{'flat' if growth < 1.2 else 'NOT flat'}**")
+    checks.append(
+        f"- prediction memory flat in song length: peak {p[key]:.2f} GiB for {p['song_s']:.0f} s, "
+        f"{q[key]:.2f} GiB for {q['song_s']:.0f} s ({growth:.2f}x for {q['song_s'] / p['song_s']:.0f}x the "
+        f"audio) -> **{'flat' if growth < 1.2 else 'NOT flat'}**"
+    )
     lines += ["", *checks]
     return "\n".join(lines)
 
@@ -367,19 +423,30 @@ def write_readme(path: Path = HERE / "README.md") -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     ap.add_argument("--size", choices=["small", "paper"], default="small")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat (a smoke test, not figures)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats after one warm-up (default 5; quick 2)")
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     ap.add_argument("--no-sequential", dest="sequential", action="store_false", help="skip the one-by-one meta-batch")
-    ap.add_argument("--skip", nargs="+", choices=["meta", "dmer"], default=[],
-                    help="leave out these (e.g. meta at paper size on a CPU: minutes per meta-batch)")
+    ap.add_argument(
+        "--skip",
+        nargs="+",
+        choices=["meta", "dmer"],
+        default=[],
+        help="leave out these (e.g. meta at paper size on a CPU: minutes per meta-batch)",
+    )
     ap.add_argument("--task-chunk", type=int, default=0, help="meta.task_chunk of the batched meta-batch (0 = all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>-<size>.json)")
-    ap.add_argument("--readme", action="store_true", help="only regenerate benchmarks/README.md's figures from the saved JSON")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<device>-<size>.json)"
+    )
+    ap.add_argument(
+        "--readme", action="store_true", help="only regenerate benchmarks/README.md's figures from the saved JSON"
+    )
     # internal: one measurement in this process
     ap.add_argument("--section", choices=sorted(SECTIONS), help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="batched", help=argparse.SUPPRESS)

@@ -14,6 +14,7 @@ they do to the test listeners: the mean CCC gain with its 95 % interval (normal 
 over listeners' parts), and the metrics on which the interval lies wholly on the bad side.
 It is a development tool: the table rows are made by ``run.py reproduce``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ Z95 = 1.96
 
 # --- dump --------------------------------------------------------------------------------------
 
+
 def _flatten(parts: list[P.Parts]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for i, p in enumerate(parts):
@@ -41,7 +43,7 @@ def _flatten(parts: list[P.Parts]) -> dict[str, np.ndarray]:
             c = p.check
             out[f"{i}_check"] = np.stack([c.ratings, c.generic, c.adapted]).astype(np.float64)
             out[f"{i}_check_support"] = np.stack([c.support.offset, c.support.scale])
-        for j, (sid, (r, g, a)) in enumerate(p.queries.items()):
+        for j, (r, g, a) in enumerate(p.queries.values()):
             out[f"{i}_q{j}"] = np.stack([r, g, a]).astype(np.float64)
     out["n"] = np.array(len(parts))
     out["listeners"] = np.array([p.listener for p in parts], dtype=str)
@@ -69,9 +71,10 @@ def _unflatten(z) -> list[P.Parts]:
 def dump(run: Path, overrides: list[str] = (), tag: str = "") -> None:
     from pdmer.checkpoint import load_weights
     from pdmer.config import config_hash
+    from pdmer.evaluation.split import evaluate_split, rule_parts
     from pdmer.personalize import Weights
     from pdmer.runs import load_run_config
-    from pdmer.train import build_context, build_model, evaluate_split, rule_parts
+    from pdmer.training.context import build_context, build_model
 
     cfg = load_run_config(run)
     if overrides:  # evaluation-time settings only (e.g. meta.inner_steps=10): the weights are the run's
@@ -102,6 +105,7 @@ def dump(run: Path, overrides: list[str] = (), tag: str = "") -> None:
 
 # --- choices -----------------------------------------------------------------------------------
 
+
 def _bounds(ch: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
     mean = ch.mean(0)
     se = ch.std(0, ddof=1) / np.sqrt(len(ch)) if len(ch) > 1 else np.full(ch.shape[1], np.inf)
@@ -117,8 +121,14 @@ def rule_superiority(ch, z=P.CHOICE_Z):
 def rule_not_significantly_worse(ch, z=P.CHOICE_Z):
     """No metric significantly worse (the good-side bound reaches 0) and no mean worse."""
     m, h = _bounds(ch, z)
-    return (m[0] >= -P.TOL and m[1] <= P.TOL and m[2] >= -P.TOL
-            and m[0] + h[0] >= 0 and m[1] - h[1] <= 0 and m[2] + h[2] >= 0)
+    return (
+        m[0] >= -P.TOL
+        and m[1] <= P.TOL
+        and m[2] >= -P.TOL
+        and m[0] + h[0] >= 0
+        and m[1] - h[1] <= 0
+        and m[2] + h[2] >= 0
+    )
 
 
 def rule_rmse_confident(ch, z=P.CHOICE_Z):
@@ -129,17 +139,25 @@ def rule_rmse_confident(ch, z=P.CHOICE_Z):
 
 def rule_margin(delta, z=P.CHOICE_Z):
     """Non-inferiority at margin ``delta``: each metric's mean no worse, its bad-side bound within ``delta``."""
+
     def f(ch):
         m, h = _bounds(ch, z)
-        return (m[0] >= -P.TOL and m[1] <= P.TOL and m[2] >= -P.TOL
-                and m[0] - h[0] >= -delta and m[1] + h[1] <= delta and m[2] - h[2] >= -delta)
+        return (
+            m[0] >= -P.TOL
+            and m[1] <= P.TOL
+            and m[2] >= -P.TOL
+            and m[0] - h[0] >= -delta
+            and m[1] + h[1] <= delta
+            and m[2] - h[2] >= -delta
+        )
+
     return f
 
 
 def choose(parts, safe, use_gate=True, objective=P.objective, grid=P.GRID):
     """Weights per dimension maximizing ``objective(changes)`` among the ``safe(changes)`` points."""
     best_total, best_w = -np.inf, None
-    for gated in ((True, False) if use_gate else (False,)):
+    for gated in (True, False) if use_gate else (False,):
         w = P.Weights(gate=gated)
         cache: dict = {}
         total = 0.0
@@ -167,9 +185,11 @@ def mean_objective(ch):
 
 def lcb_objective(z):
     """The objective's lower confidence bound over the listeners' parts (a pessimistic choice)."""
+
     def f(ch):
         o = ch[:, 0] - ch[:, 1]
         return float(o.mean() - z * o.std(ddof=1) / np.sqrt(len(o))) if len(o) > 1 else -np.inf
+
     return f
 
 
@@ -190,8 +210,13 @@ def score_test(parts, w: P.Weights) -> dict:
     who = [p.listener for p in parts]
     per = [P.by_listener(P._dim_scores(parts, d, w.of(d), w.gate, cache), who) for d in range(2)]  # 2 x (n, 3)
     ccc = (per[0][:, 0] + per[1][:, 0]) / 2
-    out = {"gain": float(ccc.mean()), "ci": (float(ccc.mean() - Z95 * ccc.std(ddof=1) / np.sqrt(len(ccc))),
-                                             float(ccc.mean() + Z95 * ccc.std(ddof=1) / np.sqrt(len(ccc))))}
+    out = {
+        "gain": float(ccc.mean()),
+        "ci": (
+            float(ccc.mean() - Z95 * ccc.std(ddof=1) / np.sqrt(len(ccc))),
+            float(ccc.mean() + Z95 * ccc.std(ddof=1) / np.sqrt(len(ccc))),
+        ),
+    }
     bad = []
     for d, label in enumerate(LABELS):
         for k, name, sign in ((0, "ccc", 1), (1, "rmse", -1), (2, "pcc", 1)):
@@ -215,22 +240,30 @@ def compare(runs: list[Path], tag: str = "") -> None:
                 w = choose(val, spec["safe"], objective=spec["objective"])
             s = score_test(test, w)
             ws = " ".join(f"{c}={getattr(w, c)}" for c in P.COMPONENTS)
-            print(f"  {name:26s} gate={int(w.gate)} {ws}\n      test gain {s['gain']:+.4f} "
-                  f"[{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] rmse change {s['rmse'][0]:+.4f}/{s['rmse'][1]:+.4f} "
-                  f"worse: {', '.join(s['worse']) or 'none'}")
+            print(
+                f"  {name:26s} gate={int(w.gate)} {ws}\n      test gain {s['gain']:+.4f} "
+                f"[{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] rmse change {s['rmse'][0]:+.4f}/{s['rmse'][1]:+.4f} "
+                f"worse: {', '.join(s['worse']) or 'none'}"
+            )
         # the references: plain MAML (maml weight 1, no check) and offset only
-        for name, w in (("plain maml", P.Weights(maml=[1.0, 1.0], gate=False)),
-                        ("offset only", P.Weights(offset=[1.0, 1.0], gate=False))):
+        for name, w in (
+            ("plain maml", P.Weights(maml=[1.0, 1.0], gate=False)),
+            ("offset only", P.Weights(offset=[1.0, 1.0], gate=False)),
+        ):
             s = score_test(test, w)
-            print(f"  {name:26s} test gain {s['gain']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] "
-                  f"rmse change {s['rmse'][0]:+.4f}/{s['rmse'][1]:+.4f} worse: {', '.join(s['worse']) or 'none'}")
+            print(
+                f"  {name:26s} test gain {s['gain']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] "
+                f"rmse change {s['rmse'][0]:+.4f}/{s['rmse'][1]:+.4f} worse: {', '.join(s['worse']) or 'none'}"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("dump", "compare"))
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--set", nargs="*", default=[], help="evaluation-time overrides for dump (e.g. meta.inner_steps=10)")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="evaluation-time overrides for dump (e.g. meta.inner_steps=10)"
+    )
     ap.add_argument("--tag", default="", help="suffix of the parts files (one per set of overrides)")
     args = ap.parse_args()
     if args.what == "dump":

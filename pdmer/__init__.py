@@ -1,4 +1,5 @@
 """pdmer: personalized dynamic music emotion recognition (DSAML)."""
+
 __version__ = "0.1.0"
 
 # The Python API behind ``python run.py calibrate`` / ``predict`` (pdmer.personal), imported

@@ -1,4 +1,5 @@
 """Model checkpoints as safetensors (never pickle), written atomically."""
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"pdmer": json.dumps(meta or {}, default=float)}))
+    atomic_write(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata={"pdmer": json.dumps(meta or {}, default=float)})
+    )
 
 
 def load_tensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:

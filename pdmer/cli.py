@@ -36,7 +36,7 @@ def _print_results(run: Path) -> None:
 def cmd_train(args) -> int:
     from pdmer.config import load_config
     from pdmer.runs import run_dir_for
-    from pdmer.train import train
+    from pdmer.training import train
 
     cfg = load_config(args.experiment, args.overrides)
     run = run_dir_for(cfg)
@@ -89,7 +89,7 @@ def cmd_tables(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pdmer.train import evaluate_run
+    from pdmer.evaluation import evaluate_run
 
     run = Path(args.run_dir)
     evaluate_run(run, args.split)
@@ -534,7 +534,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pdmer.personal import ProfileError
 
     # OSError: a path that is missing, a folder where a file is expected, no permission, a full disk;
-    # FloatingPointError: training diverged (pdmer.train), a matter of settings
+    # FloatingPointError: training diverged (pdmer.training), a matter of settings
     return ConfigError, DataError, CheckpointError, ProfileError, OSError, yaml.YAMLError, FloatingPointError
 
 

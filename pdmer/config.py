@@ -7,6 +7,7 @@ an unknown key or a value of the wrong type is an error that names the key.
 The run folder is ``runs/<experiment>-<hash>`` where the hash covers everything that can
 change a result; device, threads, logging and output paths stay out of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,7 +84,9 @@ class DeamConfig:
     test_last_id: int = 2058
     clip_steps: Optional[int] = 60  # clip curves cut to this many steps from clip_start_s (null: whole)
     clip_start_s: float = 15.0
-    flat_mad: Optional[float] = 0.01  # drop a curve whose mean |x - mean| over its first flat_window values is below (null: off)
+    flat_mad: Optional[float] = (
+        0.01  # drop a curve whose mean |x - mean| over its first flat_window values is below (null: off)
+    )
     flat_window: int = 60
     min_songs_per_listener: int = 16  # authors: annotators with 15 songs or fewer are dropped
     min_songs_scope: str = "all"  # all | train: which songs count towards min_songs_per_listener
@@ -170,7 +173,15 @@ class ModelConfig:
 
 
 PAPER_MODEL = dict(
-    hidden=1024, layers=3, heads=16, ff=2048, dropout=0.1, lstm_hidden=256, head_hidden=256, local_pool_time=1, local_pool_freq=1
+    hidden=1024,
+    layers=3,
+    heads=16,
+    ff=2048,
+    dropout=0.1,
+    lstm_hidden=256,
+    head_hidden=256,
+    local_pool_time=1,
+    local_pool_freq=1,
 )
 
 
@@ -356,8 +367,10 @@ def _load_yaml(path: Path):
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"{path}: expected a mapping of config keys (e.g. `train: {{iterations: 100}}`), "
-                          f"got a {type(node).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of config keys (e.g. `train: {{iterations: 100}}`), "
+            f"got a {type(node).__name__}"
+        )
     return node
 
 
@@ -390,10 +403,15 @@ class Bound:
     lt: float | None = None
 
     def text(self) -> str:
-        parts = [f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else "",
-                 f"<= {self.le:g}" if self.le is not None else "", f"< {self.lt:g}" if self.lt is not None else ""]
+        parts = [
+            f">= {self.ge:g}" if self.ge is not None else "",
+            f"> {self.gt:g}" if self.gt is not None else "",
+            f"<= {self.le:g}" if self.le is not None else "",
+            f"< {self.lt:g}" if self.lt is not None else "",
+        ]
         return ("an integer" if self.integer else "a finite number") + "".join(
-            f"{' ' if i == 0 else ' and '}{p}" for i, p in enumerate(q for q in parts if q))
+            f"{' ' if i == 0 else ' and '}{p}" for i, p in enumerate(q for q in parts if q)
+        )
 
     def accepts(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -402,8 +420,12 @@ class Bound:
             return False
         if not math.isfinite(value):
             return False
-        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
 
 
 POSITIVE, NONNEGATIVE, AT_LEAST_1 = Bound(gt=0), Bound(ge=0), Bound(integer=True, ge=1)
@@ -514,16 +536,19 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("model.use_local_attention and model.use_global_attention cannot both be false")
     d = cfg.data.deam
     if d.test_last_id < d.test_first_id or d.test_first_id <= d.train_max_id:
-        raise ConfigError(f"data.deam: test ids {d.test_first_id}..{d.test_last_id} must be a non-empty range above "
-                          f"train_max_id={d.train_max_id}")
+        raise ConfigError(
+            f"data.deam: test ids {d.test_first_id}..{d.test_last_id} must be a non-empty range above "
+            f"train_max_id={d.train_max_id}"
+        )
     if d.clip_steps is not None and d.clip_steps < 1:
         raise ConfigError("data.deam.clip_steps must be >= 1 (or null to keep whole curves)")
     if d.flat_mad is not None and not Bound(ge=0).accepts(d.flat_mad):
         raise ConfigError(f"data.deam.flat_mad={d.flat_mad!r} must be a finite number >= 0 (or null: off)")
     lw = cfg.train.loss_weights
     if len(lw) != 3 or not all(Bound(ge=0).accepts(x) for x in lw) or sum(lw) <= 0:
-        raise ConfigError(f"train.loss_weights={list(lw)!r} must be three finite numbers >= 0 (CCC, PCC, 1 - RMSE), "
-                          "not all 0")
+        raise ConfigError(
+            f"train.loss_weights={list(lw)!r} must be three finite numbers >= 0 (CCC, PCC, 1 - RMSE), not all 0"
+        )
 
 
 def _get(cfg: Any, dotted: str) -> Any:

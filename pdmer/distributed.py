@@ -11,6 +11,7 @@ Without torchrun's environment (``WORLD_SIZE`` unset or 1) every function here i
 leaves a one-process run bit-identical. gloo on the CPU, NCCL on CUDA (one GPU per process:
 ``cuda`` is the process's ``LOCAL_RANK`` device).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -107,7 +108,7 @@ def main_first() -> Iterator[None]:
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's contiguous share of ``items`` (sizes differ by at most one)."""
     n, w, r = len(items), world_size(), rank()
-    return list(items[r * n // w:(r + 1) * n // w])
+    return list(items[r * n // w : (r + 1) * n // w])
 
 
 def check_shardable(n_tasks: int) -> None:
@@ -115,8 +116,10 @@ def check_shardable(n_tasks: int) -> None:
     if world_size() > n_tasks:
         from pdmer.config import ConfigError
 
-        raise ConfigError(f"meta.tasks_per_batch={n_tasks} is smaller than the {world_size()} processes: every process "
-                          f"needs at least one task; raise meta.tasks_per_batch or start fewer processes")
+        raise ConfigError(
+            f"meta.tasks_per_batch={n_tasks} is smaller than the {world_size()} processes: every process "
+            f"needs at least one task; raise meta.tasks_per_batch or start fewer processes"
+        )
 
 
 def seed_step(seed: int, iteration: int) -> None:
@@ -139,7 +142,7 @@ def _grads(params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
 def _set_grads(params: list[nn.Parameter], flat: torch.Tensor, has: torch.Tensor) -> None:
     i = 0
     for p, h in zip(params, has.tolist()):
-        g = flat[i:i + p.numel()].view_as(p)
+        g = flat[i : i + p.numel()].view_as(p)
         i += p.numel()
         p.grad = g.to(p.dtype).clone() if h else None
 
@@ -166,10 +169,10 @@ def average_task_gradients(model: nn.Module, stats: dict, mine: int, total: int)
     dist.all_reduce(packed)
     has = has.to(dev)
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
-    _set_grads(params, packed[:flat.numel()].to(flat.device), has)
+    _set_grads(params, packed[: flat.numel()].to(flat.device), has)
     out, i = dict(stats), flat.numel()
     for k, x in zip(keys, losses):
-        out[k] = packed[i:i + x.numel()].reshape(torch.as_tensor(stats[k]).shape).to(torch.as_tensor(stats[k]).device)
+        out[k] = packed[i : i + x.numel()].reshape(torch.as_tensor(stats[k]).shape).to(torch.as_tensor(stats[k]).device)
         i += x.numel()
     return out
 
@@ -234,9 +237,19 @@ def share_state(model: nn.Module, optimizer: torch.optim.Optimizer, sampler, sta
         for t in model.state_dict().values():
             _broadcast_(t)
     opt = optimizer.state_dict()
-    spec = [[int(i), name, list(v.shape), str(v.dtype).removeprefix("torch."), v.device.type]
-            for i, st in opt["state"].items() for name, v in st.items() if torch.is_tensor(v)] if is_main() else None
-    head = broadcast_json({"start": start, "optim": spec, "sampler": sampler.rng.bit_generator.state} if is_main() else None)
+    spec = (
+        [
+            [int(i), name, list(v.shape), str(v.dtype).removeprefix("torch."), v.device.type]
+            for i, st in opt["state"].items()
+            for name, v in st.items()
+            if torch.is_tensor(v)
+        ]
+        if is_main()
+        else None
+    )
+    head = broadcast_json(
+        {"start": start, "optim": spec, "sampler": sampler.rng.bit_generator.state} if is_main() else None
+    )
     if head["optim"]:
         state: dict[int, dict] = {}
         for i, name, shape, dtype, device in head["optim"]:
@@ -288,7 +301,9 @@ def merge_running_stats(model: nn.Module, before: list | None, tasks: list | Non
     dev = _device()
     for m, (mean0, var0, n0) in zip(norms, before):
         if m.momentum is None:
-            raise NotImplementedError("BatchNorm with momentum=None (a cumulative average) is not merged over processes")
+            raise NotImplementedError(
+                "BatchNorm with momentum=None (a cumulative average) is not merged over processes"
+            )
         c = mean0.numel()
         k = (m.num_batches_tracked - n0).to(torch.float64).reshape(1)
         pack = torch.cat([m.running_mean.to(torch.float64), m.running_var.to(torch.float64), k]).to(dev)
@@ -301,7 +316,7 @@ def merge_running_stats(model: nn.Module, before: list | None, tasks: list | Non
             kr = int(p[-1].item())
             decay = (1.0 - m.momentum) ** kr
             mean = p[:c] + decay * (mean - s_mean)
-            var = p[c:2 * c] + decay * (var - s_var)
+            var = p[c : 2 * c] + decay * (var - s_var)
             total += kr
         with torch.no_grad():
             m.running_mean.copy_(mean)

@@ -3,6 +3,7 @@
 Metrics are computed per song (per sequence) and then averaged over songs, never pooled
 over frames (dsaml.md, 'Loss and metrics').
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +47,10 @@ def average(per_song: list[dict[str, float]]) -> dict[str, float]:
     if not per_song:
         return {}
     keys = per_song[0].keys()
-    out = {k: float(np.nanmean([m[k] for m in per_song])) if any(np.isfinite(m[k]) for m in per_song) else float("nan") for k in keys}
+    out = {
+        k: float(np.nanmean([m[k] for m in per_song])) if any(np.isfinite(m[k]) for m in per_song) else float("nan")
+        for k in keys
+    }
     out["ccc_mean"] = (out["ccc_arousal"] + out["ccc_valence"]) / 2
     out["n_songs"] = len(per_song)
     return out
@@ -71,7 +75,9 @@ def batch_terms(pred: Tensor, target: Tensor, eps: float = 1e-8) -> dict[str, Te
     return {"rmse": rmse, "pcc": pcc, "ccc": ccc}
 
 
-def emotion_loss(pred: Tensor, target: Tensor, flat_std: float = 0.0, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Tensor:
+def emotion_loss(
+    pred: Tensor, target: Tensor, flat_std: float = 0.0, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> Tensor:
     """1 - mean(CCC, PCC, 1 - RMSE) over arousal and valence, per sequence, averaged over the batch.
 
     ``flat_std`` > 0: where a sequence's target barely moves (its std over the sequence below
@@ -91,7 +97,9 @@ def emotion_loss(pred: Tensor, target: Tensor, flat_std: float = 0.0, weights: t
     return 1 - score.mean()
 
 
-def attention_loss(attn_local: Tensor | None, attn_global: Tensor | None, local_target: float = 0.9, global_target: float = 0.1) -> Tensor:
+def attention_loss(
+    attn_local: Tensor | None, attn_global: Tensor | None, local_target: float = 0.9, global_target: float = 0.1
+) -> Tensor:
     """MSE of the batch-averaged last-layer attention diagonals against 0.9 (local) and 0.1 (global)."""
     loss = torch.zeros(())
     if attn_local is not None:

@@ -33,6 +33,7 @@ validation listeners too: where the population weights alone already help (a lis
 within a song) the check only turns away listeners it would have helped. A support song that says little about its listener (ratings unrelated to the
 music, or a listener who matches the generic curve) thus leaves the generic curve as it was.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -102,8 +103,9 @@ class Support:
         return {"offset": self.offset.tolist(), "scale": self.scale.tolist()}
 
 
-def combine(generic: np.ndarray, adapted: np.ndarray, support: Support, weights: Weights,
-            use: np.ndarray | None = None) -> np.ndarray:
+def combine(
+    generic: np.ndarray, adapted: np.ndarray, support: Support, weights: Weights, use: np.ndarray | None = None
+) -> np.ndarray:
     """The personal curve (T, 2) from the generic and adapted curves (module docstring).
 
     ``use`` (2,) bool: the dimensions that passed the held-out check (False: generic).
@@ -112,8 +114,9 @@ def combine(generic: np.ndarray, adapted: np.ndarray, support: Support, weights:
     for d in range(2):
         if use is not None and not use[d]:
             continue
-        out[:, d] = _personal_1d(generic[:, d].astype(np.float64), adapted[:, d], support.offset[d], support.scale[d],
-                                 weights.of(d))
+        out[:, d] = _personal_1d(
+            generic[:, d].astype(np.float64), adapted[:, d], support.offset[d], support.scale[d], weights.of(d)
+        )
     return out
 
 
@@ -137,7 +140,9 @@ def _metrics_1d(p: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
     return float(np.sqrt(np.mean((p - t) ** 2))), float(pcc), float(ccc)
 
 
-def _personal_1d(g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: tuple[float, float, float]) -> np.ndarray:
+def _personal_1d(
+    g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: tuple[float, float, float]
+) -> np.ndarray:
     m = g.mean()
     return m + scale ** w[1] * (g - m) + w[2] * (a - g) + w[0] * offset
 
@@ -178,8 +183,9 @@ class Parts:
     listener: str = ""  # whose: the choice's test averages a listener's parts first ("" = a listener of its own)
 
 
-def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool,
-                generic_cache: dict) -> np.ndarray:
+def _dim_scores(
+    parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool, generic_cache: dict
+) -> np.ndarray:
     """Per listener, (CCC gain, RMSE change, PCC change) in dimension ``d`` for weights ``w``: (n, 3)."""
     out = np.zeros((len(parts), 3))
     for i, p in enumerate(parts):
@@ -191,14 +197,19 @@ def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_g
             if key not in generic_cache:
                 generic_cache[key] = _metrics_1d(g[:, d].astype(np.float64), ratings[:, d].astype(np.float64))
             rg, pg, cg = generic_cache[key]
-            rp, pp, cp = _metrics_1d(_personal_1d(g[:, d].astype(np.float64), a[:, d], p.support.offset[d],
-                                                  p.support.scale[d], w), ratings[:, d].astype(np.float64))
+            rp, pp, cp = _metrics_1d(
+                _personal_1d(g[:, d].astype(np.float64), a[:, d], p.support.offset[d], p.support.scale[d], w),
+                ratings[:, d].astype(np.float64),
+            )
             c.append(cp - cg)
             r.append(rp - rg)
             if np.isfinite(pp) and np.isfinite(pg):
                 q.append(pp - pg)
-        out[i] = (float(np.nanmean(c)) if np.isfinite(c).any() else 0.0, float(np.mean(r)),
-                  float(np.mean(q)) if q else 0.0)
+        out[i] = (
+            float(np.nanmean(c)) if np.isfinite(c).any() else 0.0,
+            float(np.mean(r)),
+            float(np.mean(q)) if q else 0.0,
+        )
     return out
 
 
@@ -239,8 +250,9 @@ def objective(scores: tuple[float, float, float]) -> float:
     return scores[0] - scores[1]
 
 
-def choose_weights(parts: list[Parts], chosen_on: str = "", grid: tuple[float, ...] = GRID, use_gate: bool = True
-                   ) -> tuple[Weights, dict]:
+def choose_weights(
+    parts: list[Parts], chosen_on: str = "", grid: tuple[float, ...] = GRID, use_gate: bool = True
+) -> tuple[Weights, dict]:
     """The population weights, per dimension: the best CCC gain plus RMSE reduction, nothing worse.
 
     Every grid point ``w`` is scored on ``parts`` by each listener's change of CCC, RMSE and PCC
@@ -264,13 +276,18 @@ def choose_weights(parts: list[Parts], chosen_on: str = "", grid: tuple[float, .
         (weights, report): the report lists, per dimension, the chosen point and its scores, and
         the best point when the constraints are ignored (what they cost), with and without the check.
     """
-    report: dict = {"grid": list(grid), "listeners": len({p.listener or f"#{i}" for i, p in enumerate(parts)}),
-                    "parts": len(parts), "objective": "ccc_gain - rmse_change", "margin": CHOICE_MARGIN}
+    report: dict = {
+        "grid": list(grid),
+        "listeners": len({p.listener or f"#{i}" for i, p in enumerate(parts)}),
+        "parts": len(parts),
+        "objective": "ccc_gain - rmse_change",
+        "margin": CHOICE_MARGIN,
+    }
     if not parts:
         report["note"] = "no listener to choose on: generic"
         return Weights(chosen_on=chosen_on, gate=use_gate), report
     options = {}
-    for gated in ((True, False) if use_gate else (False,)):
+    for gated in (True, False) if use_gate else (False,):
         options[gated] = _choose(parts, grid, gated, Weights(chosen_on=chosen_on, gate=gated))
     gated = max(options, key=lambda g: (round(options[g][2], 12), g))  # the check wins ties
     weights, dims, _ = options[gated]
@@ -280,7 +297,9 @@ def choose_weights(parts: list[Parts], chosen_on: str = "", grid: tuple[float, .
     return weights, report
 
 
-def _choose(parts: list[Parts], grid: tuple[float, ...], use_gate: bool, weights: Weights) -> tuple[Weights, dict, float]:
+def _choose(
+    parts: list[Parts], grid: tuple[float, ...], use_gate: bool, weights: Weights
+) -> tuple[Weights, dict, float]:
     cache: dict = {}
     dims: dict = {}
     total = 0.0
@@ -299,19 +318,28 @@ def _choose(parts: list[Parts], grid: tuple[float, ...], use_gate: bool, weights
         (w_off, w_scale, w_maml), scores = best
         weights.offset[d], weights.scale[d], weights.maml[d] = w_off, w_scale, w_maml
         total += objective(scores)
-        dims[label] = {"weights": dict(zip(COMPONENTS, best[0])), "ccc_gain": scores[0], "rmse_change": scores[1],
-                       "pcc_change": scores[2], "unconstrained": {"weights": dict(zip(COMPONENTS, best_free[0])),
-                                                                  "ccc_gain": best_free[1][0],
-                                                                  "rmse_change": best_free[1][1],
-                                                                  "pcc_change": best_free[1][2]}}
+        dims[label] = {
+            "weights": dict(zip(COMPONENTS, best[0])),
+            "ccc_gain": scores[0],
+            "rmse_change": scores[1],
+            "pcc_change": scores[2],
+            "unconstrained": {
+                "weights": dict(zip(COMPONENTS, best_free[0])),
+                "ccc_gain": best_free[1][0],
+                "rmse_change": best_free[1][1],
+                "pcc_change": best_free[1][2],
+            },
+        }
     return weights, dims, total
 
 
 def describe(weights: Weights, use: np.ndarray) -> str:
     """One line a listener can read: how much was personalized, and why."""
     if weights.is_generic():
-        return ("the base model's validation listeners gained nothing from any personal component under this protocol, "
-                "so your curve is the generic one")
+        return (
+            "the base model's validation listeners gained nothing from any personal component under this protocol, "
+            "so your curve is the generic one"
+        )
     parts = []
     for d, label in enumerate(LABELS):
         w = dict(zip(("offset", "scale", "maml"), weights.of(d)))
@@ -322,4 +350,3 @@ def describe(weights: Weights, use: np.ndarray) -> str:
         else:
             parts.append(f"{label}: personal ({', '.join(f'{k} {v:g}' for k, v in w.items() if v)})")
     return "; ".join(parts)
-

@@ -8,6 +8,7 @@
   features to the average curve of the training listeners (the training songs only, in a
   song split), its penalty chosen by leave-songs-out cross-validation on those songs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,8 +85,13 @@ class RidgeProbe:
         z = (x - self.mean) / self.std
         self.alpha, self.cv = self._choose_alpha(z, y, g, seed)
         self.coef, self.bias = self._fit(z, y, self.alpha)
-        log.info("ridge probe: %d steps of %d songs, alpha %g (leave-songs-out CV RMSE %s)", len(x), len(xs), self.alpha,
-                 {a: round(v, 4) for a, v in self.cv.items()})
+        log.info(
+            "ridge probe: %d steps of %d songs, alpha %g (leave-songs-out CV RMSE %s)",
+            len(x),
+            len(xs),
+            self.alpha,
+            {a: round(v, 4) for a, v in self.cv.items()},
+        )
 
     @staticmethod
     def _fit(z: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:

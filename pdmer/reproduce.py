@@ -11,6 +11,7 @@ last training state.
 files: one row per experiment file, "not run yet" where there is no reproduction of the
 experiment's own config (no numbers are ever typed by hand).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from pdmer import paths
-from pdmer.io import atomic_write_text
 from pdmer.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, load_config
+from pdmer.io import atomic_write_text
 from pdmer.runs import REPO, git_info, run_dir_for
 
 log = logging.getLogger(__name__)
@@ -114,20 +115,27 @@ def format_reproduction(table: dict) -> str:
     """Markdown: one row per condition, mean ± std over seeds of every metric."""
     seeds = ", ".join(str(s) for s in table["seeds"])
     over = " ".join(table.get("overrides") or [])
-    lines = [f"**{table['experiment']}**: test metrics, mean ± std (ddof=1) over seeds {seeds}; "
-             f"{table['date']}, trained at commit {short_commit(table)}" + (f"; overrides `{over}`" if over else ""), "",
-             "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
-             "|" + "---|" * (len(METRICS) + 1)]
+    lines = [
+        f"**{table['experiment']}**: test metrics, mean ± std (ddof=1) over seeds {seeds}; "
+        f"{table['date']}, trained at commit {short_commit(table)}" + (f"; overrides `{over}`" if over else ""),
+        "",
+        "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
+        "|" + "---|" * (len(METRICS) + 1),
+    ]
     for cond, m in table["test"].items():
         lines.append(f"| {cond} | " + " | ".join(format_cell(m[k]) if k in m else "" for k in METRICS) + " |")
     lines += ["", f"personalization gain (personalized - generic, mean CCC): {format_cell(table['gain_ccc_mean'])}"]
     paired = table.get("paired") or {}
     if paired:
-        lines += ["", "Paired per-listener differences from generic (mean ± std over seeds of each seed's mean; "
-                  "95 % bootstrap CIs over listeners per seed; ✗ = a seed's CI lies wholly on the bad side, "
-                  "✓ = wholly on the good side):", "",
-                  "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
-                  "|" + "---|" * (len(METRICS) + 1)]
+        lines += [
+            "",
+            "Paired per-listener differences from generic (mean ± std over seeds of each seed's mean; "
+            "95 % bootstrap CIs over listeners per seed; ✗ = a seed's CI lies wholly on the bad side, "
+            "✓ = wholly on the good side):",
+            "",
+            "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
+            "|" + "---|" * (len(METRICS) + 1),
+        ]
         for cond, by_metric in paired.items():
             cells = []
             for m in METRICS:
@@ -176,8 +184,9 @@ class SeedFailed(RuntimeError):
     """A seed trained in its own process (``jobs > 1``) ended with an error."""
 
 
-def train_in_parallel(experiment: str, cfgs: dict[int, ExperimentConfig], overrides: list[str], resume: bool,
-                      jobs: int, logs: Path) -> None:
+def train_in_parallel(
+    experiment: str, cfgs: dict[int, ExperimentConfig], overrides: list[str], resume: bool, jobs: int, logs: Path
+) -> None:
     """Train the unfinished seeds, each in its own ``python -m pdmer train`` process, at most ``jobs`` at once.
 
     Each process is the same ``train`` a sequential reproduction calls, so a seed ends with the
@@ -196,9 +205,14 @@ def train_in_parallel(experiment: str, cfgs: dict[int, ExperimentConfig], overri
     threads = next(iter(cfgs.values())).runtime.threads
     cores = os.cpu_count() or 1
     if threads <= 0 or threads * min(jobs, len(todo)) > cores:
-        log.warning("%d processes with runtime.threads=%s on %d cores: set runtime.threads to at most %d "
-                    "(results depend on the thread count, so keep it the same for every seed and row)",
-                    min(jobs, len(todo)), threads or "all", cores, max(1, cores // min(jobs, len(todo))))
+        log.warning(
+            "%d processes with runtime.threads=%s on %d cores: set runtime.threads to at most %d "
+            "(results depend on the thread count, so keep it the same for every seed and row)",
+            min(jobs, len(todo)),
+            threads or "all",
+            cores,
+            max(1, cores // min(jobs, len(todo))),
+        )
     if Path(experiment).exists():  # a YAML path: the processes run in the repository
         experiment = str(Path(experiment).resolve())
     source = paths.source_root()  # a checkout run without installing: the children import the same code
@@ -208,8 +222,17 @@ def train_in_parallel(experiment: str, cfgs: dict[int, ExperimentConfig], overri
         return logs / f"seed-{s}.log"
 
     def train_seed(s: int) -> bool:
-        cmd = [sys.executable, "-m", "pdmer", "train", experiment, *overrides, f"train.seed={s}",
-               "runtime.progress=false", *(["--resume"] if resume else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdmer",
+            "train",
+            experiment,
+            *overrides,
+            f"train.seed={s}",
+            "runtime.progress=false",
+            *(["--resume"] if resume else []),
+        ]
         path = seed_log(s)
         with open(path, "a") as f:
             f.write("$ " + " ".join(cmd[1:]) + "\n")
@@ -233,8 +256,13 @@ def train_in_parallel(experiment: str, cfgs: dict[int, ExperimentConfig], overri
         raise SeedFailed(f"{experiment}: {len(failed)} of {len(todo)} seeds failed\n  " + "\n  ".join(lines))
 
 
-def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[str] | None = None,
-              resume: bool = False, jobs: int = 1) -> Path:
+def reproduce(
+    experiment: str,
+    seeds: list[int] | None = None,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    jobs: int = 1,
+) -> Path:
     """Train and evaluate ``experiment`` once per seed; write table.md / table.json; returns their folder.
 
     Args:
@@ -246,7 +274,7 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
             trains them one after the other in this process. Give each process its share of
             the cores with ``runtime.threads``.
     """
-    from pdmer.train import train
+    from pdmer.training import train
 
     seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -279,8 +307,11 @@ def reproduce(experiment: str, seeds: list[int] | None = None, overrides: list[s
         except ValueError:  # runtime.out_dir outside the repository
             runs[s] = str(run)
     if len({_commit(g) for g in trained.values()}) > 1:
-        log.warning("%s: the seeds were trained at different commits: %s", experiment,
-                    ", ".join(f"seed {s} {_commit(g)}" for s, g in trained.items()))
+        log.warning(
+            "%s: the seeds were trained at different commits: %s",
+            experiment,
+            ", ".join(f"seed {s} {_commit(g)}" for s, g in trained.items()),
+        )
     cfg0 = cfgs[seeds[0]]
     table = {
         "experiment": cfg0.name,
@@ -316,7 +347,7 @@ until its reproduction (with the experiment's own config: no overrides but `runt
 which are listed with each full table) has finished; no number here is typed by hand.
 
 Columns: test-set mean CCC (mean of arousal and valence), mean ± std over training seeds
-(`train.seed`; data and split fixed; which songs are the support follows the seed). Conditions (`pdmer/evaluate.py`):
+(`train.seed`; data and split fixed; which songs are the support follows the seed). Conditions (`pdmer/evaluation/protocol.py`):
 
 - **generic**: the trained model, no adaptation. In `pdmer.*` rows it is the meta-trained
   model; in `dmer.*` rows it is the plain-DMER model (the *no-adaptation baseline*).
@@ -369,7 +400,10 @@ def find_tables(runs_dir: Path) -> dict[str, dict]:
         t["_path"] = p
         key = (t.get("experiment"), t.get("config_hash"))
         if key not in found or (len(t["seeds"]), t["date"], p.stat().st_mtime) > (
-                len(found[key]["seeds"]), found[key]["date"], found[key]["_path"].stat().st_mtime):
+            len(found[key]["seeds"]),
+            found[key]["date"],
+            found[key]["_path"].stat().st_mtime,
+        ):
             found[key] = t
     return {f"{name}\0{h}": t for (name, h), t in found.items()}
 
@@ -395,8 +429,12 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
             test = t["test"]
             cells = [format_cell(test[c]["ccc_mean"]) if c in test else "n/a" for c in ROW_CONDITIONS]
             worse = worse_metrics(t)
-            cells += [format_cell(t["gain_ccc_mean"]), ", ".join(m.replace("_", " ") for m in worse) or "none",
-                      str(len(t["seeds"])), f"{t['date']}, {short_commit(t)}"]
+            cells += [
+                format_cell(t["gain_ccc_mean"]),
+                ", ".join(m.replace("_", " ") for m in worse) or "none",
+                str(len(t["seeds"])),
+                f"{t['date']}, {short_commit(t)}",
+            ]
             rel = t["_path"].parent
             try:
                 rel = rel.relative_to(REPO)
@@ -404,21 +442,36 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
                 pass
             details += ["", f"### {name}", "", f"`{rel}/table.md`:", "", format_reproduction(t)]
         rows.append(f"| `{name}` | {describe(f)} | {command} | " + " | ".join(cells) + " |")
-    data_note = ("DEAM / PMEmo rows need the datasets (see the main README, 'Real datasets'); run the listed "
-                 "command where they are, then `python run.py tables` fills the row.")
+    data_note = (
+        "DEAM / PMEmo rows need the datasets (see the main README, 'Real datasets'); run the listed "
+        "command where they are, then `python run.py tables` fills the row."
+    )
     notes = path.parent / "NOTES.md"  # hand-written reading of the table (no numbers are generated from it)
-    text = "\n".join([
-        _readme_head(), "## Table", "", data_note, "",
-        "| experiment | what it tests | command | " + " | ".join(f"{c} CCC" for c in ROW_CONDITIONS)
-        + " | gain | personalized worse than generic on | seeds | measured (date, training commit) |",
-        "|" + "---|" * (len(ROW_CONDITIONS) + 7), *rows, "",
-        "gain: personalized minus generic mean CCC, per seed, then mean ± std over seeds. \"personalized worse than "
-        "generic on\": the metrics (CCC, PCC, RMSE of either dimension) on which some seed's paired per-listener 95 % "
-        "CI of personalized minus generic lies wholly on the bad side (the full tables list every CI).", "",
-        "Regenerate: `python run.py tables`.",
-        *(["", notes.read_text().strip()] if notes.exists() else []),
-        "", "## Full tables", *(details or ["", "None yet."]), "",
-    ])
+    text = "\n".join(
+        [
+            _readme_head(),
+            "## Table",
+            "",
+            data_note,
+            "",
+            "| experiment | what it tests | command | "
+            + " | ".join(f"{c} CCC" for c in ROW_CONDITIONS)
+            + " | gain | personalized worse than generic on | seeds | measured (date, training commit) |",
+            "|" + "---|" * (len(ROW_CONDITIONS) + 7),
+            *rows,
+            "",
+            'gain: personalized minus generic mean CCC, per seed, then mean ± std over seeds. "personalized worse than '
+            "generic on\": the metrics (CCC, PCC, RMSE of either dimension) on which some seed's paired per-listener 95 % "
+            "CI of personalized minus generic lies wholly on the bad side (the full tables list every CI).",
+            "",
+            "Regenerate: `python run.py tables`.",
+            *(["", notes.read_text().strip()] if notes.exists() else []),
+            "",
+            "## Full tables",
+            *(details or ["", "None yet."]),
+            "",
+        ]
+    )
     atomic_write_text(path, text)
     return path, len(files), measured
 
@@ -438,9 +491,12 @@ HEADLINE_METRICS = ("ccc_mean", "pcc_arousal", "pcc_valence", "rmse_arousal", "r
 
 def headline_section(tables: dict[str, dict]) -> str:
     """Markdown of the headline rows (mean ± std over seeds), from the reproductions' tables."""
-    lines = ["| experiment | rows | condition | " + " | ".join(m.replace("_", " ") for m in HEADLINE_METRICS)
-             + " | personalized worse than generic on | seeds, training commit |",
-             "|" + "---|" * (len(HEADLINE_METRICS) + 5)]
+    lines = [
+        "| experiment | rows | condition | "
+        + " | ".join(m.replace("_", " ") for m in HEADLINE_METRICS)
+        + " | personalized worse than generic on | seeds, training commit |",
+        "|" + "---|" * (len(HEADLINE_METRICS) + 5),
+    ]
     missing = []
     for name, what in HEADLINE:
         try:
@@ -456,16 +512,25 @@ def headline_section(tables: dict[str, dict]) -> str:
             cells = [format_cell(t["test"][c][m]) if m in t["test"][c] else "" for m in HEADLINE_METRICS]
             first = i == 0
             worse = ", ".join(m.replace("_", " ") for m in worse_metrics(t)) or "none"
-            lines.append(f"| {'`' + name + '`' if first else ''} | {what if first else ''} | {c} | " + " | ".join(cells)
-                         + f" | {worse if first else ''} | {(str(len(t['seeds'])) + ', ' + short_commit(t)) if first else ''} |")
+            lines.append(
+                f"| {'`' + name + '`' if first else ''} | {what if first else ''} | {c} | "
+                + " | ".join(cells)
+                + f" | {worse if first else ''} | {(str(len(t['seeds'])) + ', ' + short_commit(t)) if first else ''} |"
+            )
         gain = (t.get("paired") or {}).get("personalized", {}).get("ccc_mean")
         if gain:
             cis = "; ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in gain["ci95"].values())
-            lines.append(f"| | | *gain, personalized − generic CCC* | {format_cell(gain['mean'])} (per-seed 95 % CIs over "
-                         f"listeners: {cis}) | | | | | | |")
+            lines.append(
+                f"| | | *gain, personalized − generic CCC* | {format_cell(gain['mean'])} (per-seed 95 % CIs over "
+                f"listeners: {cis}) | | | | | | |"
+            )
     if missing:
-        lines += ["", "Not measured yet: " + ", ".join(f"`{m}`" for m in missing)
-                  + " (`python run.py reproduce EXPERIMENT --seeds 0 1 2`, then `python run.py tables`)."]
+        lines += [
+            "",
+            "Not measured yet: "
+            + ", ".join(f"`{m}`" for m in missing)
+            + " (`python run.py reproduce EXPERIMENT --seeds 0 1 2`, then `python run.py tables`).",
+        ]
     return "\n".join(lines)
 
 
@@ -487,14 +552,19 @@ def calibration_section() -> str:
     def pair(d: dict, fig: str) -> str:
         return f"{d[fig]['arousal']:.3f} / {d[fig]['valence']:.3f}" if fig in d else "(DEAM files not found)"
 
-    rows = [("per-frame std across raters", "frame_std"), ("spread of averaged curves across songs", "spread"),
-            ("std of an averaged curve within a 30 s window", "within")]
+    rows = [
+        ("per-frame std across raters", "frame_std"),
+        ("spread of averaged curves across songs", "spread"),
+        ("std of an averaged curve within a 30 s window", "within"),
+    ]
     lines = ["| figure (arousal / valence) | DEAM 2013 | benchmark default |", "|---|---|---|"]
     lines += [f"| {what} | {pair(real, fig)} | {pair(syn, fig)} |" for what, fig in rows]
-    lines += [f"| listener's mean offset, between-song r | < {REAL_LISTENER_TARGETS['offset_r']:g} (reported) | "
-              f"{pair(syn, 'offset_r')} |",
-              f"| listener's slider movement, between-song r | about {REAL_LISTENER_TARGETS['slider_r']:g} (reported) | "
-              f"{pair(syn, 'slider_r')} |"]
+    lines += [
+        f"| listener's mean offset, between-song r | < {REAL_LISTENER_TARGETS['offset_r']:g} (reported) | "
+        f"{pair(syn, 'offset_r')} |",
+        f"| listener's slider movement, between-song r | about {REAL_LISTENER_TARGETS['slider_r']:g} (reported) | "
+        f"{pair(syn, 'slider_r')} |",
+    ]
     return "\n".join(lines)
 
 

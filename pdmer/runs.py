@@ -1,4 +1,5 @@
 """Run folders: ``runs/<experiment>-<config hash>/`` with config, provenance and results."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from typing import Iterator
 
 import torch
 
-from pdmer.checkpoint import CheckpointError, atomic_write_text, read_meta
 from pdmer import paths
+from pdmer.checkpoint import CheckpointError, atomic_write_text, read_meta
 from pdmer.config import ConfigError, ExperimentConfig, check_device_spec, config_hash, from_dict, to_dict, to_yaml
 
 REPO = paths.home()  # outputs' home (pdmer.paths: $PDMER_HOME, else the working folder's project)
@@ -27,7 +28,9 @@ def git_info(exclude: tuple[str, ...] = ()) -> dict:
 
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=paths.code_root(), capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=paths.code_root(), capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -52,8 +55,9 @@ def resolve_device(spec: str, key: str = "runtime.device") -> torch.device:
         if n == 0:
             raise ConfigError(f"{key}={spec!r} but this machine has no CUDA device; use {key}=cpu (or auto)")
         if dev.index is not None and dev.index >= n:
-            raise ConfigError(f"{key}={spec!r} but this machine has {n} CUDA device(s): "
-                              + ", ".join(f"cuda:{i}" for i in range(n)))
+            raise ConfigError(
+                f"{key}={spec!r} but this machine has {n} CUDA device(s): " + ", ".join(f"cuda:{i}" for i in range(n))
+            )
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"{key}={spec!r} but MPS is not available on this machine; use {key}=cpu (or auto)")
     return dev
@@ -95,8 +99,10 @@ def lock_run(run: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise RunBusyError(f"{run} is being trained by another process (pid {holder}); wait for it to end, "
-                               "or stop it and continue with --resume") from None
+            raise RunBusyError(
+                f"{run} is being trained by another process (pid {holder}); wait for it to end, "
+                "or stop it and continue with --resume"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
@@ -139,8 +145,10 @@ def check_restart(run: Path, resume: bool, force: bool) -> None:
                 at = f" (training state at iteration {read_meta(state).get('iteration')})"
             except Exception:  # an unreadable state still counts as progress
                 at = " (training state present)"
-        raise RunStartedError(f"{run} holds an interrupted run{at} with no results yet; continue it with --resume, "
-                              "or start it again from iteration 0 with --force (its progress is then discarded)")
+        raise RunStartedError(
+            f"{run} holds an interrupted run{at} with no results yet; continue it with --resume, "
+            "or start it again from iteration 0 with --force (its progress is then discarded)"
+        )
     if force:
         import shutil
 

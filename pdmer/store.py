@@ -20,6 +20,7 @@ every leftover, so no temporary copy of a listener's data survives the next comm
 
 Only the standard library is used here (a child process that imports it starts at once).
 """
+
 from __future__ import annotations
 
 import errno
@@ -94,8 +95,11 @@ def locked(root: Path, name: str, wait_s: float = 0.0, what: str = "written") ->
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if time.monotonic() >= deadline:
-                raise StoreBusyError(errno.EBUSY, f"{Path(root) / name} is being {what} by another process "
-                                     f"(pid {holder}); wait for it to end and try again") from None
+                raise StoreBusyError(
+                    errno.EBUSY,
+                    f"{Path(root) / name} is being {what} by another process "
+                    f"(pid {holder}); wait for it to end and try again",
+                ) from None
             time.sleep(0.05)
             continue
         try:
@@ -211,8 +215,9 @@ def repair(root: Path, name: str, legacy: Callable[[Path], str | None] | None = 
     if not found:
         return done
     if check_complete(dest, legacy) is not None:
-        aside = sorted((f for f in found if f[2] in ("old", "keep") and check_complete(f[0], legacy) is None),
-                       key=lambda f: f[3])
+        aside = sorted(
+            (f for f in found if f[2] in ("old", "keep") and check_complete(f[0], legacy) is None), key=lambda f: f[3]
+        )
         if aside:
             src = aside[-1][0]
             if dest.exists():
@@ -274,7 +279,9 @@ def install(root: Path, name: str, files: dict[str, bytes], keep_history: bool =
             write_synced(tmp / fname, data)
             manifest[fname] = {"sha256": sha256_bytes(data), "bytes": len(data)}
             _fault(f"wrote {fname}")
-        write_synced(tmp / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": manifest}, indent=2).encode())
+        write_synced(
+            tmp / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": manifest}, indent=2).encode()
+        )
         fsync_dir(tmp)
         _fault("wrote manifest")
         old = swap_dir(tmp, dest, aside=root / f".{name}.{'keep' if keep_history else 'old'}-{tag}", fault=_fault)
@@ -297,5 +304,14 @@ def install(root: Path, name: str, files: dict[str, bytes], keep_history: bool =
     return None
 
 
-__all__ = ["MANIFEST", "StoreBusyError", "check_complete", "install", "leftovers", "locked", "read_manifest", "repair",
-           "repair_all"]
+__all__ = [
+    "MANIFEST",
+    "StoreBusyError",
+    "check_complete",
+    "install",
+    "leftovers",
+    "locked",
+    "read_manifest",
+    "repair",
+    "repair_all",
+]

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 SWEEPS_DIR = EXPERIMENTS_DIR / "sweeps"
 ROLES = ("scientific", "nuisance", "fixed")
 TYPES = ("float", "log_float", "int", "categorical")
-# what validation logs (pdmer.train.validate): val/<condition>_<metric>
+# what validation logs (pdmer.training.loop, validate): val/<condition>_<metric>
 CONDITIONS = ("generic", "personalized", "consensus", "oracle")
 METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "rmse_arousal", "rmse_valence")
 # conditions a data source can never score (generic data has them only with oracle.csv / consensus.csv)
@@ -849,7 +849,7 @@ class _TrialRunner:
 
     def __call__(self, trial) -> float:
         from pdmer.runs import run_dir_for
-        from pdmer.train import train
+        from pdmer.training import train
 
         trial.set_user_attr("host", platform.node())
         trial.set_user_attr("process", _process_token())

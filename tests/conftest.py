@@ -55,7 +55,7 @@ def kill_after_saved_state(
 
     Args:
         cmd: the training command (run in the repository root).
-        state: the run's training-state file (``<run>/`` + ``pdmer.train.STATE_FILE``).
+        state: the run's training-state file (``<run>/`` + ``pdmer.training.state.STATE_FILE``).
         iteration: kill once the saved state is at this iteration or later.
         env: the process environment.
         with_descendants: kill its descendants first (torchrun starts the ranks in sessions of their own).

@@ -12,6 +12,7 @@
 Clips are shorter than the real ones (25 s instead of 45 s) so that tests stay fast; the
 overrides shrink ``train.seq_len`` and the DEAM clip options to match.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,7 +35,9 @@ SEQ_LEN = 20  # train.seq_len for these fixtures (10 s)
 CLIP_STEPS = int((CLIP_S - 15.0) / 0.5)  # 20: labels from 15 s to the end of the clip
 
 
-def song_audio(seconds: float, seed: int, sr: int = SR, channels: int = 1, burst: tuple[float, float] | None = None) -> np.ndarray:
+def song_audio(
+    seconds: float, seed: int, sr: int = SR, channels: int = 1, burst: tuple[float, float] | None = None
+) -> np.ndarray:
     """A tonal, moving test signal: (n,) or (n, channels) float32 in about [-0.5, 0.5].
 
     ``burst=(t0, t1)``: the signal is 20x louder in [t0, t1) seconds (a marker in time).
@@ -76,8 +79,16 @@ def _samples(n: int, start_ms: int = 15000) -> list[str]:
     return [f"sample_{start_ms + 500 * i}ms" for i in range(n)]
 
 
-def write_deam(root: Path, clip_ids=CLIP_IDS, test_ids=TEST_IDS, workers=WORKERS, clip_s: float = CLIP_S,
-               test_s: float = TEST_S, extra: bool = True, audio_ext: str = "mp3") -> Path:
+def write_deam(
+    root: Path,
+    clip_ids=CLIP_IDS,
+    test_ids=TEST_IDS,
+    workers=WORKERS,
+    clip_s: float = CLIP_S,
+    test_s: float = TEST_S,
+    extra: bool = True,
+    audio_ext: str = "mp3",
+) -> Path:
     """A DEAM folder: audio, averaged and per-rater dynamic labels.
 
     Every worker rates every song, from 15 s to the end of the audio (clips: one value more,
@@ -92,8 +103,10 @@ def write_deam(root: Path, clip_ids=CLIP_IDS, test_ids=TEST_IDS, workers=WORKERS
         seconds = clip_s if sid in clip_ids else test_s
         sf.write(root / DEAM_AUDIO / f"{sid}.{audio_ext}", song_audio(seconds + 0.1, seed=k), SR)
         n = int(round((seconds - 15.0) / 0.5)) + (1 if sid in clip_ids else 0)
-        per_song[sid] = {w: {"arousal": curve(n, 3 * j + k, 0.1), "valence": curve(n, 7 * j + k + 1, -0.1)}
-                         for j, w in enumerate(workers)}
+        per_song[sid] = {
+            w: {"arousal": curve(n, 3 * j + k, 0.1), "valence": curve(n, 7 * j + k + 1, -0.1)}
+            for j, w in enumerate(workers)
+        }
     if extra:
         n0 = len(per_song[clip_ids[0]][workers[0]]["arousal"])
         per_song[clip_ids[0]]["W5"] = {"arousal": curve(n0, 99)}
@@ -108,8 +121,11 @@ def write_deam(root: Path, clip_ids=CLIP_IDS, test_ids=TEST_IDS, workers=WORKERS
         for sid, raters in per_song.items():
             given = {w: r[label] for w, r in raters.items() if label in r}
             n = len(next(iter(given.values())))
-            _write_csv(root / RATERS_DIR / label / f"{sid}.csv", ["WorkerId", *_samples(n)],
-                       [[w, *v] for w, v in given.items()])
+            _write_csv(
+                root / RATERS_DIR / label / f"{sid}.csv",
+                ["WorkerId", *_samples(n)],
+                [[w, *v] for w, v in given.items()],
+            )
     return root
 
 
@@ -150,8 +166,14 @@ def pmemo_fixture(tmp: Path) -> Path:
 
 def deam_overrides(root: Path) -> list[str]:
     """Point a DEAM experiment at a fixture from :func:`write_deam`: short clips, few songs per listener."""
-    return [f"data.root={root}", f"data.deam.clip_steps={CLIP_STEPS}", f"data.deam.flat_window={CLIP_STEPS}",
-            "data.deam.min_songs_per_listener=3", f"train.seq_len={SEQ_LEN}", "eval.hop=10"]
+    return [
+        f"data.root={root}",
+        f"data.deam.clip_steps={CLIP_STEPS}",
+        f"data.deam.flat_window={CLIP_STEPS}",
+        "data.deam.min_songs_per_listener=3",
+        f"train.seq_len={SEQ_LEN}",
+        "eval.hop=10",
+    ]
 
 
 def pmemo_overrides(root: Path) -> list[str]:
@@ -209,9 +231,18 @@ def write_vgmidi(root: Path) -> None:
         length = write_midi(root / "labelled" / "midi" / f"Piece {k}.mid", VGMIDI_S, seed=k)
         pieces[f"piece{k}"] = {"midi": f"Piece {k}.mid", "duration": int(length), "measures": 7, "name": f"Piece {k}"}
     for j in range(VGMIDI_LISTENERS):
-        answers = {"age": "21-25", "gender": "Female", "country": "US", "musicianship": j % 3, "isKnown": False,
-                   "ex1_valence": "1", "ex1_arousal": "2", "ex1_description": f"listener {j}", "ex2_valence": "2",
-                   "ex2_arousal": "Calm"}
+        answers = {
+            "age": "21-25",
+            "gender": "Female",
+            "country": "US",
+            "musicianship": j % 3,
+            "isKnown": False,
+            "ex1_valence": "1",
+            "ex1_arousal": "2",
+            "ex1_description": f"listener {j}",
+            "ex2_valence": "2",
+            "ex2_arousal": "Calm",
+        }
         level = rng.uniform(-0.4, 0.4, 2)
         for k in rng.choice(VGMIDI_PIECES, size=2 + j % 2, replace=False):
             count[k] = count.get(k, 0) + 1
@@ -242,10 +273,16 @@ def vgmidi_overrides(root: Path, tmp: Path) -> list[str]:
     from pdmer.data.vgmidi import find_soundfont
 
     if shutil.which("fluidsynth") is None:
-        pytest.skip("FluidSynth is not installed (apt-get install fluidsynth fluid-soundfont-gm): VGMIDI audio cannot be rendered")
+        pytest.skip(
+            "FluidSynth is not installed (apt-get install fluidsynth fluid-soundfont-gm): VGMIDI audio cannot be rendered"
+        )
     try:
         find_soundfont()
     except DataError as e:
         pytest.skip(str(e))
-    return [f"data.root={root}", f"data.vgmidi.audio_dir={Path(tmp) / 'vgmidi-audio'}", f"train.seq_len={SEQ_LEN}",
-            "eval.hop=10"]
+    return [
+        f"data.root={root}",
+        f"data.vgmidi.audio_dir={Path(tmp) / 'vgmidi-audio'}",
+        f"train.seq_len={SEQ_LEN}",
+        "eval.hop=10",
+    ]

@@ -1,4 +1,5 @@
 """Audio decoding: formats, channel mixing, resampling, and every kind of bad file."""
+
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,9 @@ def test_check_waveform_arrays():
         check_waveform(np.zeros((2, 2, 2)), "w")
 
 
-@pytest.mark.skipif(not PMEMO.is_dir(), reason="../shared/data/pmemo_samples (real PMEmo mp3s) not available on this machine")
+@pytest.mark.skipif(
+    not PMEMO.is_dir(), reason="../shared/data/pmemo_samples (real PMEmo mp3s) not available on this machine"
+)
 def test_real_pmemo_mp3s_decode():
     files = sorted(PMEMO.glob("*.mp3"))
     assert files

@@ -1,17 +1,16 @@
 """Tasks adapted together (vmap) give the meta-gradient of tasks adapted one by one."""
+
 import json
 import math
 
 import pytest
 import torch
+from test_maml import G, batch, tiny_model  # the tiny float64 DSAML and its random batches
 
 from pdmer.config import ModelConfig
-from pdmer.meta.maml import attach_inner_lrs, meta_step, meta_step_batched, split_state, tasks_batched
+from pdmer.meta.maml import attach_inner_lrs, call, meta_step, meta_step_batched, split_state, tasks_batched
 from pdmer.metrics import attention_loss, emotion_loss
-from pdmer.meta.maml import call
 from pdmer.models.dsaml import DSAML, BiLSTM
-
-from test_maml import G, batch, tiny_model  # the tiny float64 DSAML and its random batches
 
 
 def loss_fn(model, params, buffers, b):
@@ -93,8 +92,18 @@ def test_unrolled_bilstm_equals_nn_lstm():
 def test_batched_train_mode_dropout_draws_differ_per_task():
     """With dropout, each task draws its own masks (vmap randomness='different')."""
     torch.manual_seed(0)
-    cfg = ModelConfig(hidden=8, layers=1, heads=2, ff=8, dropout=0.5, lstm_hidden=4, head_hidden=4, local_window=1,
-                      global_window=3, use_local_branch=False)
+    cfg = ModelConfig(
+        hidden=8,
+        layers=1,
+        heads=2,
+        ff=8,
+        dropout=0.5,
+        lstm_hidden=4,
+        head_hidden=4,
+        local_window=1,
+        global_window=3,
+        use_local_branch=False,
+    )
     model = DSAML(cfg, global_dim=G).double().train()
     same = batch(1, 1)
     params, buffers = split_state(model)
@@ -131,11 +140,14 @@ def test_decomposed_norms_equal_the_fused_ones():
 def test_training_with_batched_tasks_and_bf16_runs_end_to_end(session_tmp):
     """meta.batch_tasks (in chunks) and train.precision=bf16 train, validate and score a tiny run."""
     from conftest import tiny_overrides
+
     from pdmer.config import config_hash, load_config
-    from pdmer.train import train
+    from pdmer.training import train
 
     base = tiny_overrides(session_tmp, "batched")
-    cfg = load_config("pdmer.synthetic.dsaml", base + ["meta.batch_tasks=true", "meta.task_chunk=1", "train.precision=bf16"])
+    cfg = load_config(
+        "pdmer.synthetic.dsaml", base + ["meta.batch_tasks=true", "meta.task_chunk=1", "train.precision=bf16"]
+    )
     assert config_hash(cfg) != config_hash(load_config("pdmer.synthetic.dsaml", base))
     run = train(cfg)
     res = json.loads((run / "results.json").read_text())
@@ -163,11 +175,14 @@ def test_batched_equals_sequential_on_gpu(first_order):
 def test_bf16_meta_gradient_stays_close_to_fp32():
     """train.precision=bf16: the meta-gradient within a few percent of fp32's, batched or not."""
     from pdmer.config import load_config
-    from pdmer.train import make_loss_fn
+    from pdmer.training.context import make_loss_fn
 
     model = tiny_model().float().train()
     ts = [tuple(tuple(t.float() for t in b) for b in task) for task in tasks()]
-    fp32, bf16 = make_loss_fn(load_config("pdmer.synthetic.dsaml")), make_loss_fn(load_config("pdmer.synthetic.dsaml", ["train.precision=bf16"]))
+    fp32, bf16 = (
+        make_loss_fn(load_config("pdmer.synthetic.dsaml")),
+        make_loss_fn(load_config("pdmer.synthetic.dsaml", ["train.precision=bf16"])),
+    )
     grads = {}
     for name, fn, lf in (("ref", meta_step, fp32), ("seq", meta_step, bf16), ("bat", meta_step_batched, bf16)):
         model.zero_grad()

@@ -1,4 +1,5 @@
 """Checkpoints: safetensors round trip, header checks, never pickle."""
+
 import pickle
 
 import pytest

@@ -259,7 +259,7 @@ def test_rerunning_an_interrupted_run_without_resume_is_refused(tmp_path, capsys
 
     from pdmer.config import load_config
     from pdmer.runs import STATE_PATH
-    from pdmer.train import train
+    from pdmer.training import train
 
     ov = tiny_overrides(tmp_path, "restart") + ["train.iterations=3", "eval.plot=false", "runtime.threads=1"]
     cfg = load_config("pdmer.synthetic.dsaml", ov)

@@ -1,4 +1,5 @@
 """Config loading: defaults, experiment files, overrides, errors that name the key."""
+
 import pytest
 
 from pdmer.config import ConfigError, config_hash, from_dict, load_config, to_dict

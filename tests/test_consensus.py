@@ -1,4 +1,5 @@
 """train.target=consensus: the listener-blind losses see the training listeners' mean curve."""
+
 import numpy as np
 import pytest
 import torch
@@ -22,10 +23,19 @@ def test_consensus_is_the_per_step_mean_of_the_listeners_who_rated_the_step():
 def test_consensus_batch_targets_the_mean_on_the_crops_steps():
     rng = np.random.default_rng(0)
     n = 40
-    feats = {"s": SongFeatures(torch.zeros(n, 51, 128, dtype=torch.float16), torch.arange(n, dtype=torch.float32)[:, None], "s"),
-             "t": SongFeatures(torch.zeros(n, 51, 128, dtype=torch.float16), -torch.ones(n, 1), "t")}
-    curves = {f"l{i}": [Curve("s", f"l{i}", 0, rng.normal(0, 0.3, (n, 2)).astype(np.float32)),
-                        Curve("t", f"l{i}", 0, rng.normal(0, 0.3, (n, 2)).astype(np.float32))] for i in range(5)}
+    feats = {
+        "s": SongFeatures(
+            torch.zeros(n, 51, 128, dtype=torch.float16), torch.arange(n, dtype=torch.float32)[:, None], "s"
+        ),
+        "t": SongFeatures(torch.zeros(n, 51, 128, dtype=torch.float16), -torch.ones(n, 1), "t"),
+    }
+    curves = {
+        f"l{i}": [
+            Curve("s", f"l{i}", 0, rng.normal(0, 0.3, (n, 2)).astype(np.float32)),
+            Curve("t", f"l{i}", 0, rng.normal(0, 0.3, (n, 2)).astype(np.float32)),
+        ]
+        for i in range(5)
+    }
     sampler = TaskSampler(curves, feats, 10, np.random.default_rng(1))
     mean = np.mean([cs[0].values for cs in curves.values()], 0)
     _, glob, target = sampler.dmer_batch(8, consensus=True)

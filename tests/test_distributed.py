@@ -22,7 +22,7 @@ from conftest import kill_after_saved_state, tiny_overrides
 from safetensors.torch import load_file, save_file
 
 from pdmer.config import load_config
-from pdmer.train import STATE_FILE
+from pdmer.training.state import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # two-process training runs
@@ -65,8 +65,8 @@ def overrides(tmp: Path, case: str, out: str) -> list[str]:
 
 
 def _recording(out: Path, tag: str):
-    """Patch pdmer.train.outer_step to save the weights after each step into ``out/<tag>.safetensors``."""
-    import pdmer.train as t
+    """Patch pdmer.training.loop.outer_step to save the weights after each step into ``out/<tag>.safetensors``."""
+    import pdmer.training.loop as t
 
     step, snaps = t.outer_step, {}
 
@@ -88,7 +88,7 @@ def _rank(rank: int, world: int, port: int, name: str, ov: list[str], out: str) 
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    from pdmer.train import train
+    from pdmer.training import train
 
     _recording(Path(out), f"rank{rank}")
     train(load_config(name, ov))
@@ -116,7 +116,7 @@ def metrics_of(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(session_tmp):
     """Per case: the one-process run (in this process) and the spawned 2-process run, with their weights."""
-    import pdmer.train as t
+    import pdmer.training.loop as t
 
     out = {}
     for case, (name, _, _) in CASES.items():

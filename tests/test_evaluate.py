@@ -1,10 +1,12 @@
 """Sliding-window inference: coverage, one-pass equivalence, memory independent of length."""
+
 import numpy as np
 import pytest
 import torch
 
 from pdmer.config import ModelConfig
-from pdmer.evaluate import blend_weights, choose_support, predict_steps, window_starts
+from pdmer.evaluation.inference import blend_weights, predict_steps, window_starts
+from pdmer.evaluation.protocol import choose_support
 from pdmer.models.dsaml import DSAML
 
 
@@ -47,7 +49,9 @@ def test_sliding_windows_average_overlaps():
         b = m(f.local[None, 30:90], f.global_[None, 30:90]).pred[0].numpy()
     w = blend_weights(60).numpy()[:, None]
     np.testing.assert_allclose(got[:30], a[:30], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got[30:60], (w[30:] * a[30:] + w[:30] * b[:30]) / (w[30:] + w[:30]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        got[30:60], (w[30:] * a[30:] + w[:30] * b[:30]) / (w[30:] + w[:30]), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(got[60:], b[30:], rtol=1e-5, atol=1e-6)
 
 
@@ -82,9 +86,10 @@ def test_window_blending_leaves_no_seam(hop):
     jumps = np.abs(np.diff(got[:, 0]))
     assert jumps[3:-3].max() < 0.2  # the true curve moves at most 1/9 per step
     # the naive (uniform) average of the same windows leaves seams of bias / 2: the test can fail
-    naive = np.zeros((n, 1)); count = np.zeros((n, 1))
+    naive = np.zeros((n, 1))
+    count = np.zeros((n, 1))
     for s in window_starts(n, 60, hop):
-        naive[s : s + 60] += (f.global_[s : s + 60, :1].numpy() + np.r_[[0.5] * 3, [0.0] * 54, [0.5] * 3][:, None])
+        naive[s : s + 60] += f.global_[s : s + 60, :1].numpy() + np.r_[[0.5] * 3, [0.0] * 54, [0.5] * 3][:, None]
         count[s : s + 60] += 1
     assert np.abs(naive / count - truth[:, :1])[3:-3].max() > 4 * err.max()
 
@@ -98,7 +103,8 @@ def test_support_choice_is_deterministic_and_listener_specific():
 
 
 def test_paired_gain_by_listener():
-    from pdmer.evaluate import ListenerResult, paired_gain
+    from pdmer.evaluation.protocol import ListenerResult
+    from pdmer.evaluation.report import paired_gain
 
     def result(name, gains):
         per = {"generic": {}, "personalized": {}}
@@ -117,7 +123,7 @@ def test_offset_condition_shifts_generic_by_mean_support_error():
     from pathlib import Path
 
     from pdmer.data.types import Curve, Dataset
-    from pdmer.evaluate import Adaptation, evaluate_listener
+    from pdmer.evaluation.protocol import Adaptation, evaluate_listener
     from pdmer.metrics import song_metrics
 
     m, f = model(), Feats(90)

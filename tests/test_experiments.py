@@ -1,14 +1,15 @@
 """Every experiments/*.yaml smoke-runs end to end (data, features, training, evaluation)."""
+
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
 from official_layouts import official_overrides
+
 from pdmer.config import EXPERIMENTS_DIR, load_config
-from pdmer.train import evaluate_run, train
+from pdmer.evaluation import evaluate_run
+from pdmer.training import train
 
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 
@@ -26,7 +27,9 @@ def test_experiment_smoke_run(name, session_tmp):
     res = json.loads((run / "results.json").read_text())
     assert res["experiment"] == name and res["problem"] == cfg.problem
     conditions = {"deam": ("consensus", "others"), "pmemo": (), "vgmidi": ("others",)}
-    for cond in ("generic", "personalized", "maml", "offset", "ridge") + conditions.get(cfg.data.source, ("consensus", "oracle", "others")):
+    for cond in ("generic", "personalized", "maml", "offset", "ridge") + conditions.get(
+        cfg.data.source, ("consensus", "oracle", "others")
+    ):
         assert res["test"][cond]["n_songs"] > 0, cond
     assert (run / "personalization.json").exists()
     assert set(res["paired"]["personalized"]) >= {"ccc_mean", "rmse_arousal", "pcc_valence"}
@@ -37,7 +40,14 @@ def test_experiment_smoke_run(name, session_tmp):
         assert not set(songs["train"]) & set(songs["val"])
     else:
         assert not set(splits["train"]) & set(splits["test"]) and not set(splits["val"]) & set(splits["test"])
-    for name_ in ("config.yaml", "run.json", "checkpoints/best.safetensors", "checkpoints/last.safetensors", "results.md", "curves.png"):
+    for name_ in (
+        "config.yaml",
+        "run.json",
+        "checkpoints/best.safetensors",
+        "checkpoints/last.safetensors",
+        "results.md",
+        "curves.png",
+    ):
         assert (run / name_).exists(), name_
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert json.loads((run / "run.json").read_text())["config_hash"] in run.name
@@ -66,7 +76,10 @@ def test_within_song_evaluation_reuses_the_finished_training_twin(session_tmp):
     assert second != first
     a, b = load_file(first / "checkpoints" / "best.safetensors"), load_file(second / "checkpoints" / "best.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((second / "results.json").read_text())["best"] == json.loads((first / "results.json").read_text())["best"]
+    assert (
+        json.loads((second / "results.json").read_text())["best"]
+        == json.loads((first / "results.json").read_text())["best"]
+    )
     res = json.loads((second / "results.json").read_text())
     assert res["split"]["protocol"] == "within_song" and res["test"]["personalized"]["n_songs"] > 0
 
@@ -74,7 +87,7 @@ def test_within_song_evaluation_reuses_the_finished_training_twin(session_tmp):
 def test_within_song_run_refuses_while_its_twin_is_being_trained(session_tmp):
     """Started while the songs-protocol twin trains, it would silently train the same weights again: refused."""
     from pdmer.runs import RunBusyError, lock_run, run_dir_for
-    from pdmer.train import twin_config
+    from pdmer.training.loop import twin_config
 
     name = "pdmer.synthetic.dsaml"
     ov = tiny_overrides(session_tmp, "twin-busy") + ["train.seq_len=20", "eval.hop=10"]

@@ -1,4 +1,5 @@
 """Metrics against numpy/scipy, and the training loss against the metric definitions."""
+
 import numpy as np
 import pytest
 import torch

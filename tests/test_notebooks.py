@@ -6,6 +6,7 @@ setting ``QUICK = True`` (tiny settings that train in seconds), ``OUT`` (a tempo
 every output: data, features, runs, profiles) and ``REPO``. Any error in any cell fails the test,
 which names the cell; the executed copy is left in the temporary folder for reading.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -42,8 +43,9 @@ def execute(path: Path, workdir: Path, values: dict):
     shutil.copy(path, copy)
     nb = nbformat.read(copy, as_version=4)
     inject(nb, values)
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": str(workdir)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
     try:
         client.execute()
     finally:
@@ -62,7 +64,9 @@ def test_outputs_stripped(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     parameters(nb)
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
+    ]
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts: clear them before committing"
 
 

@@ -10,6 +10,7 @@ shows no reliable one-shot gain. Here the gain shows in the error (RMSE) average
 correlate with anyone's ratings, so there is little agreement for a level shift to improve.
 The test checks the machinery (profile -> personal curve on other songs), not the paper's number.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,8 @@ from pdmer.checkpoint import save_weights
 from pdmer.config import config_hash, from_dict, load_config, to_dict
 from pdmer.data.loading import curves_of, load_dataset
 from pdmer.data.types import LABELS, DataError
+from pdmer.evaluation.protocol import choose_support
 from pdmer.io import sha256_file
-from pdmer.evaluate import choose_support
 from pdmer.metrics import average, song_metrics
 from pdmer.personal import ProfileError, calibrate, check_name, load_base_model, load_profile, predict
 
@@ -82,7 +83,7 @@ def tiny_overrides(tmp: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A finished tiny run, its dataset and its listener split."""
-    from pdmer.train import train
+    from pdmer.training import train
 
     tmp = tmp_path_factory.mktemp("personal")
     cfg = load_config("pdmer.synthetic.dsaml", tiny_overrides(tmp))
@@ -93,7 +94,9 @@ def tiny(tmp_path_factory):
         torch.set_num_threads(threads)
     ds = load_dataset(cfg.data)
     splits = json.loads((run / "splits.json").read_text())
-    return SimpleNamespace(tmp=tmp, cfg=cfg, run=run, runs=run.parent, ds=ds, splits=splits, audio=Path(cfg.data.root) / "audio")
+    return SimpleNamespace(
+        tmp=tmp, cfg=cfg, run=run, runs=run.parent, ds=ds, splits=splits, audio=Path(cfg.data.root) / "audio"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -132,10 +135,18 @@ def test_personal_beats_generic_on_test_listeners(tiny, base, tmp_path):
     for lid, curves in by.items():
         (i,) = choose_support(curves, 1, tiny.cfg.train.seed, lid)  # the evaluation protocol's support song
         sup = curves[i]
-        calibrate(lid, song(tiny, sup.song_id), write_ratings(tmp_path / f"{lid}.csv", sup), base=base,
-                  annotators_dir=tmp_path / "ann", plot=False)
+        calibrate(
+            lid,
+            song(tiny, sup.song_id),
+            write_ratings(tmp_path / f"{lid}.csv", sup),
+            base=base,
+            annotators_dir=tmp_path / "ann",
+            plot=False,
+        )
         queries = [c for j, c in enumerate(curves) if j != i]
-        preds = predict([song(tiny, q.song_id) for q in queries], name=lid, base=base, annotators_dir=tmp_path / "ann", write=False)
+        preds = predict(
+            [song(tiny, q.song_id) for q in queries], name=lid, base=base, annotators_dir=tmp_path / "ann", write=False
+        )
         mine = {"generic": [], "personalized": []}
         for q, p in zip(queries, preds):
             assert p.song_id == q.song_id and p.personal.shape == p.generic.shape == (len(p.times), 2)
@@ -146,10 +157,12 @@ def test_personal_beats_generic_on_test_listeners(tiny, base, tmp_path):
         for cond in per:
             per[cond] += mine[cond]
     g, p = average(per["generic"]), average(per["personalized"])
-    print(f"\n{len(by)} test listeners, {g['n_songs']} query songs: CCC mean generic {g['ccc_mean']:.3f} -> personal "
-          f"{p['ccc_mean']:.3f}; RMSE a/v generic {g['rmse_arousal']:.3f}/{g['rmse_valence']:.3f} -> personal "
-          f"{p['rmse_arousal']:.3f}/{p['rmse_valence']:.3f}; RMSE a+v per listener (generic, personal): "
-          + ", ".join(f"{lid} {a:.3f} {b:.3f}" for lid, a, b in rows))
+    print(
+        f"\n{len(by)} test listeners, {g['n_songs']} query songs: CCC mean generic {g['ccc_mean']:.3f} -> personal "
+        f"{p['ccc_mean']:.3f}; RMSE a/v generic {g['rmse_arousal']:.3f}/{g['rmse_valence']:.3f} -> personal "
+        f"{p['rmse_arousal']:.3f}/{p['rmse_valence']:.3f}; RMSE a+v per listener (generic, personal): "
+        + ", ".join(f"{lid} {a:.3f} {b:.3f}" for lid, a, b in rows)
+    )
     # the safe rule: personal curves are never worse than generic ones for these listeners (the weights
     # chosen on the run's validation listeners, the held-out check per listener), and better where it personalizes
     assert p["rmse_arousal"] + p["rmse_valence"] <= g["rmse_arousal"] + g["rmse_valence"] + 1e-6
@@ -171,7 +184,13 @@ def test_calibrate_writes_a_complete_profile(tiny, base, tmp_path):
     prof = calibrate("P017", song(tiny, c.song_id), ratings, tiny.run, annotators_dir=tmp_path / "ann")
     d = tmp_path / "ann" / "P017"
     assert prof.path == d
-    assert sorted(p.name for p in d.iterdir()) == ["MANIFEST.json", "fit.png", "profile.json", "ratings.csv", "weights.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "MANIFEST.json",
+        "fit.png",
+        "profile.json",
+        "ratings.csv",
+        "weights.safetensors",
+    ]
     assert (d / "ratings.csv").read_bytes() == ratings.read_bytes()
     assert (d / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((d / "profile.json").read_text())
@@ -208,7 +227,9 @@ def test_k_shot_uses_every_song(tiny, base, tmp_path):
     r2 = write_ratings(tmp_path / "b.csv", c2, layout="generic", annotator=lid)
     both = tmp_path / "both.csv"
     both.write_text(r1.read_text() + "".join(r2.read_text().splitlines(True)[1:]))
-    prof = calibrate("two", [song(tiny, c1.song_id), song(tiny, c2.song_id)], both, base=base, annotators_dir=tmp_path, plot=False)
+    prof = calibrate(
+        "two", [song(tiny, c1.song_id), song(tiny, c2.song_id)], both, base=base, annotators_dir=tmp_path, plot=False
+    )
     assert [s["song_id"] for s in prof.info["songs"]] == [c1.song_id, c2.song_id]
     assert prof.info["adaptation"]["support_windows"] == 2
     assert prof.info["ratings"]["annotator_id"] == lid
@@ -275,13 +296,17 @@ def test_a_last_rating_at_the_end_of_the_audio_costs_one_step(tiny, base, tmp_pa
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["", "..", "../evil", "a/b", "a\\b", ".hidden", "x y", "é", "a" * 65, "/abs", "nul\x00", "example", "~root"])
+@pytest.mark.parametrize(
+    "bad", ["", "..", "../evil", "a/b", "a\\b", ".hidden", "x y", "é", "a" * 65, "/abs", "nul\x00", "example", "~root"]
+)
 def test_names_are_checked(tiny, tmp_path, bad):
     ann = tmp_path / "ann"
     with pytest.raises(ProfileError, match="invalid listener name|reserved"):
         check_name(bad)
     with pytest.raises(ProfileError):
-        calibrate(bad, song(tiny, "clip_000"), REPO / "annotators" / "example" / "ratings.csv", tiny.run, annotators_dir=ann)
+        calibrate(
+            bad, song(tiny, "clip_000"), REPO / "annotators" / "example" / "ratings.csv", tiny.run, annotators_dir=ann
+        )
     with pytest.raises(ProfileError):
         predict(song(tiny, "clip_000"), name=bad, model=tiny.run, annotators_dir=ann, out_dir=tmp_path / "out")
     assert not ann.exists() and not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()
@@ -313,15 +338,29 @@ def test_pickled_weights_are_refused_never_unpickled(tiny, base, tmp_path, capsy
         load_profile("mallory", ann, base=base)
     from pdmer.cli import main
 
-    assert main(["predict", "--name", "mallory", "--annotators", str(ann), "--model", str(tiny.run),
-                 "--out", str(tmp_path / "out"), str(song(tiny, "clip_001"))]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--name",
+                "mallory",
+                "--annotators",
+                str(ann),
+                "--model",
+                str(tiny.run),
+                "--out",
+                str(tmp_path / "out"),
+                str(song(tiny, "clip_001")),
+            ]
+        )
+        == 2
+    )
     assert "not a safetensors file" in capsys.readouterr().err
     assert not marker.exists()
 
 
 def clone_run(run: Path, dest_root: Path, overrides: dict) -> Path:
     """A copy of ``run`` with changed config entries (weights re-saved under the new hash)."""
-    from pdmer.models.dsaml import DSAML
 
     d = json.loads((run / "config.json").read_text())
     for key, value in overrides.items():
@@ -336,7 +375,9 @@ def clone_run(run: Path, dest_root: Path, overrides: dict) -> Path:
     (new / "checkpoints").mkdir(parents=True)
     (new / "config.json").write_text(json.dumps(to_dict(cfg)))
     (new / "results.json").write_text("{}")
-    save_weights(new / "checkpoints" / "best.safetensors", m, {"config_hash": config_hash(cfg), "global_dim": m.global_dim})
+    save_weights(
+        new / "checkpoints" / "best.safetensors", m, {"config_hash": config_hash(cfg), "global_dim": m.global_dim}
+    )
     return new
 
 
@@ -350,7 +391,14 @@ def clone_run(run: Path, dest_root: Path, overrides: dict) -> Path:
 )
 def test_profile_from_another_base_model_is_refused(tiny, base, tmp_path, overrides, perturb, what):
     ann = tmp_path / "ann"
-    calibrate("bob", song(tiny, "clip_000"), REPO / "annotators" / "example" / "ratings.csv", base=base, annotators_dir=ann, plot=False)
+    calibrate(
+        "bob",
+        song(tiny, "clip_000"),
+        REPO / "annotators" / "example" / "ratings.csv",
+        base=base,
+        annotators_dir=ann,
+        plot=False,
+    )
     other_root = tmp_path / "other"
     other_root.mkdir()
     if perturb:  # same config, other weights: the run folder is a copy with a retrained checkpoint
@@ -359,7 +407,9 @@ def test_profile_from_another_base_model_is_refused(tiny, base, tmp_path, overri
         m = load_base_model(other).model
         with torch.no_grad():
             next(m.parameters()).add_(0.01)
-        save_weights(other / "checkpoints" / "best.safetensors", m, {"config_hash": base.config_hash, "global_dim": m.global_dim})
+        save_weights(
+            other / "checkpoints" / "best.safetensors", m, {"config_hash": base.config_hash, "global_dim": m.global_dim}
+        )
     else:
         other = clone_run(tiny.run, other_root, overrides)
     other_base = load_base_model(other)
@@ -389,7 +439,14 @@ def test_a_crash_during_calibration_leaves_the_old_profile(tiny, base, tmp_path,
     ann = tmp_path / "ann"
     lid = tiny.splits["test"][0]
     c1, c2 = curves_of(tiny.ds, [lid])[lid][:2]
-    calibrate("carol", song(tiny, c1.song_id), write_ratings(tmp_path / "1.csv", c1), base=base, annotators_dir=ann, plot=False)
+    calibrate(
+        "carol",
+        song(tiny, c1.song_id),
+        write_ratings(tmp_path / "1.csv", c1),
+        base=base,
+        annotators_dir=ann,
+        plot=False,
+    )
     before = _snapshot(ann / "carol")
     r2 = write_ratings(tmp_path / "2.csv", c2)
 
@@ -432,7 +489,14 @@ def test_a_crash_during_calibration_leaves_the_old_profile(tiny, base, tmp_path,
     assert load_profile("carol", ann, base=base).info["songs"][0]["song_id"] == c2.song_id
     (kept,) = (ann / ".history" / "carol").iterdir()
     assert _snapshot(kept) == before
-    calibrate("carol", song(tiny, c1.song_id), write_ratings(tmp_path / "1.csv", c1), base=base, annotators_dir=ann, plot=False)
+    calibrate(
+        "carol",
+        song(tiny, c1.song_id),
+        write_ratings(tmp_path / "1.csv", c1),
+        base=base,
+        annotators_dir=ann,
+        plot=False,
+    )
     assert len(list((ann / ".history" / "carol").iterdir())) == 1  # without --keep-history: replaced, not kept
     assert sorted(p.name for p in ann.iterdir()) == [".history", "carol"]  # and no lock file left
 
@@ -474,12 +538,28 @@ def test_1_a_diverged_calibration_is_refused_and_never_saved(tiny, base, tmp_pat
     ann = tmp_path / "ann"
     calibrate("x", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)
     before = _snapshot(ann / "x")
-    with pytest.raises(personal.AdaptationError, match=r"calibration of 'x' diverged: the support loss became non-finite "
-                       r".*Nothing was saved \(the existing profile is unchanged\); lower the inner learning rate \(--inner-lr, 1e\+06"):
+    with pytest.raises(
+        personal.AdaptationError,
+        match=r"calibration of 'x' diverged: the support loss became non-finite "
+        r".*Nothing was saved \(the existing profile is unchanged\); lower the inner learning rate \(--inner-lr, 1e\+06",
+    ):
         calibrate("x", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False, inner_lr=1e6)
     assert _snapshot(ann / "x") == before and _left(ann) == []
-    args = ["calibrate", "--name", "y", "--audio", str(song(tiny, "clip_000")), "--ratings", str(EXAMPLE),
-            "--model", str(tiny.run), "--annotators", str(ann), "--inner-lr", "1e6"]
+    args = [
+        "calibrate",
+        "--name",
+        "y",
+        "--audio",
+        str(song(tiny, "clip_000")),
+        "--ratings",
+        str(EXAMPLE),
+        "--model",
+        str(tiny.run),
+        "--annotators",
+        str(ann),
+        "--inner-lr",
+        "1e6",
+    ]
     assert main(args) == 2
     (line,) = _errors(capsys.readouterr().err)
     assert "diverged" in line and not (ann / "y").exists()
@@ -492,24 +572,48 @@ def test_1_a_diverged_calibration_is_refused_and_never_saved(tiny, base, tmp_pat
     from pdmer.store import MANIFEST
 
     saved = {f: (ann / "x" / f).read_bytes() for f in ("weights.safetensors", MANIFEST)}
-    _rewrite_weights(ann / "x", lambda t: {k: (v.clone().fill_(float("nan")) if i == 0 else v) for i, (k, v) in enumerate(t.items())})
-    with pytest.raises(ProfileError, match=r"weights\.safetensors: tensor '.*' holds \d+ NaN or infinite value\(s\): this "
-                       r"profile is unusable"):
+    _rewrite_weights(
+        ann / "x", lambda t: {k: (v.clone().fill_(float("nan")) if i == 0 else v) for i, (k, v) in enumerate(t.items())}
+    )
+    with pytest.raises(
+        ProfileError,
+        match=r"weights\.safetensors: tensor '.*' holds \d+ NaN or infinite value\(s\): this "
+        r"profile is unusable",
+    ):
         load_profile("x", ann)
     out = tmp_path / "out"
-    assert main(["predict", "--name", "x", "--annotators", str(ann), "--model", str(tiny.run), "--out", str(out),
-                 str(song(tiny, "clip_012"))]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--name",
+                "x",
+                "--annotators",
+                str(ann),
+                "--model",
+                str(tiny.run),
+                "--out",
+                str(out),
+                str(song(tiny, "clip_012")),
+            ]
+        )
+        == 2
+    )
     (line,) = _errors(capsys.readouterr().err)
     assert "NaN or infinite" in line and not out.exists()
     # finite but absurd weights: predict refuses the curve instead of writing valence 4e22
     for f, data in saved.items():
         (ann / "x" / f).write_bytes(data)
-    _rewrite_weights(ann / "x", lambda t: {k: v + 1e3 if k == "head.2.bias" else v for k, v in t.items()})  # the output layer
+    _rewrite_weights(
+        ann / "x", lambda t: {k: v + 1e3 if k == "head.2.bias" else v for k, v in t.items()}
+    )  # the output layer
     with pytest.raises(personal.AdaptationError, match=r"profile 'x' diverged: the personal curve of clip_012 reaches"):
         predict(song(tiny, "clip_012"), name="x", base=base, annotators_dir=ann, out_dir=out)
     assert not out.exists()
     # a profile.json holding Infinity (written before this check) is refused with its file named
-    (ann / "x" / "profile.json").write_text(text.replace('"support_loss_after": ', '"support_loss_after": Infinity, "was": '))
+    (ann / "x" / "profile.json").write_text(
+        text.replace('"support_loss_after": ', '"support_loss_after": Infinity, "was": ')
+    )
     with pytest.raises(ProfileError, match=r"profile\.json: not valid JSON \(Infinity is not a JSON number"):
         load_profile("x", ann)
 
@@ -565,26 +669,53 @@ def test_6_two_calibrations_of_one_name_never_both_succeed(tiny, base, tmp_path)
     ann = tmp_path / "ann"
     calibrate("dana", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)
     before = _snapshot(ann / "dana")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pdmer import store\n"
-        "with store.locked(Path(sys.argv[1]), 'dana', what='calibrated'):\n    print('locked', flush=True); time.sleep(60)"),
-        str(ann)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from pdmer import store\n"
+                "with store.locked(Path(sys.argv[1]), 'dana', what='calibrated'):\n    print('locked', flush=True); time.sleep(60)"
+            ),
+            str(ann),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ProfileError, match=rf"being calibrated by another process \(pid {holder.pid}\).*another "
-                           r"calibration of 'dana' is running; nothing was changed"):
-            calibrate("dana", song(tiny, "clip_001"), EXAMPLE.parent / "ratings.csv", base=base, annotators_dir=ann, plot=False)
+        with pytest.raises(
+            ProfileError,
+            match=rf"being calibrated by another process \(pid {holder.pid}\).*another "
+            r"calibration of 'dana' is running; nothing was changed",
+        ):
+            calibrate(
+                "dana",
+                song(tiny, "clip_001"),
+                EXAMPLE.parent / "ratings.csv",
+                base=base,
+                annotators_dir=ann,
+                plot=False,
+            )
         assert load_profile("dana", ann).info["songs"][0]["song_id"] == "clip_000"  # reading is not blocked
-        calibrate("other", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)  # nor another name
+        calibrate(
+            "other", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False
+        )  # nor another name
     finally:
         holder.kill()
         holder.wait()
     assert _snapshot(ann / "dana") == before
-    calibrate("dana", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False)  # the lock died with it
+    calibrate(
+        "dana", song(tiny, "clip_000"), EXAMPLE, base=base, annotators_dir=ann, plot=False
+    )  # the lock died with it
 
 
 @pytest.mark.parametrize("keep_history", [False, True])
-def test_a_calibration_crashing_at_any_stage_leaves_the_old_or_the_new_profile(tiny, base, tmp_path, monkeypatch, keep_history):
+def test_a_calibration_crashing_at_any_stage_leaves_the_old_or_the_new_profile(
+    tiny, base, tmp_path, monkeypatch, keep_history
+):
     """Fault injection through calibrate: raise at every stage of the write (``pdmer.store._fault``: after each
     file, before and after each rename, while deleting the old profile), then the next command (predict's read of
     the profile, then a calibration) finds the complete old profile or the complete new one, and no leftover
@@ -599,23 +730,39 @@ def test_a_calibration_crashing_at_any_stage_leaves_the_old_or_the_new_profile(t
     shutil.copytree(template, tmp_path / "dry")
     seen: list[str] = []
     monkeypatch.setattr(store, "_fault", seen.append)
-    calibrate("kim", song(tiny, c2.song_id), r2, base=base, annotators_dir=tmp_path / "dry", plot=False, keep_history=keep_history)
+    calibrate(
+        "kim",
+        song(tiny, c2.song_id),
+        r2,
+        base=base,
+        annotators_dir=tmp_path / "dry",
+        plot=False,
+        keep_history=keep_history,
+    )
     monkeypatch.undo()
     installed = seen.index("renamed the new entry into place")
-    assert seen[:installed] == ["wrote weights.safetensors", "wrote ratings.csv", "wrote profile.json", "wrote manifest",
-                                "before setting the old entry aside", "set the old entry aside"]
+    assert seen[:installed] == [
+        "wrote weights.safetensors",
+        "wrote ratings.csv",
+        "wrote profile.json",
+        "wrote manifest",
+        "before setting the old entry aside",
+        "set the old entry aside",
+    ]
     for k, stage in enumerate(seen):
         ann = tmp_path / f"crash{k}"
         shutil.copytree(template, ann)
         calls = iter(range(len(seen)))
 
-        def fault(s):
+        def fault(s, calls=calls, k=k):  # bound now: each crash point has its own counter
             if next(calls) == k:
                 raise KeyboardInterrupt(f"killed at {s!r}")
 
         monkeypatch.setattr(store, "_fault", fault)
         with pytest.raises(KeyboardInterrupt):
-            calibrate("kim", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann, plot=False, keep_history=keep_history)
+            calibrate(
+                "kim", song(tiny, c2.song_id), r2, base=base, annotators_dir=ann, plot=False, keep_history=keep_history
+            )
         monkeypatch.undo()
         prof = load_profile("kim", ann, base=base)  # the next command
         got = prof.info["songs"][0]["song_id"]
@@ -678,7 +825,22 @@ def test_predict_writes_csv_and_png_and_says_which_model(tiny, tmp_path, monkeyp
 
     ann = tmp_path / "ann"
     ex = REPO / "annotators" / "example" / "ratings.csv"
-    assert main(["calibrate", "--name", "dave", "--audio", str(song(tiny, "clip_000")), "--ratings", str(ex), "--annotators", str(ann)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--name",
+                "dave",
+                "--audio",
+                str(song(tiny, "clip_000")),
+                "--ratings",
+                str(ex),
+                "--annotators",
+                str(ann),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "the latest trained run" in printed and "wrote" in printed and "weights.safetensors" in printed
     assert main(["predict", "--name", "dave", str(s), "--out", str(out), "--annotators", str(ann)]) == 0
@@ -758,7 +920,9 @@ def _wav(path: Path, minutes: float) -> Path:
         for s in range(0, n, sr * 10):
             t = np.arange(s, min(s + sr * 10, n)) / sr
             f0 = 220 * 2 ** np.sin(2 * np.pi * t / 37.0)
-            x = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / sr) * (0.6 + 0.4 * np.sin(4 * np.pi * t)) + 0.02 * rng.standard_normal(len(t))
+            x = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / sr) * (
+                0.6 + 0.4 * np.sin(4 * np.pi * t)
+            ) + 0.02 * rng.standard_normal(len(t))
             f.write(x.astype(np.float32))
     return path
 
@@ -798,25 +962,41 @@ def test_predict_on_a_10_minute_file_has_flat_memory(tmp_path):
 
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to measure a process's peak memory")
-    cfg = load_config("pdmer.synthetic.dsaml", [f"runtime.out_dir={tmp_path / 'runs'}", f"features.cache_dir={tmp_path / 'features'}"])
+    cfg = load_config(
+        "pdmer.synthetic.dsaml", [f"runtime.out_dir={tmp_path / 'runs'}", f"features.cache_dir={tmp_path / 'features'}"]
+    )
     torch.manual_seed(0)
     m = DSAML(cfg.model, descriptor_dim(cfg.features))
     run = tmp_path / "runs" / f"{cfg.name}-{config_hash(cfg)}"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(to_dict(cfg)))
-    save_weights(run / "checkpoints" / "best.safetensors", m, {"config_hash": config_hash(cfg), "global_dim": m.global_dim})
+    save_weights(
+        run / "checkpoints" / "best.safetensors", m, {"config_hash": config_hash(cfg), "global_dim": m.global_dim}
+    )
     (run / "results.json").write_text("{}")  # a finished run (an unfinished one is refused as a base model)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "1048576"}  # freed buffers go back to the OS
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MALLOC_MMAP_THRESHOLD_": "1048576",
+    }  # freed buffers go back to the OS
     res = {}
     for minutes in (4, 10):
         wav = _wav(tmp_path / f"song_{minutes}min.wav", minutes)
-        out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(wav), str(tmp_path / "pred")],
-                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(run), str(wav), str(tmp_path / "pred")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         res[minutes] = json.loads(out.stdout.strip().splitlines()[-1])
         wav.unlink()
-    print(f"\npeak RSS growth of predict: 4 min {res[4]['growth_mb']:.0f} MB, 10 min {res[10]['growth_mb']:.0f} MB "
-          f"(over {res[4]['base_mb']:.0f} / {res[10]['base_mb']:.0f} MB with the model loaded)")
+    print(
+        f"\npeak RSS growth of predict: 4 min {res[4]['growth_mb']:.0f} MB, 10 min {res[10]['growth_mb']:.0f} MB "
+        f"(over {res[4]['base_mb']:.0f} / {res[10]['base_mb']:.0f} MB with the model loaded)"
+    )
     assert res[4]["steps"] == 480 and res[10]["steps"] == 1200
     assert len((tmp_path / "pred" / "song_10min.csv").read_text().splitlines()) == 1201
     features_mb = (1200 - 480) * (51 * 128 * 2 + 4 * descriptor_dim(cfg.features)) / 2**20  # about 9.6 MB

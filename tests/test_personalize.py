@@ -1,4 +1,5 @@
 """The safe personalization rule: components, the held-out check, weights chosen on listeners."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -102,7 +103,8 @@ def test_evaluate_listener_end_to_end_noise_and_response():
     """Through the evaluation: noise around the generic curve stays generic; a strong response is followed."""
     from pdmer.config import ModelConfig
     from pdmer.data.types import Curve, Dataset
-    from pdmer.evaluate import Adaptation, apply_weights, evaluate_listener, predict_steps
+    from pdmer.evaluation.inference import predict_steps
+    from pdmer.evaluation.protocol import Adaptation, apply_weights, evaluate_listener
     from pdmer.meta.maml import call
     from pdmer.models.dsaml import DSAML
 
@@ -167,7 +169,9 @@ def maml_population(n: int, rmse_shift: float, seed: int = 0, copies: int = 1) -
     out = []
     for i in range(n):
         g = generic_curve(80, i)
-        bend = 0.3 * np.stack([np.sin(np.arange(80) / 3 + i), np.cos(np.arange(80) / 4 + i)], 1)  # what the generic misses
+        bend = 0.3 * np.stack(
+            [np.sin(np.arange(80) / 3 + i), np.cos(np.arange(80) / 4 + i)], 1
+        )  # what the generic misses
         y = g + bend + rng.normal(0, 0.05, g.shape)
         err = rmse_shift + rng.normal(0, 0.02)
         a = g + 0.5 * bend + err
@@ -198,8 +202,7 @@ def test_a_listener_counts_once_however_many_parts():
     from pdmer.personalize import by_listener
 
     ch = np.arange(12, dtype=float).reshape(6, 2)
-    np.testing.assert_allclose(by_listener(ch, ["a", "b", "a", "", "b", ""]),
-                               [[2, 3], [5, 6], [6, 7], [10, 11]])
+    np.testing.assert_allclose(by_listener(ch, ["a", "b", "a", "", "b", ""]), [[2, 3], [5, 6], [6, 7], [10, 11]])
     for n, shift in ((3, 0.05), (3, 0.0), (12, 0.1)):
         few, r_few = choose_weights(maml_population(n, rmse_shift=shift, seed=n), use_gate=False)
         many, r_many = choose_weights(maml_population(n, rmse_shift=shift, seed=n, copies=20), use_gate=False)

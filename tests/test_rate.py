@@ -5,6 +5,7 @@ tests/test_rate_browser.py through a folder of the session's base temp). The ser
 127.0.0.1 in a thread, on a free port, and is stopped by each test's fixture. Submissions are
 sent over real HTTP, as the page sends them.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -24,6 +25,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 from conftest import tiny_overrides  # noqa: E402
+
 from pdmer.personal import ProfileError, check_name, load_base_model, load_profile  # noqa: E402
 from pdmer.rate import RateServer, RateSession, SubmissionError, bin_to_grid, parse_submission  # noqa: E402
 from pdmer.rate.server import max_body_bytes  # noqa: E402
@@ -58,7 +60,7 @@ def _tiny(tmp_path_factory) -> SimpleNamespace:
     if not (runs.is_dir() and any((r / "results.json").is_file() for r in runs.iterdir())):
         import torch
 
-        from pdmer.train import train
+        from pdmer.training import train
 
         root.mkdir(exist_ok=True)
         cfg = load_config("pdmer.synthetic.dsaml", tiny_overrides(root, "rate") + ["runtime.threads=1"])
@@ -88,17 +90,27 @@ def base(tiny):
 @pytest.fixture
 def served(tiny, base, tmp_path):
     """A session for listener ``P017`` with the 40 s song (and a second one to predict), served on 127.0.0.1."""
-    session = RateSession("P017", [tiny.song], predict=[tiny.other], base=base, annotators_dir=tmp_path / "ann",
-                          out_dir=tmp_path / "pred", practice_s=2)
+    session = RateSession(
+        "P017",
+        [tiny.song],
+        predict=[tiny.other],
+        base=base,
+        annotators_dir=tmp_path / "ann",
+        out_dir=tmp_path / "pred",
+        practice_s=2,
+    )
     server = RateServer(session).start()
     try:
-        yield SimpleNamespace(session=session, server=server, ann=tmp_path / "ann", pred=tmp_path / "pred",
-                              prefix=f"/{server.token}")
+        yield SimpleNamespace(
+            session=session, server=server, ann=tmp_path / "ann", pred=tmp_path / "pred", prefix=f"/{server.token}"
+        )
     finally:
         server.stop()
 
 
-def request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None, host: str | None = None):
+def request(
+    server, method: str, path: str, body: bytes | None = None, headers: dict | None = None, host: str | None = None
+):
     """One HTTP request to the server; (status, headers, body)."""
     conn = http.client.HTTPConnection(getattr(server, "host", "127.0.0.1"), server.port, timeout=120)
     try:
@@ -126,8 +138,16 @@ def trace(seconds: float, hz: float = 20.0, t0: float = 0.0):
 
 
 def submission(t, v, a, song: int = 0, mode: str = "pad") -> dict:
-    return {"mode": mode, "songs": [{"song": song, "valence": [[float(x), float(y)] for x, y in zip(t, v)],
-                                     "arousal": [[float(x), float(y)] for x, y in zip(t, a)]}]}
+    return {
+        "mode": mode,
+        "songs": [
+            {
+                "song": song,
+                "valence": [[float(x), float(y)] for x, y in zip(t, v)],
+                "arousal": [[float(x), float(y)] for x, y in zip(t, a)],
+            }
+        ],
+    }
 
 
 def nothing_written(s) -> bool:
@@ -162,36 +182,67 @@ def test_submission_bins_both_dimensions_and_keeps_whole_steps():
 def test_two_passes_keep_the_steps_both_reach():
     t1, v, _ = trace(30.0, hz=25)
     t2, _, a = trace(35.0, hz=30, t0=4.0)
-    body = {"mode": "passes", "songs": [{"song": 0, "valence": [[float(x), float(y)] for x, y in zip(t1, v)],
-                                         "arousal": [[float(x), float(y)] for x, y in zip(t2, a)]}]}
+    body = {
+        "mode": "passes",
+        "songs": [
+            {
+                "song": 0,
+                "valence": [[float(x), float(y)] for x, y in zip(t1, v)],
+                "arousal": [[float(x), float(y)] for x, y in zip(t2, a)],
+            }
+        ],
+    }
     _, (r,) = parse_submission(json.dumps(body).encode(), [("s", SONG_S)], 10.0)
     assert r.steps[0] == 8 and r.steps[-1] == 59  # [4, 30) s
 
 
-@pytest.mark.parametrize("mutate, status, words", [
-    (lambda d: d["songs"][0]["valence"].__setitem__(5, [2.5, float("nan")]), 400, "finite number"),
-    (lambda d: d["songs"][0]["valence"].__setitem__(5, [2.5, None]), 400, "two numbers"),
-    (lambda d: d["songs"][0]["arousal"].__setitem__(5, [2.5, True]), 400, "two numbers"),
-    (lambda d: d["songs"][0]["arousal"].__setitem__(5, [float("inf"), 0.1]), 400, "finite number"),
-    (lambda d: d["songs"][0]["valence"].__setitem__(5, [0.1, 0.0]), 400, "not after"),
-    (lambda d: d["songs"][0]["valence"].__setitem__(5, d["songs"][0]["valence"][4]), 400, "not after"),
-    (lambda d: d["songs"][0]["valence"].append([SONG_S + 3, 0.0]), 400, "outside the song"),
-    (lambda d: d["songs"][0]["valence"].__setitem__(0, [-0.5, 0.0]), 400, "outside the song"),
-    (lambda d: d["songs"][0]["valence"].__setitem__(5, [d["songs"][0]["valence"][5][0], 1.5]), 400, "outside [-1, 1]"),
-    (lambda d: d["songs"][0].__setitem__("song", 3), 400, "index of a song"),
-    (lambda d: d["songs"][0].__setitem__("song", "../../etc/passwd"), 400, "index of a song"),
-    (lambda d: d["songs"].append(dict(d["songs"][0])), 400, "songs submitted"),
-    (lambda d: d.__setitem__("path", "/etc/passwd"), 400, "unknown field"),
-    (lambda d: d["songs"][0].__setitem__("audio", "/etc/passwd"), 400, "unknown field"),
-    (lambda d: d.__setitem__("mode", "eval"), 400, "mode"),
-    (lambda d: d.__setitem__("songs", []), 400, "no rated song"),
-    (lambda d: d["songs"][0].pop("arousal"), 400, "no arousal"),
-    (lambda d: d["songs"][0].__setitem__("valence", [[i * 0.001, 0.0] for i in range(5000)]), 400, "samples for"),
-    (lambda d: [d["songs"][0].__setitem__(k, d["songs"][0][k][:100]) for k in ("valence", "arousal")], 422, "at least 10 s"),
-    (lambda d: [d["songs"][0].__setitem__(k, [[t, 0.2] for t, _ in d["songs"][0][k]]) for k in ("valence", "arousal")], 422, "never moved"),
-    (lambda d: [d["songs"][0].__setitem__(k, [s for s in d["songs"][0][k] if not 12 <= s[0] < 16]) for k in ("valence", "arousal")],
-     422, "nothing rated from 12.0 s to 16.0 s"),
-])
+@pytest.mark.parametrize(
+    "mutate, status, words",
+    [
+        (lambda d: d["songs"][0]["valence"].__setitem__(5, [2.5, float("nan")]), 400, "finite number"),
+        (lambda d: d["songs"][0]["valence"].__setitem__(5, [2.5, None]), 400, "two numbers"),
+        (lambda d: d["songs"][0]["arousal"].__setitem__(5, [2.5, True]), 400, "two numbers"),
+        (lambda d: d["songs"][0]["arousal"].__setitem__(5, [float("inf"), 0.1]), 400, "finite number"),
+        (lambda d: d["songs"][0]["valence"].__setitem__(5, [0.1, 0.0]), 400, "not after"),
+        (lambda d: d["songs"][0]["valence"].__setitem__(5, d["songs"][0]["valence"][4]), 400, "not after"),
+        (lambda d: d["songs"][0]["valence"].append([SONG_S + 3, 0.0]), 400, "outside the song"),
+        (lambda d: d["songs"][0]["valence"].__setitem__(0, [-0.5, 0.0]), 400, "outside the song"),
+        (
+            lambda d: d["songs"][0]["valence"].__setitem__(5, [d["songs"][0]["valence"][5][0], 1.5]),
+            400,
+            "outside [-1, 1]",
+        ),
+        (lambda d: d["songs"][0].__setitem__("song", 3), 400, "index of a song"),
+        (lambda d: d["songs"][0].__setitem__("song", "../../etc/passwd"), 400, "index of a song"),
+        (lambda d: d["songs"].append(dict(d["songs"][0])), 400, "songs submitted"),
+        (lambda d: d.__setitem__("path", "/etc/passwd"), 400, "unknown field"),
+        (lambda d: d["songs"][0].__setitem__("audio", "/etc/passwd"), 400, "unknown field"),
+        (lambda d: d.__setitem__("mode", "eval"), 400, "mode"),
+        (lambda d: d.__setitem__("songs", []), 400, "no rated song"),
+        (lambda d: d["songs"][0].pop("arousal"), 400, "no arousal"),
+        (lambda d: d["songs"][0].__setitem__("valence", [[i * 0.001, 0.0] for i in range(5000)]), 400, "samples for"),
+        (
+            lambda d: [d["songs"][0].__setitem__(k, d["songs"][0][k][:100]) for k in ("valence", "arousal")],
+            422,
+            "at least 10 s",
+        ),
+        (
+            lambda d: [
+                d["songs"][0].__setitem__(k, [[t, 0.2] for t, _ in d["songs"][0][k]]) for k in ("valence", "arousal")
+            ],
+            422,
+            "never moved",
+        ),
+        (
+            lambda d: [
+                d["songs"][0].__setitem__(k, [s for s in d["songs"][0][k] if not 12 <= s[0] < 16])
+                for k in ("valence", "arousal")
+            ],
+            422,
+            "nothing rated from 12.0 s to 16.0 s",
+        ),
+    ],
+)
 def test_refused_submissions_name_the_problem(mutate, status, words):
     t, v, a = trace(SONG_S)
     d = submission(t, v, a)
@@ -246,8 +297,13 @@ def test_page_states_the_model_and_warns_about_synthetic_training(served, tiny):
     info = json.loads(body)
     assert st == 200 and info["name"] == "P017"
     assert info["model"]["run"].endswith(tiny.run.name) and info["model"]["data_source"] == "synthetic"
-    assert "synthetic benchmark only" in info["model"]["warning"] and "mean little for real music" in info["model"]["warning"]
-    assert [s["song_id"] for s in info["songs"]] == ["song40"] and info["songs"][0]["duration_s"] == pytest.approx(SONG_S)
+    assert (
+        "synthetic benchmark only" in info["model"]["warning"]
+        and "mean little for real music" in info["model"]["warning"]
+    )
+    assert [s["song_id"] for s in info["songs"]] == ["song40"] and info["songs"][0]["duration_s"] == pytest.approx(
+        SONG_S
+    )
     assert info["songs"][0]["audio"] == "audio/0" and info["predict"] == ["other20"]
     assert info["sample_hz"] >= 10
 
@@ -273,17 +329,37 @@ def test_page_and_assets_are_served_with_the_token_only(served):
     csp = h["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert h["x-content-type-options"] == "nosniff" and h["referrer-policy"] == "no-referrer"
-    for asset, kind in (("static/rate.js", "javascript"), ("static/rate.css", "text/css"), ("static/favicon.svg", "svg")):
+    for asset, kind in (
+        ("static/rate.js", "javascript"),
+        ("static/rate.css", "text/css"),
+        ("static/favicon.svg", "svg"),
+    ):
         st, h, _ = request(s, "GET", f"{served.prefix}/{asset}")
         assert st == 200 and kind in h["content-type"], asset
     st, h, _ = request(s, "GET", served.prefix)
     assert st == 307 and h["location"].endswith(served.prefix + "/")
-    st, h, audio = request(s, "GET", served.prefix + "/audio/0", headers={"Range": "bytes=0-99"})  # the browser seeks with ranges
+    st, h, audio = request(
+        s, "GET", served.prefix + "/audio/0", headers={"Range": "bytes=0-99"}
+    )  # the browser seeks with ranges
     assert st == 206 and audio == served.session.songs[0].path.read_bytes()[:100] and h["content-type"] == "audio/wav"
 
 
-@pytest.mark.parametrize("path", ["/", "/api/session", "/static/rate.js", "/audio/0", "/WRONGTOKEN/", "/WRONGTOKEN/api/session",
-                                  "/favicon.ico", "/{bad}/", "/{tok}x/", "/{tok}x/api/session", "/{short}/api/session"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/api/session",
+        "/static/rate.js",
+        "/audio/0",
+        "/WRONGTOKEN/",
+        "/WRONGTOKEN/api/session",
+        "/favicon.ico",
+        "/{bad}/",
+        "/{tok}x/",
+        "/{tok}x/api/session",
+        "/{short}/api/session",
+    ],
+)
 def test_wrong_or_missing_token_is_refused(served, path):
     tok = served.server.token
     path = path.format(bad=tok[::-1], tok=tok, short=tok[:-1])
@@ -295,11 +371,19 @@ def test_wrong_or_missing_token_is_refused(served, path):
 
 def test_foreign_host_header_is_refused(served):
     s = served.server
-    for host in ("evil.example", f"evil.example:{s.port}", f"127.0.0.1:{s.port + 1}", "", f"localhost.evil.example:{s.port}"):
+    for host in (
+        "evil.example",
+        f"evil.example:{s.port}",
+        f"127.0.0.1:{s.port + 1}",
+        "",
+        f"localhost.evil.example:{s.port}",
+    ):
         st, _, body = request(s, "GET", served.prefix + "/api/session", host=host)
         assert st == 400 and b"Host" in body, host
     t, v, a = trace(SONG_S)
-    st, _, _ = request(s, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode(), host="evil.example")
+    st, _, _ = request(
+        s, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode(), host="evil.example"
+    )
     assert st == 400 and nothing_written(served)  # a DNS-rebinding page posting a good submission
     for host in (f"localhost:{s.port}", f"127.0.0.1:{s.port}"):
         assert request(s, "GET", served.prefix + "/api/session", host=host)[0] == 200
@@ -313,12 +397,26 @@ def test_cross_origin_submission_is_refused(served):
     assert nothing_written(served)
 
 
-@pytest.mark.parametrize("path", [
-    "/static/../server.py", "/static/%2e%2e/server.py", "/static/..%2fserver.py", "/static/../../../../etc/passwd",
-    "/audio/../../../../etc/passwd", "/audio/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/audio/1", "/audio/-1", "/audio/0.wav",
-    "/result/../../pdmer/rate/server.py", "/result/predict/0.png", "/result/fit.png", "//etc/passwd", "/static//etc/passwd",
-    "/static/%2fetc%2fpasswd",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../server.py",
+        "/static/%2e%2e/server.py",
+        "/static/..%2fserver.py",
+        "/static/../../../../etc/passwd",
+        "/audio/../../../../etc/passwd",
+        "/audio/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/audio/1",
+        "/audio/-1",
+        "/audio/0.wav",
+        "/result/../../pdmer/rate/server.py",
+        "/result/predict/0.png",
+        "/result/fit.png",
+        "//etc/passwd",
+        "/static//etc/passwd",
+        "/static/%2fetc%2fpasswd",
+    ],
+)
 def test_path_traversal_reaches_nothing(served, path):
     st, _, body = request(served.server, "GET", served.prefix + path)
     assert st in (400, 403, 404), (path, st)
@@ -338,7 +436,9 @@ def test_nan_and_out_of_order_samples_are_refused_over_http(served):
     ):
         st, _, msg = request(served.server, "POST", served.prefix + "/api/submit", body.encode())
         assert st == 400 and words in json.loads(msg)["error"], msg
-    st, _, _ = request(served.server, "POST", served.prefix + "/api/submit", good.encode(), {"Content-Type": "text/plain"})
+    st, _, _ = request(
+        served.server, "POST", served.prefix + "/api/submit", good.encode(), {"Content-Type": "text/plain"}
+    )
     assert st == 415
     st, _, _ = request(served.server, "GET", served.prefix + "/api/submit")
     assert st == 405
@@ -349,7 +449,9 @@ def test_oversized_body_is_refused(served):
     s = served.server
     limit = max_body_bytes(served.session)
     assert 100_000 < limit < 2_000_000  # 40 s of audio at 100 Hz in both dimensions, and some room
-    st, _, _ = request(s, "POST", served.prefix + "/api/submit", b"{}", {"Content-Length": str(10**9)})  # a huge body announced
+    st, _, _ = request(
+        s, "POST", served.prefix + "/api/submit", b"{}", {"Content-Length": str(10**9)}
+    )  # a huge body announced
     assert st == 413
     big = b'{"mode": "pad", "songs": [' + b" " * (limit + 10) + b"]}"  # sent in full
     st, _, _ = request(s, "POST", served.prefix + "/api/submit", big)
@@ -361,7 +463,9 @@ def test_one_calibration_at_a_time(served):
     t, v, a = trace(SONG_S)
     served.session._lock.acquire()
     try:
-        st, _, msg = request(served.server, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode())
+        st, _, msg = request(
+            served.server, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode()
+        )
     finally:
         served.session._lock.release()
     assert st == 409 and "already running" in json.loads(msg)["error"]
@@ -372,7 +476,11 @@ def test_another_host_is_warned_about_and_loopback_is_not(tiny, base, tmp_path):
     session = RateSession("P1", [tiny.song], base=base, annotators_dir=tmp_path)
     quiet = RateServer(session)
     try:
-        assert quiet.warning is None and quiet.url.startswith("http://127.0.0.1:") and quiet.url.endswith(f"/{quiet.token}/")
+        assert (
+            quiet.warning is None
+            and quiet.url.startswith("http://127.0.0.1:")
+            and quiet.url.endswith(f"/{quiet.token}/")
+        )
     finally:
         quiet.stop()
     other = RateServer(session, host="127.0.0.2").start()  # not 127.0.0.1: warned, still on loopback for the test
@@ -394,7 +502,9 @@ def test_another_host_is_warned_about_and_loopback_is_not(tiny, base, tmp_path):
 
 def test_submission_calibrates_and_predicts(served, base, tiny):
     t, v, a = trace(SONG_S)
-    st, _, body = request(served.server, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode())
+    st, _, body = request(
+        served.server, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode()
+    )
     res = json.loads(body)
     assert st == 200 and res["ok"], res
     prof = served.ann / "P017"
@@ -425,7 +535,9 @@ def test_submission_calibrates_and_predicts(served, base, tiny):
 
     # a second submission replaces the profile as calibrate does (complete, never half-written)
     t2, v2, a2 = trace(25.0)
-    st, _, body = request(served.server, "POST", served.prefix + "/api/submit", json.dumps(submission(t2, -v2, a2)).encode())
+    st, _, body = request(
+        served.server, "POST", served.prefix + "/api/submit", json.dumps(submission(t2, -v2, a2)).encode()
+    )
     assert st == 200, body
     assert len((prof / "ratings.csv").read_text().splitlines()) == 1 + 50
     assert json.loads((prof / "profile.json").read_text())["songs"][0]["rated_steps"] == 50
@@ -441,7 +553,9 @@ def test_refused_by_calibrate_writes_nothing(served, monkeypatch):
 
     monkeypatch.setattr(personal, "calibrate", refuse)
     t, v, a = trace(SONG_S)
-    st, _, body = request(served.server, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode())
+    st, _, body = request(
+        served.server, "POST", served.prefix + "/api/submit", json.dumps(submission(t, v, a)).encode()
+    )
     assert st == 422 and "refused for the test" in json.loads(body)["error"]
     assert nothing_written(served)
 
@@ -452,8 +566,20 @@ def test_refused_by_calibrate_writes_nothing(served, monkeypatch):
 
 
 def test_rate_command_serves_and_stops_cleanly_on_ctrl_c(tiny, tmp_path):
-    cmd = [sys.executable, "run.py", "rate", "--name", "P017", "--audio", str(tiny.song), "--model", str(tiny.run),
-           "--annotators", str(tmp_path / "ann"), "--no-browser"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "rate",
+        "--name",
+        "P017",
+        "--audio",
+        str(tiny.song),
+        "--model",
+        str(tiny.run),
+        "--annotators",
+        str(tmp_path / "ann"),
+        "--no-browser",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -481,6 +607,24 @@ def test_rate_command_serves_and_stops_cleanly_on_ctrl_c(tiny, tmp_path):
 
 
 def test_rate_command_refuses_a_bad_name(tiny, tmp_path):
-    r = subprocess.run([sys.executable, "run.py", "rate", "--name", "../etc", "--audio", str(tiny.song), "--model", str(tiny.run),
-                        "--annotators", str(tmp_path), "--no-browser"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "rate",
+            "--name",
+            "../etc",
+            "--audio",
+            str(tiny.song),
+            "--model",
+            str(tiny.run),
+            "--annotators",
+            str(tmp_path),
+            "--no-browser",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "invalid listener name" in r.stderr and "rating page" not in r.stdout

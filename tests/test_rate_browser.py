@@ -10,6 +10,7 @@ page go to ``$PDMER_TEST_ARTIFACTS`` (default ``runs/test-artifacts/``): look at
 Skips, saying why, without selenium, chromium or chromedriver (``bash .ci/packages.sh`` installs
 the last two).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,10 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
 
+from test_rate import SONG_S, _tiny  # noqa: E402  (the tiny run and songs, made once per session)
+
 from pdmer.personal import load_base_model, load_profile  # noqa: E402
 from pdmer.rate import RateServer, RateSession  # noqa: E402
-from test_rate import SONG_S, _tiny  # noqa: E402  (the tiny run and songs, made once per session)
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -62,11 +64,22 @@ def driver():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--mute-audio",
-              "--autoplay-policy=no-user-gesture-required", "--window-size=1280,1000", "--no-first-run",
-              "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-              "--disable-backgrounding-occluded-windows", "--disable-extensions", "--disable-sync",
-              "--no-proxy-server"):
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--mute-audio",
+        "--autoplay-policy=no-user-gesture-required",
+        "--window-size=1280,1000",
+        "--no-first-run",
+        "--disable-background-timer-throttling",
+        "--disable-renderer-backgrounding",
+        "--disable-backgrounding-occluded-windows",
+        "--disable-extensions",
+        "--disable-sync",
+        "--no-proxy-server",
+    ):
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
@@ -115,7 +128,8 @@ class Pad:
         self.d = d
         self.left, self.top, self.w, self.h = d.execute_script(
             "const p = document.getElementById('pad'); const r = p.getBoundingClientRect();"
-            "return [r.left + p.clientLeft, r.top + p.clientTop, p.clientWidth, p.clientHeight];")
+            "return [r.left + p.clientLeft, r.top + p.clientTop, p.clientWidth, p.clientHeight];"
+        )
         self.resolution = 2.0 / min(self.w, self.h)  # one pixel, in pad units
 
     def pixel(self, v: float, a: float) -> tuple[int, int]:
@@ -165,7 +179,9 @@ PATH = [(-0.6, 0.5), (0.7, 0.7), (0.2, -0.4), (-0.8, -0.8), (0.9, -0.1), (0.0, 0
 def test_rate_a_song_on_the_pad_and_calibrate(tiny, base, tmp_path, driver):
     d = driver
     ann, pred = tmp_path / "ann", tmp_path / "pred"
-    session = RateSession("P017", [tiny.song], predict=[tiny.other], base=base, annotators_dir=ann, out_dir=pred, practice_s=3)
+    session = RateSession(
+        "P017", [tiny.song], predict=[tiny.other], base=base, annotators_dir=ann, out_dir=pred, practice_s=3
+    )
     with RateServer(session) as server:
         d.get(server.url)
         wait_for(d, "document.body.dataset.phase === 'idle'", 30, "the page to load its session")
@@ -190,7 +206,9 @@ def test_rate_a_song_on_the_pad_and_calibrate(tiny, base, tmp_path, driver):
         assert clock(d) < 0.05  # back at the start
 
         # a false start, redone
-        d.execute_script(f"const a = document.getElementById('audio'); a.defaultPlaybackRate = a.playbackRate = {SPEED};")
+        d.execute_script(
+            f"const a = document.getElementById('audio'); a.defaultPlaybackRate = a.playbackRate = {SPEED};"
+        )
         click(d, "start")
         wait_for(d, "document.getElementById('audio').currentTime > 1", 20, "the song to play")
         click(d, "redo")
@@ -219,18 +237,28 @@ def test_rate_a_song_on_the_pad_and_calibrate(tiny, base, tmp_path, driver):
                 click(d, "pause")  # resume
                 wait_for(d, "document.body.dataset.phase === 'recording'", 5, "the resume")
             if i + 1 < len(PATH):
-                wait_for(d, f"document.getElementById('audio').currentTime >= {(i + 1) * SONG_S / len(PATH)}"
-                         " || document.getElementById('audio').ended", 60, f"segment {i}")
+                wait_for(
+                    d,
+                    f"document.getElementById('audio').currentTime >= {(i + 1) * SONG_S / len(PATH)}"
+                    " || document.getElementById('audio').ended",
+                    60,
+                    f"segment {i}",
+                )
         wait_for(d, "document.body.dataset.phase === 'done'", 60, "the end of the song")
         held.append((t_after, SONG_S, value))
         assert d.find_element("id", "submit").is_enabled()
 
         click(d, "submit")
         wait_for(d, "document.getElementById('results').dataset.ok", 240, "the calibration")
-        assert d.execute_script("return document.getElementById('results').dataset.ok") == "true", \
-            d.find_element("id", "results").text
-        wait_for(d, "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)", 20,
-                 "the result images")
+        assert d.execute_script("return document.getElementById('results').dataset.ok") == "true", d.find_element(
+            "id", "results"
+        ).text
+        wait_for(
+            d,
+            "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)",
+            20,
+            "the result images",
+        )
         assert len(d.find_elements("css selector", "#results img")) == 2  # fit.png and the --predict song's curves
         results = d.find_element("id", "results").text
         assert "Profile saved" in results and "personal (calibrated)" in results and "other20" in results
@@ -285,14 +313,19 @@ def test_two_passes_one_dimension_each(tiny, base, tmp_path, driver):
             t_switch0 = clock(d)
             vals.append(pad.move(*second))
             t_switch1 = clock(d)
-            wait_for(d, "document.body.dataset.phase === 'done' || document.body.dataset.phase === 'idle'", 30,
-                     f"the end of the {dim} pass")
+            wait_for(
+                d,
+                "document.body.dataset.phase === 'done' || document.body.dataset.phase === 'idle'",
+                30,
+                f"the end of the {dim} pass",
+            )
             passes[dim] = (vals, t_switch0, t_switch1)
         assert "rated" in d.find_element("id", "songs").text
         click(d, "submit")
         wait_for(d, "document.getElementById('results').dataset.ok", 240, "the calibration")
-        assert d.execute_script("return document.getElementById('results').dataset.ok") == "true", \
-            d.find_element("id", "results").text
+        assert d.execute_script("return document.getElementById('results').dataset.ok") == "true", d.find_element(
+            "id", "results"
+        ).text
         full_page_screenshot(d, ARTIFACTS / "rate_page_two_passes.png")
         assert no_console_errors(d) == []
 

@@ -1,4 +1,5 @@
 """`reproduce` over seeds (mean ± std tables) and the generated experiments/README.md."""
+
 import json
 import shutil
 from pathlib import Path
@@ -6,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from pdmer.config import EXPERIMENTS_DIR, load_config
 from pdmer.reproduce import base_hash, reproduce, write_experiments_readme
 
@@ -23,7 +24,10 @@ def reproduction(session_tmp):
     # one thread in every process: the sequential fixture and the --jobs run must reduce in the same order to
     # give the same floats (torch's default thread count differs between this process and a fresh one)
     ov = tiny_overrides(session_tmp, "reproduce") + [
-        "eval.plot=false", "runtime.threads=1", f"runtime.out_dir={session_tmp / 'runs-reproduce'}"]
+        "eval.plot=false",
+        "runtime.threads=1",
+        f"runtime.out_dir={session_tmp / 'runs-reproduce'}",
+    ]
     threads = torch.get_num_threads()
     try:
         return reproduce(NAME, [0, 1], ov), ov
@@ -92,9 +96,19 @@ def test_cli_seeds_then_overrides(monkeypatch, tmp_path):
         return tmp_path
 
     monkeypatch.setattr(pdmer.reproduce, "reproduce", fake)
-    assert main(["reproduce", NAME, "model.hidden=16", "--seeds", "3", "4", "train.iterations=5", "--resume", "--jobs", "2"]) == 0
-    assert got == {"experiment": NAME, "seeds": [3, 4], "overrides": ["model.hidden=16", "train.iterations=5"], "resume": True,
-                   "jobs": 2}
+    assert (
+        main(
+            ["reproduce", NAME, "model.hidden=16", "--seeds", "3", "4", "train.iterations=5", "--resume", "--jobs", "2"]
+        )
+        == 0
+    )
+    assert got == {
+        "experiment": NAME,
+        "seeds": [3, 4],
+        "overrides": ["model.hidden=16", "train.iterations=5"],
+        "resume": True,
+        "jobs": 2,
+    }
     assert main(["reproduce", NAME, "--seeds", "x"]) == 2
 
 
@@ -132,7 +146,10 @@ def test_the_table_names_the_commit_each_seed_was_trained_at(reproduction):
     assert table["trained_at"]["1"] == {"commit": "f" * 40, "dirty": True}
     # seed 1's results were computed at another commit than its (edited) training one: both are named
     assert "fffffff (uncommitted changes), evaluated at " in md and "(seed 1)" in md and "(seed 0)" in md
-    assert table["evaluated_at"]["1"] == json.loads((Path(table["runs"]["1"]) / "results.json").read_text())["evaluated_at"]
+    assert (
+        table["evaluated_at"]["1"]
+        == json.loads((Path(table["runs"]["1"]) / "results.json").read_text())["evaluated_at"]
+    )
     reproduce(NAME, [0, 1], ov)
     assert "(seed" not in (out / "table.md").read_text()  # one commit: named once
 

@@ -11,7 +11,8 @@ from conftest import kill_after_saved_state, tiny_overrides
 
 from pdmer.config import load_config
 from pdmer.runs import RunBusyError, lock_run
-from pdmer.train import STATE_FILE, train
+from pdmer.training import train
+from pdmer.training.state import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "pdmer.synthetic.dsaml"

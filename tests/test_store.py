@@ -7,6 +7,7 @@ then run what the next command runs (:func:`pdmer.store.repair` under the lock) 
 the entry is byte for byte the complete old one or the complete new one, and that no temporary
 or set-aside folder is left.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,17 @@ from pdmer import store
 from pdmer.io import sha256_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-OLD = {"weights.safetensors": b"old weights" * 100, "ratings.csv": b"time_s,valence,arousal\n1,0,0\n", "profile.json": b'{"v": 1}'}
-NEW = {"weights.safetensors": b"new weights" * 120, "ratings.csv": b"time_s,valence,arousal\n2,0,0\n", "fit.png": b"png",
-       "profile.json": b'{"v": 2}'}
+OLD = {
+    "weights.safetensors": b"old weights" * 100,
+    "ratings.csv": b"time_s,valence,arousal\n1,0,0\n",
+    "profile.json": b'{"v": 1}',
+}
+NEW = {
+    "weights.safetensors": b"new weights" * 120,
+    "ratings.csv": b"time_s,valence,arousal\n2,0,0\n",
+    "fit.png": b"png",
+    "profile.json": b'{"v": 2}',
+}
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
@@ -64,14 +73,19 @@ def check_after(root: Path, keep_history: bool) -> str:
 @pytest.mark.parametrize("keep_history", [False, True])
 def test_a_write_that_raises_at_any_stage_leaves_old_or_new(tmp_path, monkeypatch, keep_history):
     names = stages(tmp_path, keep_history)
-    assert {"wrote profile.json", "wrote manifest", "set the old entry aside", "renamed the new entry into place"} <= set(names)
+    assert {
+        "wrote profile.json",
+        "wrote manifest",
+        "set the old entry aside",
+        "renamed the new entry into place",
+    } <= set(names)
     outcome = []
     for k, stage in enumerate(names):
         root = tmp_path / f"raise{k}"
         store.install(root, "A", OLD)
         calls = iter(range(len(names)))
 
-        def fault(s):
+        def fault(s, calls=calls, k=k):  # bound now: each crash point has its own counter
             if next(calls) == k:
                 raise OSError(f"crash at {s!r} (simulated)")
 
@@ -110,8 +124,13 @@ def test_a_write_killed_at_any_stage_leaves_old_or_new(tmp_path, keep_history):
         root = tmp_path / f"kill{k}"
         store.install(root, "A", OLD)
         args = [f"{n}={d.hex()}" for n, d in NEW.items()]
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(k), "1" if keep_history else "0", *args],
-                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(root), str(k), "1" if keep_history else "0", *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            timeout=60,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
         outcome.append((stage, check_after(root, keep_history)))
     first_new = names.index("renamed the new entry into place")
@@ -127,8 +146,14 @@ def test_recovery_restores_a_complete_copy_not_the_newest(tmp_path):
     half.mkdir()
     for name, data in NEW.items():  # a newer copy whose deletion was interrupted
         (half / name).write_bytes(data)
-    (half / store.MANIFEST).write_text(json.dumps({"format": "pdmer-manifest", "files": {
-        n: {"sha256": sha256_bytes(d), "bytes": len(d)} for n, d in NEW.items()}}))
+    (half / store.MANIFEST).write_text(
+        json.dumps(
+            {
+                "format": "pdmer-manifest",
+                "files": {n: {"sha256": sha256_bytes(d), "bytes": len(d)} for n, d in NEW.items()},
+            }
+        )
+    )
     (half / "weights.safetensors").unlink()
     os.utime(half, (time.time() + 100, time.time() + 100))
     assert store.check_complete(half) is not None
@@ -153,10 +178,21 @@ def test_repair_all_skips_an_entry_being_written(tmp_path):
     store.install(tmp_path, "B", OLD)
     (tmp_path / ".A.tmp-1-1").mkdir()
     (tmp_path / ".B.tmp-1-1").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pdmer import store\n"
-        "with store.locked(Path(sys.argv[1]), 'B'):\n    print('locked', flush=True); time.sleep(60)"), str(tmp_path)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from pdmer import store\n"
+                "with store.locked(Path(sys.argv[1]), 'B'):\n    print('locked', flush=True); time.sleep(60)"
+            ),
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         store.repair_all(tmp_path)

@@ -18,7 +18,7 @@ from conftest import tiny_overrides
 from pdmer.cli import main
 from pdmer.config import load_config
 from pdmer.sweep import SWEEPS_DIR, SweepError, load_sweep, open_storage, run_sweep
-from pdmer.train import build_context
+from pdmer.training.context import build_context
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_ENV = "PDMER_TEST_POSTGRES_URL"

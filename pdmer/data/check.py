@@ -14,7 +14,7 @@ Audio is checked in one of three modes:
 - ``header``: only the file headers are read (fast); durations of MP3 files are estimates.
 - ``none``: files are not opened; missing files are counted, not reported as problems.
 
-:func:`alignment_problems` is shared with training (``pdmer.train.build_context``), so
+:func:`alignment_problems` is shared with training (``pdmer.training.context.build_context``), so
 ``train`` refuses audio shorter than its labels with the same message as ``data check``.
 """
 

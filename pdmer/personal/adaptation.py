@@ -94,7 +94,7 @@ def _safe_rule(net, feats: dict, curves: list[Curve], generic: dict, weights, su
 
     The check adapts again on the first 2/3 of each rated span and scores the rule on the last third.
     """
-    from pdmer.evaluate import predict_steps
+    from pdmer.evaluation.inference import predict_steps
     from pdmer.meta.maml import adapt
     from pdmer.personalize import (
         CHECK_SHARE,
@@ -144,7 +144,7 @@ def _support_batches(curves: list[Curve], feats: dict, seq_len: int, device) -> 
     A 30 s rating (60 steps) is one window, the paper's support sequence; a longer one adds
     windows (the last one aligned to the end), a shorter one is a single shorter window.
     """
-    from pdmer.evaluate import window_starts
+    from pdmer.evaluation.inference import window_starts
     from pdmer.meta.tasks import make_batch
 
     batches = []

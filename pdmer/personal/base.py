@@ -165,7 +165,7 @@ class BaseModel:
         nothing: the weights are 0 and the curve stays generic, said in ``chosen_on``.
         """
         from pdmer.personalize import Weights
-        from pdmer.train import RULE_FILE
+        from pdmer.evaluation.split import RULE_FILE
 
         path = self.run / RULE_FILE
         if not path.is_file():

@@ -189,9 +189,9 @@ class _Adaptation:
 
 def _adapt(base: BaseModel, name: str, curves: list[Curve], feats: dict, steps: int, lr: float) -> _Adaptation:
     """The inner loop of meta-training on the whole rated span of every song (not yet checked for divergence)."""
-    from pdmer.evaluate import support_loss_fn
+    from pdmer.evaluation.protocol import support_loss_fn
     from pdmer.meta.maml import LR_PREFIX, adapt, split_state
-    from pdmer.train import make_loss_fn
+    from pdmer.training.context import make_loss_fn
 
     cfg = base.cfg
     net = base.model.eval()
@@ -222,7 +222,7 @@ class _SupportCurves:
 def _support_curves(base: BaseModel, curves: list[Curve], feats: dict, ad: _Adaptation, steps: int, lr: float,
                     what: str, advice: str) -> _SupportCurves:
     """Generic and adapted curves of the rated spans, the adapted ones checked, then the safe rule applied."""
-    from pdmer.evaluate import predict_steps
+    from pdmer.evaluation.inference import predict_steps
 
     net = base.model
     seq_len, hop = base.cfg.train.seq_len, base.cfg.eval.hop

@@ -158,7 +158,7 @@ def _profile_params(profile: Profile, base: BaseModel) -> dict[str, torch.Tensor
 
 def _predict_song(base: BaseModel, sid: str, path: Path, profile: Profile | None, params, name: str | None) -> SongPrediction:
     """One song's whole-song curves: generic, and personal (the safe rule on the adapted curve) with a profile."""
-    from pdmer.evaluate import predict_steps
+    from pdmer.evaluation.inference import predict_steps
 
     net = base.model.eval()
     seq_len, hop = base.cfg.train.seq_len, base.cfg.eval.hop

@@ -18,8 +18,17 @@ Example::
     url = server.url                  # the address to open, with its access token
     server.serve()                    # until Ctrl-C
 """
+
 from pdmer.rate.server import RateServer, RateSession, make_app, synthetic_warning
 from pdmer.rate.submission import SubmissionError, bin_to_grid, parse_submission, ratings_csv
 
-__all__ = ["RateServer", "RateSession", "SubmissionError", "bin_to_grid", "make_app", "parse_submission",
-           "ratings_csv", "synthetic_warning"]
+__all__ = [
+    "RateServer",
+    "RateSession",
+    "SubmissionError",
+    "bin_to_grid",
+    "make_app",
+    "parse_submission",
+    "ratings_csv",
+    "synthetic_warning",
+]

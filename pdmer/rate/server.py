@@ -23,6 +23,7 @@ Security (it is a server):
 - responses forbid scripts, styles and media from anywhere but the server itself
   (Content-Security-Policy), framing, sniffing, referrers and caching.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -51,8 +52,11 @@ SAMPLE_HZ = 40  # the page samples the pointer this often (against the audio clo
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WILDCARD = ("0.0.0.0", "::", "")
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-     b"media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        b"media-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
@@ -97,9 +101,11 @@ def synthetic_warning(base) -> str | None:
     """The page's warning when the base run was trained on the embedded synthetic benchmark only."""
     if getattr(base.cfg.data, "source", None) != "synthetic":
         return None
-    return (f"The model {base.name} was trained on pdmer's synthetic benchmark only (data.source=synthetic): "
-            "its curves mean little for real music. Use it to try the page; for real listeners, train on real "
-            "ratings (DEAM, PMEmo or your own) and pass --model RUN_DIR.")
+    return (
+        f"The model {base.name} was trained on pdmer's synthetic benchmark only (data.source=synthetic): "
+        "its curves mean little for real music. Use it to try the page; for real listeners, train on real "
+        "ratings (DEAM, PMEmo or your own) and pass --model RUN_DIR."
+    )
 
 
 class RateSession:
@@ -123,11 +129,23 @@ class RateSession:
         DataError: a missing or unreadable song, two songs with one id, a song too short to rate.
     """
 
-    def __init__(self, name: str, audio: Iterable[str | Path], predict: Iterable[str | Path] = (), model=None, *,
-                 annotators_dir=None, out_dir=None, runs_dir=None, keep_history: bool = False,
-                 practice_s: float = PRACTICE_S, base=None, device: str | None = None) -> None:
-        from pdmer.data.types import DataError
+    def __init__(
+        self,
+        name: str,
+        audio: Iterable[str | Path],
+        predict: Iterable[str | Path] = (),
+        model=None,
+        *,
+        annotators_dir=None,
+        out_dir=None,
+        runs_dir=None,
+        keep_history: bool = False,
+        practice_s: float = PRACTICE_S,
+        base=None,
+        device: str | None = None,
+    ) -> None:
         from pdmer import personal
+        from pdmer.data.types import DataError
         from pdmer.personal import load_base_model, profile_dir
 
         min_rated = getattr(personal, "MIN_RATED_S", 10.0)  # what calibrate requires of each song
@@ -146,7 +164,9 @@ class RateSession:
             if ext not in MEDIA_TYPES:
                 raise DataError(f"{p}: the page plays {', '.join(MEDIA_TYPES)} files")
             if any(s.song_id == p.stem for s in songs):
-                raise DataError(f"two songs have the id {p.stem!r}: {next(s.path for s in songs if s.song_id == p.stem)} and {p}")
+                raise DataError(
+                    f"two songs have the id {p.stem!r}: {next(s.path for s in songs if s.song_id == p.stem)} and {p}"
+                )
             d = _audio_info(p)
             if d < min_rated + 0.5:
                 raise DataError(f"{p}: {d:.1f} s long; calibration needs at least {min_rated:g} s rated")
@@ -173,10 +193,22 @@ class RateSession:
             "name": self.name,
             "profile": _display(self.profile_path),
             "profile_exists": (self.profile_path / "profile.json").is_file(),
-            "model": {"run": _display(b.run), "experiment": b.cfg.name, "how": b.how,
-                      "data_source": b.cfg.data.source, "warning": self.warning},
-            "songs": [{"index": s.index, "song_id": s.song_id, "duration_s": round(s.duration_s, 3), "audio": f"audio/{s.index}"}
-                      for s in self.songs],
+            "model": {
+                "run": _display(b.run),
+                "experiment": b.cfg.name,
+                "how": b.how,
+                "data_source": b.cfg.data.source,
+                "warning": self.warning,
+            },
+            "songs": [
+                {
+                    "index": s.index,
+                    "song_id": s.song_id,
+                    "duration_s": round(s.duration_s, 3),
+                    "audio": f"audio/{s.index}",
+                }
+                for s in self.songs
+            ],
             "predict": [p.stem for p in self.predict_paths],
             "practice_s": self.practice_s,
             "sample_hz": SAMPLE_HZ,
@@ -212,8 +244,14 @@ class RateSession:
                 ratings.write_text(ratings_csv(rated, self.name))
                 audio = [self.songs[r.index].path for r in rated]
                 try:
-                    prof = calibrate(self.name, audio, ratings, annotators_dir=self.annotators_dir,
-                                     keep_history=self.keep_history, base=self.base)
+                    prof = calibrate(
+                        self.name,
+                        audio,
+                        ratings,
+                        annotators_dir=self.annotators_dir,
+                        keep_history=self.keep_history,
+                        base=self.base,
+                    )
                 except (DataError, ProfileError) as e:
                     raise SubmissionError(f"calibration refused the ratings: {e}", 422) from None
             finally:
@@ -221,8 +259,13 @@ class RateSession:
             preds, predict_error = [], None
             if self.predict_paths:
                 try:
-                    preds = predict(self.predict_paths, name=self.name, base=self.base,
-                                    annotators_dir=self.annotators_dir, out_dir=self.out_dir)
+                    preds = predict(
+                        self.predict_paths,
+                        name=self.name,
+                        base=self.base,
+                        annotators_dir=self.annotators_dir,
+                        out_dir=self.out_dir,
+                    )
                 except (DataError, ProfileError) as e:  # the profile is saved; say why the curves are missing
                     predict_error = str(e)
                     log.warning("prediction after calibration failed: %s", e)
@@ -242,8 +285,13 @@ class RateSession:
         for i, p in enumerate(preds):
             if p.png is not None:
                 self._pngs[f"predict/{i}"] = p.png
-            out_preds.append({"song_id": p.song_id, "csv": _display(p.csv) if p.csv else None,
-                              "png": f"result/predict/{i}.png?v={v}" if p.png is not None else None})
+            out_preds.append(
+                {
+                    "song_id": p.song_id,
+                    "csv": _display(p.csv) if p.csv else None,
+                    "png": f"result/predict/{i}.png?v={v}" if p.png is not None else None,
+                }
+            )
         info = prof.info
         return {
             "ok": True,
@@ -294,8 +342,11 @@ class Guard:
         path = scope.get("path", "")
         head, _, rest = path[1:].partition("/")
         if not hmac.compare_digest(("/" + head).encode(), self.prefix.encode()):
-            return await _text(403, "refused: missing or wrong access token; open the address that "
-                               "`python run.py rate` printed (it holds the token)")(scope, receive, send)
+            return await _text(
+                403,
+                "refused: missing or wrong access token; open the address that "
+                "`python run.py rate` printed (it holds the token)",
+            )(scope, receive, send)
         origin = headers.get("origin")
         if origin is not None and urlsplit(origin).netloc.lower() != host:
             return await _text(403, f"refused: cross-origin request from {origin[:80]!r}")(scope, receive, send)
@@ -341,7 +392,9 @@ def make_app(session: RateSession, token: str, hosts: set[str] | None):
 
     async def submit(request: Request):
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            return JSONResponse({"ok": False, "error": "the submission must be sent as application/json"}, status_code=415)
+            return JSONResponse(
+                {"ok": False, "error": "the submission must be sent as application/json"}, status_code=415
+            )
         body = await request.body()  # bounded by max_body_size: 413 beyond
         try:
             result = await run_in_threadpool(session.submit, body)
@@ -359,18 +412,22 @@ def make_app(session: RateSession, token: str, hosts: set[str] | None):
         return FileResponse(p, media_type="image/png") if p else _text(404, "no such prediction plot")
 
     routes = [
-        Mount(f"/{token}", routes=[
-            Route("/", index),
-            Route("/api/session", describe),
-            Route("/api/submit", submit, methods=["POST"]),
-            Route("/audio/{index:int}", audio),
-            Route("/result/fit.png", fit_png),
-            Route("/result/predict/{index:int}.png", predict_png),
-            Mount("/static", app=StaticFiles(directory=STATIC)),
-        ]),
+        Mount(
+            f"/{token}",
+            routes=[
+                Route("/", index),
+                Route("/api/session", describe),
+                Route("/api/submit", submit, methods=["POST"]),
+                Route("/audio/{index:int}", audio),
+                Route("/result/fit.png", fit_png),
+                Route("/result/predict/{index:int}.png", predict_png),
+                Mount("/static", app=StaticFiles(directory=STATIC)),
+            ],
+        ),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts=hosts)],
-                     max_body_size=max_body_bytes(session))
+    return Starlette(
+        routes=routes, middleware=[Middleware(Guard, token=token, hosts=hosts)], max_body_size=max_body_bytes(session)
+    )
 
 
 # -------------------------------------------------------------------------------------------
@@ -406,15 +463,19 @@ class RateServer:
         if host in WILDCARD:
             hosts = None
             shown = socket.gethostname()
-            self.warning = (f"listening on every network interface ({host or '*'}:{self.port}): anyone who can reach this "
-                            "machine and learns the address (it holds the token) can rate as this listener")
+            self.warning = (
+                f"listening on every network interface ({host or '*'}:{self.port}): anyone who can reach this "
+                "machine and learns the address (it holds the token) can rate as this listener"
+            )
         else:
             names = {host.lower(), *LOOPBACK} if host not in LOOPBACK else set(LOOPBACK)
             hosts = {f"{_url_host(n)}:{self.port}" for n in names}
             shown = host
             if host not in LOOPBACK:
-                self.warning = (f"listening on {host}:{self.port}, not only on this machine (127.0.0.1): anyone who can "
-                                "reach it and learns the address (it holds the token) can rate as this listener")
+                self.warning = (
+                    f"listening on {host}:{self.port}, not only on this machine (127.0.0.1): anyone who can "
+                    "reach it and learns the address (it holds the token) can rate as this listener"
+                )
         self.url = f"http://{_url_host(shown)}:{self.port}/{self.token}/"
         self.app = make_app(session, self.token, hosts)
         self._server = None
@@ -423,8 +484,13 @@ class RateServer:
     def _uvicorn(self):
         import uvicorn
 
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False,  # the token is in every path
-                                lifespan="off", timeout_graceful_shutdown=None)
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,  # the token is in every path
+            lifespan="off",
+            timeout_graceful_shutdown=None,
+        )
         self._server = uvicorn.Server(config)
         return self._server
 
@@ -438,7 +504,9 @@ class RateServer:
     def start(self, timeout: float = 30.0) -> "RateServer":
         """Serve in a background thread; returns once it accepts connections."""
         server = self._uvicorn()
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self.sock]}, name="pdmer-rate", daemon=True)
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [self.sock]}, name="pdmer-rate", daemon=True
+        )
         self._thread.start()
         t_end = time.monotonic() + timeout
         while not server.started:

@@ -17,6 +17,7 @@ audio's final partial step are dropped), and only steps that both dimensions rea
 sample (a short stall of the page's timer) are left out of the file; ``calibrate`` interpolates
 across them.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,7 +101,9 @@ def _series(raw, where: str, duration_s: float) -> np.ndarray:
         raise SubmissionError(f"{where}: expected a list of [time_s, value] pairs, got {type(raw).__name__}")
     limit = int(MAX_RATE_HZ * duration_s) + 10
     if len(raw) > limit:
-        raise SubmissionError(f"{where}: {len(raw)} samples for {duration_s:.1f} s of audio (at most {limit}, {MAX_RATE_HZ:g} per second)")
+        raise SubmissionError(
+            f"{where}: {len(raw)} samples for {duration_s:.1f} s of audio (at most {limit}, {MAX_RATE_HZ:g} per second)"
+        )
     for i, s in enumerate(raw):
         if not (isinstance(s, list) and len(s) == 2 and _is_number(s[0]) and _is_number(s[1])):
             raise SubmissionError(f"{where}, sample {i}: expected [time_s, value] (two numbers), got {str(s)[:60]}")
@@ -115,7 +118,9 @@ def _series(raw, where: str, duration_s: float) -> np.ndarray:
     for i in np.flatnonzero(np.abs(x) > 1.0)[:1]:
         raise SubmissionError(f"{where}, sample {i}: value {x[i]:g} is outside [-1, 1]")
     for i in np.flatnonzero(np.diff(t) <= 0)[:1]:
-        raise SubmissionError(f"{where}, sample {i + 1}: time {t[i + 1]:g} s is not after {t[i]:g} s (times must increase)")
+        raise SubmissionError(
+            f"{where}, sample {i + 1}: time {t[i + 1]:g} s is not after {t[i]:g} s (times must increase)"
+        )
     return arr
 
 
@@ -154,7 +159,7 @@ def parse_submission(body: bytes, songs: list[tuple[str, float]], min_rated_s: f
     """
     data = parse_json(body)
     if not isinstance(data, dict):
-        raise SubmissionError("the submission must be a JSON object {\"mode\": ..., \"songs\": [...]}")
+        raise SubmissionError('the submission must be a JSON object {"mode": ..., "songs": [...]}')
     unknown = sorted(set(data) - {"mode", "songs"})
     if unknown:
         raise SubmissionError(f"unknown field(s) in the submission: {', '.join(map(str, unknown))[:200]}")
@@ -163,20 +168,24 @@ def parse_submission(body: bytes, songs: list[tuple[str, float]], min_rated_s: f
         raise SubmissionError(f"mode {str(mode)[:40]!r} is not one of {', '.join(MODES)}")
     items = data.get("songs")
     if not isinstance(items, list) or not items:
-        raise SubmissionError("the submission has no rated song (\"songs\" must be a non-empty list)")
+        raise SubmissionError('the submission has no rated song ("songs" must be a non-empty list)')
     if len(items) > len(songs):
         raise SubmissionError(f"{len(items)} songs submitted, but only {len(songs)} can be rated")
     out: list[RatedSong] = []
     seen: set[int] = set()
     for j, item in enumerate(items):
         if not isinstance(item, dict):
-            raise SubmissionError(f"songs[{j}]: expected an object {{\"song\": index, \"valence\": [...], \"arousal\": [...]}}")
+            raise SubmissionError(
+                f'songs[{j}]: expected an object {{"song": index, "valence": [...], "arousal": [...]}}'
+            )
         extra = sorted(set(item) - {"song", *DIMENSIONS})
         if extra:
             raise SubmissionError(f"songs[{j}]: unknown field(s) {', '.join(map(str, extra))[:200]}")
         idx = item.get("song")
         if not (isinstance(idx, int) and not isinstance(idx, bool) and 0 <= idx < len(songs)):
-            raise SubmissionError(f"songs[{j}]: \"song\" must be the index of a song on the page (0 to {len(songs) - 1}), got {str(idx)[:40]}")
+            raise SubmissionError(
+                f'songs[{j}]: "song" must be the index of a song on the page (0 to {len(songs) - 1}), got {str(idx)[:40]}'
+            )
         if idx in seen:
             raise SubmissionError(f"songs[{j}]: song {idx} is submitted twice")
         seen.add(idx)
@@ -192,18 +201,27 @@ def parse_submission(body: bytes, songs: list[tuple[str, float]], min_rated_s: f
         vals = {dim: binned[dim][1][np.searchsorted(binned[dim][0], steps)] for dim in DIMENSIONS}
         rated = RatedSong(idx, sid, steps, vals["valence"], vals["arousal"], series)
         if rated.rated_s < min_rated_s:
-            raise SubmissionError(f"song {sid!r}: {rated.rated_s:.1f} s rated; at least {min_rated_s:g} s are needed "
-                                  "(rate it again, further into the song)", 422)
+            raise SubmissionError(
+                f"song {sid!r}: {rated.rated_s:.1f} s rated; at least {min_rated_s:g} s are needed "
+                "(rate it again, further into the song)",
+                422,
+            )
         gaps = np.diff(steps) - 1  # (K-1,) missing steps between rated ones
         if len(gaps) and gaps.max() * STEP_S > MAX_GAP_S:
             i = int(np.argmax(gaps))
-            raise SubmissionError(f"song {sid!r}: nothing rated from {(steps[i] + 1) * STEP_S:.1f} s to {steps[i + 1] * STEP_S:.1f} s "
-                                  f"(holes up to {MAX_GAP_S:g} s are bridged); rate it again", 422)
+            raise SubmissionError(
+                f"song {sid!r}: nothing rated from {(steps[i] + 1) * STEP_S:.1f} s to {steps[i + 1] * STEP_S:.1f} s "
+                f"(holes up to {MAX_GAP_S:g} s are bridged); rate it again",
+                422,
+            )
         mad = {dim: float(np.mean(np.abs(vals[dim] - vals[dim].mean()))) for dim in DIMENSIONS}
         if all(m < FLAT_MAD for m in mad.values()):
-            raise SubmissionError(f"song {sid!r}: the rating never moved (mean absolute deviation {mad['valence']:.4f} valence, "
-                                  f"{mad['arousal']:.4f} arousal): it tells the model nothing about you; follow the music "
-                                  "and rate it again", 422)
+            raise SubmissionError(
+                f"song {sid!r}: the rating never moved (mean absolute deviation {mad['valence']:.4f} valence, "
+                f"{mad['arousal']:.4f} arousal): it tells the model nothing about you; follow the music "
+                "and rate it again",
+                422,
+            )
         out.append(rated)
     return mode, out
 

@@ -1,4 +1,4 @@
-"""Inference by sliding windows, and the PDMER evaluation protocol.
+"""The PDMER evaluation protocol: one listener adapted and scored.
 
 Protocol (per listener of the evaluated split): support = ``support_songs`` songs they
 rated (chosen once, deterministically), query = all their other songs, whole curves.
@@ -19,6 +19,7 @@ Reported conditions:
 
 Metrics are computed per (listener, query song), then averaged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,99 +28,27 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from pdmer.data.types import Curve, Dataset
-from pdmer.meta.maml import Params, adapt, call, split_state
+from pdmer.evaluation.inference import predict_curve
+from pdmer.meta.maml import Params, adapt
 from pdmer.meta.tasks import make_batch
-from pdmer.metrics import average, song_metrics
+from pdmer.metrics import song_metrics
 from pdmer.personalize import CHECK_SHARE, MIN_CHECK_STEPS, Check, Parts, Support, Weights, combine, gate
 from pdmer.references import References
 
 log = logging.getLogger(__name__)
 
+
 CONDITIONS = ("generic", "personalized", "maml", "offset", "others", "ridge", "consensus", "oracle")
-
-
-def window_starts(n: int, length: int, hop: int) -> list[int]:
-    """Starts of windows of ``length`` covering ``range(n)``; the last one ends at n."""
-    if n <= length:
-        return [0]
-    starts = list(range(0, n - length + 1, hop))
-    if starts[-1] != n - length:
-        starts.append(n - length)
-    return starts
-
-
-def blend_weights(length: int) -> torch.Tensor:
-    """Overlap-add taper of a window of ``length`` steps: ``sin^2`` (never 0, peaks at the centre).
-
-    At a hop of half the window the tapers of neighbouring windows sum to a constant, so each
-    step is mostly predicted by the window where it is most central and window edges leave no
-    seam (a model's prediction is least reliable at the edges of its context).
-    """
-    i = torch.arange(length, dtype=torch.float64)
-    return torch.sin(torch.pi * (i + 0.5) / length) ** 2
-
-
-@torch.no_grad()
-def predict_steps(
-    model: nn.Module,
-    feats,
-    start: int,
-    stop: int,
-    seq_len: int,
-    hop: int,
-    params: Params | None = None,
-    batch_windows: int = 32,
-) -> np.ndarray:
-    """Predict steps ``[start, stop)`` of one song.
-
-    Songs longer than ``seq_len`` are cut into windows of ``seq_len`` steps every ``hop``
-    steps (the last window aligned to the end); each step's prediction is the weighted mean over
-    the windows that contain it, the weights a taper that favours the window where the step is
-    most central (:func:`blend_weights`), for arousal and valence alike. A span that fits in one
-    window is predicted in one pass. Memory depends on ``seq_len`` and ``batch_windows``, not on
-    the song's length.
-
-    Args:
-        model: a DSAML model (put in eval mode by the caller).
-        feats: SongFeatures of the song.
-        params: adapted parameters to swap in (None = the model's own).
-
-    Returns:
-        (stop - start, 2) float32 array, columns (arousal, valence).
-    """
-    n = stop - start
-    length = min(seq_len, n)
-    device = next(model.parameters()).device
-    _, buffers = split_state(model)
-    total = torch.zeros(n, 2, dtype=torch.float64)
-    weight = torch.zeros(n, 1, dtype=torch.float64)
-    taper = blend_weights(length)[:, None]  # (L, 1)
-    starts = window_starts(n, length, hop)
-    for i in range(0, len(starts), batch_windows):
-        chunk = starts[i : i + batch_windows]
-        local = torch.stack([feats.local[start + s : start + s + length] for s in chunk]).to(device)  # (W, L, 51, 128)
-        glob = torch.stack([feats.global_[start + s : start + s + length] for s in chunk]).to(device)  # (W, L, G)
-        out = model(local, glob) if params is None else call(model, params, buffers, local, glob)
-        pred = out.pred.double().cpu()  # (W, L, 2)
-        for j, s in enumerate(chunk):
-            total[s : s + length] += taper * pred[j]
-            weight[s : s + length] += taper
-    return (total / weight).float().numpy()
-
-
-def predict_curve(model, feats, curve: Curve, seq_len: int, hop: int, params: Params | None = None) -> np.ndarray:
-    return predict_steps(model, feats, curve.start_step, curve.end_step, seq_len, hop, params)
 
 
 def choose_support(curves: list[Curve], k: int, seed: int, listener: str, draw: int = 0) -> list[int] | None:
     """Indices of the support curves of a listener: fixed by (seed, listener id, draw).
 
     Draw 0 is the evaluation protocol's support. Draws 1, 2, ... (the safe rule's choice on
-    validation listeners, :func:`pdmer.train.rule_parts`) take ``k`` curves not used by an
+    validation listeners, :func:`pdmer.evaluation.split.rule_parts`) take ``k`` curves not used by an
     earlier draw; None when too few are left.
     """
     key = [seed, zlib.crc32(listener.encode())]
@@ -163,7 +92,7 @@ class Adaptation:
     """How a listener is adapted to and scored (shared by both test protocols).
 
     Attributes:
-        loss_fn: the task loss of the inner loop (:func:`pdmer.train.make_loss_fn`).
+        loss_fn: the task loss of the inner loop (:func:`pdmer.training.context.make_loss_fn`).
         inner_steps, inner_lr: the inner loop (``meta.*``).
         seq_len: support length and sliding-window length in steps (``train.seq_len``).
         hop: sliding-window hop in steps (``eval.hop``).
@@ -186,28 +115,48 @@ class Adaptation:
     draw: int = 0
 
 
-def _support_parts(model, features: dict, support: list[Curve], how: Adaptation) -> tuple[Params, Support, Check | None]:
+def _support_parts(
+    model, features: dict, support: list[Curve], how: Adaptation
+) -> tuple[Params, Support, Check | None]:
     """Adapt on the support sequences; the safe rule's support statistics and held-out check."""
     device = next(model.parameters()).device
     seqs = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: min(how.seq_len, c.n_steps)]) for c in support]
-    params, _ = adapt(model, support_batch(seqs, features, how.seq_len, device), support_loss_fn(how.loss_fn),
-                      how.inner_steps, how.inner_lr)
+    params, _ = adapt(
+        model,
+        support_batch(seqs, features, how.seq_len, device),
+        support_loss_fn(how.loss_fn),
+        how.inner_steps,
+        how.inner_lr,
+    )
     generic = [predict_curve(model, features[c.song_id], c, how.seq_len, how.hop) for c in seqs]
     stats = Support.fit(np.concatenate([c.values for c in seqs]), np.concatenate(generic))
     check = None
     n_check = [int(round(c.n_steps * CHECK_SHARE)) for c in seqs]
     if how.check and all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(n_check, seqs)):
         fit = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(seqs, n_check)]
-        held = [Curve(c.song_id, c.annotator_id, c.end_step - n, c.values[c.n_steps - n :]) for c, n in zip(seqs, n_check)]
-        p_fit, _ = adapt(model, support_batch(fit, features, how.seq_len, device), support_loss_fn(how.loss_fn),
-                         how.inner_steps, how.inner_lr)
+        held = [
+            Curve(c.song_id, c.annotator_id, c.end_step - n, c.values[c.n_steps - n :]) for c, n in zip(seqs, n_check)
+        ]
+        p_fit, _ = adapt(
+            model,
+            support_batch(fit, features, how.seq_len, device),
+            support_loss_fn(how.loss_fn),
+            how.inner_steps,
+            how.inner_lr,
+        )
         g_fit = [g[: c.n_steps] for g, c in zip(generic, fit)]
         g_held = [g[c.n_steps :] for g, c in zip(generic, fit)]
         # the held-out part predicted in the context of the whole support sequence, as the generic curve
-        a_held = [predict_curve(model, features[c.song_id], c, how.seq_len, how.hop, p_fit)[f.n_steps :]
-                  for c, f in zip(seqs, fit)]
-        check = Check(np.concatenate([h.values for h in held]), np.concatenate(g_held), np.concatenate(a_held),
-                      Support.fit(np.concatenate([f.values for f in fit]), np.concatenate(g_fit)))
+        a_held = [
+            predict_curve(model, features[c.song_id], c, how.seq_len, how.hop, p_fit)[f.n_steps :]
+            for c, f in zip(seqs, fit)
+        ]
+        check = Check(
+            np.concatenate([h.values for h in held]),
+            np.concatenate(g_held),
+            np.concatenate(a_held),
+            Support.fit(np.concatenate([f.values for f in fit]), np.concatenate(g_fit)),
+        )
     return params, stats, check
 
 
@@ -237,12 +186,14 @@ def evaluate_listener(
     model.eval()
     params, stats, check = _support_parts(model, features, support, how)
     offset = stats.offset.astype(np.float32)  # the offset condition's shift: mean support error of the generic model
-    result = ListenerResult(listener, [c.song_id for c in support], {c: {} for c in CONDITIONS},
-                            {c: {} for c in (*CONDITIONS, "ratings")})
+    result = ListenerResult(
+        listener, [c.song_id for c in support], {c: {} for c in CONDITIONS}, {c: {} for c in (*CONDITIONS, "ratings")}
+    )
     part = Parts(stats, check, {}, listener)
     for q in queries:
-        part.queries[q.song_id] = _score_query(model, dataset, features, listener, q, params, how, result, keep_curves,
-                                               offset, references)
+        part.queries[q.song_id] = _score_query(
+            model, dataset, features, listener, q, params, how, result, keep_curves, offset, references
+        )
     result.parts.append(part)
     return result
 
@@ -277,8 +228,9 @@ def evaluate_within_song(
         params, stats, check = _support_parts(model, features, [support], how)
         offset = stats.offset.astype(np.float32)
         part = Parts(stats, check, {}, listener)
-        part.queries[query.song_id] = _score_query(model, dataset, features, listener, query, params, how, result,
-                                                   keep_curves, offset, references)
+        part.queries[query.song_id] = _score_query(
+            model, dataset, features, listener, query, params, how, result, keep_curves, offset, references
+        )
         result.parts.append(part)
         result.support.append(f"{c.song_id}[first {seq_len} steps]")
     if not result.parts:
@@ -302,9 +254,19 @@ def apply_weights(results: list[ListenerResult], weights: Weights, keep_curves: 
                     r.curves["personalized"][sid] = p.astype(np.float32)
 
 
-def _score_query(model, dataset: Dataset, features: dict, listener: str, q: Curve, params: Params, how: Adaptation,
-                 result: ListenerResult, keep_curves: bool, offset: np.ndarray | None = None,
-                 references: References | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _score_query(
+    model,
+    dataset: Dataset,
+    features: dict,
+    listener: str,
+    q: Curve,
+    params: Params,
+    how: Adaptation,
+    result: ListenerResult,
+    keep_curves: bool,
+    offset: np.ndarray | None = None,
+    references: References | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict one query curve (every condition but the safe rule's) and score it.
 
     Returns:
@@ -320,7 +282,12 @@ def _score_query(model, dataset: Dataset, features: dict, listener: str, q: Curv
     if references is not None:
         preds.update(references.predictions(listener, q, f))
     # the consensus as a prediction of a listener's ratings (not of itself: PMEmo's only "listener")
-    if dataset.consensus and q.song_id in dataset.consensus and listener != "consensus" and _covers(dataset.consensus[q.song_id], q):
+    if (
+        dataset.consensus
+        and q.song_id in dataset.consensus
+        and listener != "consensus"
+        and _covers(dataset.consensus[q.song_id], q)
+    ):
         preds["consensus"] = _aligned(dataset.consensus[q.song_id], q)
     if dataset.oracle and (listener, q.song_id) in dataset.oracle:
         preds["oracle"] = _aligned(dataset.oracle[(listener, q.song_id)], q)
@@ -343,106 +310,3 @@ def _aligned(reference: Curve, target: Curve) -> np.ndarray:
     if off < 0 or off + target.n_steps > reference.n_steps:
         raise ValueError(f"reference curve of {reference.song_id!r} does not cover the rated steps")
     return reference.values[off : off + target.n_steps]
-
-
-def summarize(results: list[ListenerResult]) -> dict[str, dict[str, float]]:
-    """Average metrics per condition over every (listener, query song)."""
-    out = {}
-    for cond in CONDITIONS:
-        songs = [m for r in results for m in r.per_song[cond].values()]
-        if songs:
-            out[cond] = average(songs)
-    return out
-
-
-PAIRED_METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence")
-
-
-def listener_means(results: list[ListenerResult], cond: str, base: str, metric: str) -> np.ndarray:
-    """Per listener: mean over their query songs of ``cond - base`` in ``metric`` (both finite)."""
-    out = []
-    for r in results:
-        c, b = r.per_song.get(cond, {}), r.per_song.get(base, {})
-        diffs = [c[s][metric] - b[s][metric] for s in b if s in c and np.isfinite(c[s][metric]) and np.isfinite(b[s][metric])]
-        if diffs:
-            out.append(float(np.mean(diffs)))
-    return np.asarray(out)
-
-
-def paired_gain(results: list[ListenerResult], metric: str = "ccc_mean", cond: str = "personalized",
-                base: str = "generic", n_boot: int = 10000, seed: int = 0) -> dict:
-    """``cond`` minus ``base``, per listener (mean over their query songs), then over listeners.
-
-    The listener is the unit of the bootstrap (query songs of one listener are not independent);
-    the 95 % interval is ``scipy.stats.bootstrap``'s percentile interval of the mean. For RMSE a
-    negative difference is an improvement ("better" counts those listeners).
-
-    Returns:
-        {"metric", "mean", "ci95": [lo, hi], "listeners_improved", "listeners_worse", "listeners"};
-        empty when undefined.
-    """
-    from scipy.stats import bootstrap
-
-    gains = listener_means(results, cond, base, metric)
-    if len(gains) == 0:
-        return {}
-    sign = -1 if metric.startswith("rmse") else 1
-    if len(gains) > 1 and np.ptp(gains) > 0:
-        ci = bootstrap((gains,), np.mean, n_resamples=n_boot, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-        lo, hi = float(ci.low), float(ci.high)
-    else:
-        lo = hi = float(gains.mean())
-    return {
-        "metric": metric,
-        "mean": float(gains.mean()),
-        "ci95": [lo, hi],
-        "listeners_improved": int((sign * gains > 0).sum()),
-        "listeners_worse": int((sign * gains < 0).sum()),
-        "listeners": int(len(gains)),
-    }
-
-
-def paired_gains(results: list[ListenerResult], cond: str = "personalized", base: str = "generic") -> dict[str, dict]:
-    """:func:`paired_gain` for every metric of ``PAIRED_METRICS``."""
-    return {m: paired_gain(results, m, cond, base) for m in PAIRED_METRICS}
-
-
-def format_table(summary: dict[str, dict[str, float]], title: str = "") -> str:
-    """A Markdown table: one row per condition."""
-    cols = ["ccc_mean", "ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence"]
-    head = "| condition | " + " | ".join(c.replace("_", " ") for c in cols) + " | songs |"
-    lines = [f"**{title}**", ""] if title else []
-    lines += [head, "|" + "---|" * (len(cols) + 2)]
-    for cond, m in summary.items():
-        cells = " | ".join(f"{m[c]:.3f}" for c in cols)
-        lines.append(f"| {cond} | {cells} | {m['n_songs']} |")
-    return "\n".join(lines)
-
-
-def plot_listener(result: ListenerResult, path, song_id: str | None = None) -> str:
-    """PNG of one listener's query song: ratings, generic, personalized (and oracle)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    song_id = song_id or sorted(result.curves["ratings"])[0]
-    ratings = result.curves["ratings"][song_id]
-    t = np.arange(len(ratings)) * 0.5
-    fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    styles = {"ratings": ("k", "-", 1.6), "generic": ("tab:blue", "-", 1.2), "personalized": ("tab:red", "-", 1.4), "oracle": ("tab:green", "--", 1.0)}
-    for c, label in enumerate(("arousal", "valence")):
-        ax = axes[c]
-        for cond, (color, ls, lw) in styles.items():
-            curves = result.curves.get(cond, {})
-            if song_id in curves:
-                ax.plot(t, curves[song_id][:, c], color=color, ls=ls, lw=lw, label=cond)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_title(f"listener {result.listener}, query song {song_id} (support: {', '.join(result.support)})")
-    axes[1].set_xlabel("seconds from the first rating")
-    axes[0].legend(loc="upper right", fontsize=8, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return song_id
