@@ -112,13 +112,13 @@ def _bounds(ch: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
     return mean, z * se
 
 
-def rule_superiority(ch, z=P.CHOICE_Z):
+def rule_superiority(ch, z=1.645):
     """Today's: no metric worse with confidence (each changed metric's bad-side bound within 0)."""
     m, h = _bounds(ch, z)
     return m[0] - h[0] >= -P.TOL and m[1] + h[1] <= P.TOL and m[2] - h[2] >= -P.TOL
 
 
-def rule_not_significantly_worse(ch, z=P.CHOICE_Z):
+def rule_not_significantly_worse(ch, z=1.645):
     """No metric significantly worse (the good-side bound reaches 0) and no mean worse."""
     m, h = _bounds(ch, z)
     return (
@@ -131,13 +131,13 @@ def rule_not_significantly_worse(ch, z=P.CHOICE_Z):
     )
 
 
-def rule_rmse_confident(ch, z=P.CHOICE_Z):
+def rule_rmse_confident(ch, z=1.645):
     """RMSE no worse with confidence, CCC and PCC no worse on average."""
     m, h = _bounds(ch, z)
     return m[1] + h[1] <= P.TOL and m[0] >= -P.TOL and m[2] >= -P.TOL
 
 
-def rule_margin(delta, z=P.CHOICE_Z):
+def rule_margin(delta, z=1.645):
     """Non-inferiority at margin ``delta``: each metric's mean no worse, its bad-side bound within ``delta``."""
 
     def f(ch):

@@ -49,7 +49,7 @@ SCALE_CLIP = (0.25, 4.0)
 CHECK_SHARE = 1 / 3  # the held-out later part of the support sequence
 MIN_CHECK_STEPS = 4
 GATE_Z = 2.0  # the held-out check's one-sided z
-CHOICE_Z = 1.645  # the weights' one-sided "not worse" test over validation listeners (about 5 %)
+CHOICE_LEVEL = 0.95  # the weights' one-sided "not worse" test over validation listeners (Student t, n - 1 df)
 # The change of a metric the choice accepts as "no worse" (non-inferiority margin): RMSE on the
 # [-1, 1] scale, CCC and PCC. A small fraction of the changes a listener could see (RMSE 0.005 is
 # about 1 % of a generic model's RMSE; listeners' own ratings of a piece differ by 0.3-0.4 per
@@ -234,14 +234,20 @@ def _summary(changes: np.ndarray) -> tuple[tuple[float, float, float], bool]:
     """The mean (CCC gain, RMSE change, PCC change) over listeners and whether none of them is worse.
 
     "No worse" is a non-inferiority test over listeners, per metric: the mean is not on the bad
-    side, and the one-sided bound ``mean -/+ CHOICE_Z * sd / sqrt(n)`` on the bad side stays
+    side, and the one-sided bound ``mean -/+ t * sd / sqrt(n)`` on the bad side (``t`` Student's quantile at
+    ``CHOICE_LEVEL`` with n - 1 degrees of freedom: a handful of listeners proves little) stays
     within ``CHOICE_MARGIN`` of zero (CCC and PCC: mean - ...; RMSE: mean + ...). An unchanged
     metric (PCC under an offset or a scale) has sd 0 and passes.
     """
+    from scipy.stats import t as student
+
+    n = len(changes)
     mean = changes.mean(0)
-    se = changes.std(0, ddof=1) / np.sqrt(len(changes)) if len(changes) > 1 else np.full(3, np.inf)
+    if n < 2:  # no spread to test against: never "no worse with confidence"
+        return (float(mean[0]), float(mean[1]), float(mean[2])), False
+    se = changes.std(0, ddof=1) / np.sqrt(n)
     bad = np.array([-mean[0], mean[1], -mean[2]])  # each metric's change toward the bad side
-    safe = bool(np.all(bad <= TOL) and np.all(bad + CHOICE_Z * se <= CHOICE_MARGIN + TOL))
+    safe = bool(np.all(bad <= TOL) and np.all(bad + student.ppf(CHOICE_LEVEL, n - 1) * se <= CHOICE_MARGIN + TOL))
     return (float(mean[0]), float(mean[1]), float(mean[2])), safe
 
 
@@ -258,7 +264,7 @@ def choose_weights(
     Every grid point ``w`` is scored on ``parts`` by each listener's change of CCC, RMSE and PCC
     against the generic curve (a listener's parts averaged first, :func:`by_listener`); among the
     points that make none of the three worse with confidence (a non-inferiority test over
-    listeners at ``CHOICE_Z`` and ``CHOICE_MARGIN``, :func:`_summary`: an audit, not a mean that
+    listeners at ``CHOICE_LEVEL`` and ``CHOICE_MARGIN``, :func:`_summary`: an audit, not a mean that
     may be better by chance alone), the one with the largest mean :func:`objective` wins (none:
     ``w = 0``, the generic curve). Both
     metrics count: within a song the listener's level carries over and mostly lowers RMSE, across
