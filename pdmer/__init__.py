@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 # The Python API behind ``python run.py calibrate`` / ``predict`` (pdmer.personal), imported
 # on first use so that ``import pdmer`` stays light.
-_PERSONAL = ("calibrate", "predict", "load_profile", "load_base_model", "ProfileError")
+_PERSONAL = ("calibrate", "calibrate_many", "predict", "load_profile", "load_base_model", "ProfileError")
 
 
 def __getattr__(name: str):

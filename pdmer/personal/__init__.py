@@ -4,6 +4,8 @@
 learning rate as the base run, unless overridden) on a listener's ratings of one or more
 songs and saves a *profile*; :func:`predict` writes whole-song valence / arousal curves,
 generic and (with a profile) personal. ``python run.py calibrate`` / ``predict`` call them.
+:func:`calibrate_many` calibrates every listener of a study file (generic layout, one profile
+per ``annotator_id``), each as :func:`calibrate` would, reporting and skipping the bad ones.
 
 A profile is a folder ``<annotators>/<NAME>/`` (``<annotators>`` = ``<repo>/annotators``
 unless given)::
@@ -45,8 +47,9 @@ written with ``time_s = 0.5 k``, so a prediction CSV read back as ratings lands 
 Layout: :mod:`~pdmer.personal.names` (names and folders), :mod:`~pdmer.personal.base` (run discovery,
 base-model loading), :mod:`~pdmer.personal.ratings` (the ratings reader), :mod:`~pdmer.personal.adaptation`
 (support batches, the safe rule, the divergence check), :mod:`~pdmer.personal.profile` (the profile store),
-:mod:`~pdmer.personal.calibration`, :mod:`~pdmer.personal.prediction` and :mod:`~pdmer.personal.writers`
-(CSV and plots); long songs are featurised by :mod:`pdmer.features.streaming`.
+:mod:`~pdmer.personal.calibration`, :mod:`~pdmer.personal.batch` (many listeners at once),
+:mod:`~pdmer.personal.prediction` and :mod:`~pdmer.personal.writers` (CSV and plots); long songs are
+featurised by :mod:`pdmer.features.streaming`.
 """
 from pdmer.features.audio import check_audio_file
 from pdmer.features.streaming import (
@@ -70,6 +73,7 @@ from pdmer.personal.base import (
     find_latest_run,
     load_base_model,
 )
+from pdmer.personal.batch import BatchReport, calibrate_many
 from pdmer.personal.calibration import calibrate
 from pdmer.personal.names import (
     DEFAULT_ANNOTATORS_DIR,
@@ -101,12 +105,14 @@ from pdmer.personal.ratings import (
 
 __all__ = [
     "BaseModel",
+    "BatchReport",
     "Profile",
     "ProfileError",
     "SongPrediction",
     "AdaptationError",
     "adaptation_problem",
     "calibrate",
+    "calibrate_many",
     "check_audio_file",
     "check_compatible",
     "check_finite_adaptation",

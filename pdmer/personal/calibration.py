@@ -100,22 +100,39 @@ def calibrate(
         raise DataError("calibrate needs at least one rated audio file")
     audio_map = audio_by_song(paths, "the ratings could not say which file they rate")
     ratings = Path(ratings)
+    _check_settings(inner_steps, inner_lr)
+    curves, rates = _read_ratings(ratings, list(audio_map), name)  # cheap checks before loading anything heavy
+    return _calibrate_checked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base,
+                              inner_steps, inner_lr, keep_history, plot)
+
+
+def _check_settings(inner_steps: int | None, inner_lr: float | None) -> None:
+    """``inner_steps`` / ``inner_lr`` in range (:func:`pdmer.config.check_setting`), when given."""
     if inner_steps is not None:
         check_setting("meta.inner_steps", inner_steps, "inner_steps")
     if inner_lr is not None:
         check_setting("meta.inner_lr", inner_lr, "inner_lr")
-    curves, rates = _read_ratings(ratings, list(audio_map), name)  # cheap checks before loading anything heavy
+
+
+def _calibrate_checked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base, inner_steps,
+                       inner_lr, keep_history, plot, *, feats=None, ratings_bytes=None) -> Profile:
+    """:func:`calibrate` once its cheap checks passed: take the profile's lock, then calibrate.
+
+    Shared with :func:`pdmer.personal.batch.calibrate_many`, which passes ``feats`` (song id -> features,
+    computed once per song for all listeners) and ``ratings_bytes`` (what ``ratings.csv`` holds: this
+    listener's rows of a study file; None = the bytes of ``ratings``).
+    """
     root = dest.parent
     try:
         with store.locked(root, name, what="calibrated"):  # one calibration of a name at a time
             return _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base,
-                                     inner_steps, inner_lr, keep_history, plot)
+                                     inner_steps, inner_lr, keep_history, plot, feats, ratings_bytes)
     except store.StoreBusyError as e:
         raise _busy(e, name) from None
 
 
 def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base, inner_steps, inner_lr,
-                      keep_history, plot) -> Profile:
+                      keep_history, plot, feats=None, ratings_bytes=None) -> Profile:
     """:func:`calibrate` once its cheap checks passed, with the profile's lock held."""
     root = dest.parent
     store.repair(root, name, _legacy_complete)  # what a crashed calibration of this name left
@@ -128,7 +145,7 @@ def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs
     steps = cfg.meta.inner_steps if inner_steps is None else int(inner_steps)
     lr = cfg.meta.inner_lr if inner_lr is None else float(inner_lr)
 
-    feats = {sid: base.features(p) for sid, p in audio_map.items()}
+    feats = {sid: feats[sid] if feats is not None else base.features(p) for sid, p in audio_map.items()}
     curves, trimmed = _fit_to_audio(curves, feats, audio_map, ratings)
 
     ad = _adapt(base, name, curves, feats, steps, lr)
@@ -159,7 +176,8 @@ def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs
     }
     weights_meta = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": name,
                     **{f"base_{k}": v for k, v in base_info.items()}}
-    files = {WEIGHTS_FILE: _weights_bytes(ad.changed, weights_meta), RATINGS_FILE: ratings.read_bytes()}
+    files = {WEIGHTS_FILE: _weights_bytes(ad.changed, weights_meta),
+             RATINGS_FILE: ratings.read_bytes() if ratings_bytes is None else ratings_bytes}
     if plot:
         png = io.BytesIO()
         _plot_fit(png, curves, fc.generic, fc.personal, fit, name)
