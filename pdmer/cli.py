@@ -105,13 +105,20 @@ def _show(path) -> str:
 
 
 def cmd_calibrate(args) -> int:
-    from pdmer.config import check_setting
+    from pdmer.config import ConfigError, check_setting
     from pdmer.personal import calibrate
 
     if args.inner_steps is not None:  # named as the user typed them; calibrate() checks them again
         check_setting("meta.inner_steps", args.inner_steps, "--inner-steps")
     if args.inner_lr is not None:
         check_setting("meta.inner_lr", args.inner_lr, "--inner-lr")
+    if args.name is None:
+        return _calibrate_study(args)
+    if not args.audio or args.audio_dir is not None or args.annotator_ids:
+        raise ConfigError(
+            "calibrate --name NAME takes --audio SONG (one or more) and --ratings RATINGS.csv; --audio-dir and "
+            "--annotator are for a study file of many listeners (leave out --name)"
+        )
     prof = calibrate(
         args.name,
         args.audio,
@@ -137,6 +144,33 @@ def cmd_calibrate(args) -> int:
     for f in prof.files:
         print(f"  {f.name}")
     return 0
+
+
+def _calibrate_study(args) -> int:
+    """calibrate without --name: every listener (annotator_id) of a study file, one profile each."""
+    from pdmer.config import ConfigError
+    from pdmer.personal import calibrate_many
+
+    if args.audio_dir is None or args.audio:
+        raise ConfigError(
+            "calibrate without --name calibrates every listener of --ratings STUDY.csv: give --audio-dir DIR "
+            "(its songs, DIR/<song_id>.wav), not --audio; or give --name NAME --audio SONG for one listener"
+        )
+    report = calibrate_many(
+        args.ratings,
+        args.audio_dir,
+        args.model,
+        annotators_dir=args.annotators,
+        keep_history=args.keep_history,
+        inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
+        names=args.annotator_ids,
+    )
+    if report.info:
+        how = "given" if args.model else "the latest trained run; --model RUN_DIR picks another"
+        print(f"model: {next(iter(report.info.values()))['base']['run']} ({how})")
+    print(report.summary())
+    return 0 if report.ok else 1  # 1: some listeners skipped (the others are written); the summary says why
 
 
 def cmd_predict(args) -> int:
@@ -328,10 +362,13 @@ def _add_listener_commands(sub) -> None:
     c = sub.add_parser(
         "calibrate", help="adapt the trained model to one listener from their ratings; saves annotators/NAME/"
     )
-    c.add_argument("--name", required=True, help="listener name: letters, digits, - and _")
+    c.add_argument(
+        "--name",
+        help="listener name: letters, digits, - and _; without it, --ratings is a study file of many listeners "
+        "(song_id,annotator_id,time_s,valence,arousal) and --audio-dir holds its songs: one profile per annotator_id",
+    )
     c.add_argument(
         "--audio",
-        required=True,
         action="extend",
         nargs="+",
         metavar="SONG",
@@ -344,6 +381,19 @@ def _add_listener_commands(sub) -> None:
         metavar="RATINGS.csv",
         help="song_id,annotator_id,time_s,valence,arousal (or time_s,valence,arousal for one song); "
         "any rate, values in [-1, 1]",
+    )
+    c.add_argument(
+        "--audio-dir",
+        metavar="DIR",
+        help="without --name: the study's rated songs, DIR/<song_id>.<wav|flac|mp3|ogg>",
+    )
+    c.add_argument(
+        "--annotator",
+        dest="annotator_ids",
+        action="extend",
+        nargs="+",
+        metavar="ID",
+        help="without --name: calibrate only these annotator ids of the study file (default: all)",
     )
     c.add_argument("--model", metavar="RUN_DIR", help="base run (default: the latest finished run in runs/)")
     c.add_argument(

@@ -50,7 +50,7 @@ def tiny_overrides(tmp: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A finished tiny run and its benchmark audio."""
-    from pdmer.train import train
+    from pdmer.training import train
 
     tmp = tmp_path_factory.mktemp("batch")
     cfg = load_config("pdmer.synthetic.dsaml", tiny_overrides(tmp))
@@ -222,3 +222,19 @@ def test_exported():
     from pdmer import personal
 
     assert pdmer.calibrate_many is personal.calibrate_many is calibrate_many
+
+
+def test_the_command_calibrates_a_study(tiny, tmp_path, capsys):
+    """run.py calibrate --ratings STUDY --audio-dir DIR (no --name): the summary, exit 1 when some were skipped."""
+    from pdmer.cli import main
+
+    path, _ = study(tmp_path)
+    ann = tmp_path / "ann"
+    common = ["calibrate", "--ratings", str(path), "--model", str(tiny.run), "--annotators", str(ann)]
+    assert main(common + ["--audio-dir", str(tiny.audio)]) == 1  # three listeners skipped, two written
+    out = capsys.readouterr().out
+    assert "L1" in out and "bad-nan" in out and (ann / "L1" / "profile.json").is_file() and (ann / "L2").is_dir()
+    assert main(common + ["--audio-dir", str(tiny.audio), "--annotator", "L2"]) == 0
+    assert main(common) == 2  # no --audio-dir: one error line
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert "--audio-dir" in line

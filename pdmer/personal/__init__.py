@@ -51,6 +51,7 @@ base-model loading), :mod:`~pdmer.personal.ratings` (the ratings reader), :mod:`
 :mod:`~pdmer.personal.prediction` and :mod:`~pdmer.personal.writers` (CSV and plots); long songs are
 featurised by :mod:`pdmer.features.streaming`.
 """
+
 from pdmer.features.audio import check_audio_file
 from pdmer.features.streaming import (
     STREAM_CORE_S,

@@ -1,4 +1,5 @@
 """Adapting the base model to a listener: support batches, the safe rule, and the one divergence check."""
+
 from __future__ import annotations
 
 import logging
@@ -88,8 +89,18 @@ def check_finite_adaptation(
         raise AdaptationError(f"{what} diverged: {problem}. {advice}".strip())
 
 
-def _safe_rule(net, feats: dict, curves: list[Curve], generic: dict, weights, support_loss, steps: int, lr: float,
-               seq_len: int, hop: int) -> dict:
+def _safe_rule(
+    net,
+    feats: dict,
+    curves: list[Curve],
+    generic: dict,
+    weights,
+    support_loss,
+    steps: int,
+    lr: float,
+    seq_len: int,
+    hop: int,
+) -> dict:
     """The safe rule's per-listener part (:mod:`pdmer.personalize`): support statistics and the held-out check.
 
     The check adapts again on the first 2/3 of each rated span and scores the rule on the last third.
@@ -110,19 +121,41 @@ def _safe_rule(net, feats: dict, curves: list[Curve], generic: dict, weights, su
     held_n = [int(round(c.n_steps * CHECK_SHARE)) for c in curves]
     check = None
     if weights.gate and all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(held_n, curves)):
-        fit = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(curves, held_n)]
+        fit = [
+            Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(curves, held_n)
+        ]
         device = next(net.parameters()).device
         p_fit, _ = adapt(net, _support_batches(fit, feats, seq_len, device), support_loss, steps, lr)
-        a_held = [predict_steps(net, feats[c.song_id], c.start_step, c.end_step, seq_len, hop, p_fit,
-                                batch_windows=PREDICT_BATCH_WINDOWS)[f.n_steps:] for c, f in zip(curves, fit)]
-        check = Check(np.concatenate([c.values[f.n_steps:] for c, f in zip(curves, fit)]),
-                      np.concatenate([generic[c.song_id][f.n_steps:] for c, f in zip(curves, fit)]),
-                      np.concatenate(a_held),
-                      Support.fit(np.concatenate([f.values for f in fit]),
-                                  np.concatenate([generic[c.song_id][: f.n_steps] for c, f in zip(curves, fit)])))
+        a_held = [
+            predict_steps(
+                net,
+                feats[c.song_id],
+                c.start_step,
+                c.end_step,
+                seq_len,
+                hop,
+                p_fit,
+                batch_windows=PREDICT_BATCH_WINDOWS,
+            )[f.n_steps :]
+            for c, f in zip(curves, fit)
+        ]
+        check = Check(
+            np.concatenate([c.values[f.n_steps :] for c, f in zip(curves, fit)]),
+            np.concatenate([generic[c.song_id][f.n_steps :] for c, f in zip(curves, fit)]),
+            np.concatenate(a_held),
+            Support.fit(
+                np.concatenate([f.values for f in fit]),
+                np.concatenate([generic[c.song_id][: f.n_steps] for c, f in zip(curves, fit)]),
+            ),
+        )
     use = gate(check, weights)
-    return {"weights": weights, "stats": stats, "use": use, "held_out_steps": 0 if check is None else len(check.ratings),
-            "summary": describe(weights, use)}
+    return {
+        "weights": weights,
+        "stats": stats,
+        "use": use,
+        "held_out_steps": 0 if check is None else len(check.ratings),
+        "summary": describe(weights, use),
+    }
 
 
 def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.ndarray) -> np.ndarray:
@@ -131,8 +164,10 @@ def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.nda
 
     rule = profile.info.get("personalization")
     if rule is None:
-        raise ProfileError(f"profile {profile.name!r} ({profile.path}) has no 'personalization' record: it was made "
-                           f"before the safe rule; calibrate {profile.name!r} again")
+        raise ProfileError(
+            f"profile {profile.name!r} ({profile.path}) has no 'personalization' record: it was made "
+            f"before the safe rule; calibrate {profile.name!r} again"
+        )
     stats = Support(np.asarray(rule["support"]["offset"], float), np.asarray(rule["support"]["scale"], float))
     use = np.array([bool(rule["use"]["arousal"]), bool(rule["use"]["valence"])])
     return combine(generic, adapted, stats, Weights.from_json(rule["weights"]), use).astype(np.float32)

@@ -1,4 +1,5 @@
 """Base models: finding a finished training run and loading its best checkpoint for inference and adaptation."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,9 @@ def features_hash(cfg: ExperimentConfig) -> str:
     """Hash of every feature setting that changes the model's inputs (not paths)."""
     from pdmer.features.cache import settings_key
 
-    blob = json.dumps({"settings": settings_key(cfg.features), "global_encoder": cfg.features.global_encoder}, sort_keys=True)
+    blob = json.dumps(
+        {"settings": settings_key(cfg.features), "global_encoder": cfg.features.global_encoder}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -47,11 +50,16 @@ def find_latest_run(runs_dir: str | Path | None = None) -> Path:
     """
     runs = Path(runs_dir) if runs_dir is not None else DEFAULT_RUNS_DIR
     done = [
-        r for r in (runs.iterdir() if runs.is_dir() else [])
-        if (r / "results.json").is_file() and (r / "config.json").is_file() and (r / "checkpoints" / "best.safetensors").is_file()
+        r
+        for r in (runs.iterdir() if runs.is_dir() else [])
+        if (r / "results.json").is_file()
+        and (r / "config.json").is_file()
+        and (r / "checkpoints" / "best.safetensors").is_file()
     ]
     if not done:
-        raise ProfileError(f"no finished training run in {runs}: train one first (`python run.py`), or pass --model RUN_DIR")
+        raise ProfileError(
+            f"no finished training run in {runs}: train one first (`python run.py`), or pass --model RUN_DIR"
+        )
     return max(done, key=lambda r: ((r / "results.json").stat().st_mtime_ns, r.name))
 
 
@@ -67,8 +75,10 @@ def _resolve_run(model: str | Path | None, runs_dir: str | Path | None) -> tuple
     if not (p / "config.json").is_file() or not (p / "checkpoints" / "best.safetensors").is_file():
         raise ProfileError(f"{model}: not a finished run folder (needs config.json and checkpoints/best.safetensors)")
     if not (p / "results.json").is_file():
-        raise ProfileError(f"{model}: this run has not finished training (no results.json): {_run_activity(p)}; "
-                           "its checkpoint may still change. Pass a finished run, or none for the latest finished one")
+        raise ProfileError(
+            f"{model}: this run has not finished training (no results.json): {_run_activity(p)}; "
+            "its checkpoint may still change. Pass a finished run, or none for the latest finished one"
+        )
     return p, "given"
 
 
@@ -152,10 +162,12 @@ class BaseModel:
         outside = [Path(a).name for a in audio if not benchmark(a)]
         if not outside:
             return None
-        return (f"{self.name} was trained on pdmer's synthetic benchmark only (data.source=synthetic): it knows nothing "
-                f"of real music, so its curves for {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''} mean "
-                "little. Train a base model on real listeners (e.g. python run.py train pdmer.vgmidi.dsaml) and pass "
-                "--model RUN_DIR.")
+        return (
+            f"{self.name} was trained on pdmer's synthetic benchmark only (data.source=synthetic): it knows nothing "
+            f"of real music, so its curves for {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''} mean "
+            "little. Train a base model on real listeners (e.g. python run.py train pdmer.vgmidi.dsaml) and pass "
+            "--model RUN_DIR."
+        )
 
     @property
     def rule(self):
@@ -164,13 +176,15 @@ class BaseModel:
         A run without them (trained before the safe rule, or stopped before its test) personalizes
         nothing: the weights are 0 and the curve stays generic, said in ``chosen_on``.
         """
-        from pdmer.personalize import Weights
         from pdmer.evaluation.split import RULE_FILE
+        from pdmer.personalize import Weights
 
         path = self.run / RULE_FILE
         if not path.is_file():
-            return Weights(chosen_on=f"none: {_display(path)} is missing, so nothing is personalized "
-                                     "(run `python run.py evaluate RUN_DIR` to choose the weights)")
+            return Weights(
+                chosen_on=f"none: {_display(path)} is missing, so nothing is personalized "
+                "(run `python run.py evaluate RUN_DIR` to choose the weights)"
+            )
         try:
             return Weights.from_json(json.loads(path.read_text())["weights"])
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -186,7 +200,9 @@ class BaseModel:
         }
 
 
-def load_base_model(model: str | Path | None = None, runs_dir: str | Path | None = None, device: str | None = None) -> BaseModel:
+def load_base_model(
+    model: str | Path | None = None, runs_dir: str | Path | None = None, device: str | None = None
+) -> BaseModel:
     """Load a finished run's best checkpoint for calibration or prediction.
 
     Args:
@@ -235,8 +251,12 @@ def load_base_model(model: str | Path | None = None, runs_dir: str | Path | None
     except ConfigError:
         if device is not None:
             raise
-        log.warning("%s was trained with runtime.device=%s, which this machine lacks: using %s", run.name,
-                    cfg.runtime.device, resolve_device("auto"))
+        log.warning(
+            "%s was trained with runtime.device=%s, which this machine lacks: using %s",
+            run.name,
+            cfg.runtime.device,
+            resolve_device("auto"),
+        )
         dev = resolve_device("auto")
     net = net.to(dev).eval()
     return BaseModel(run, cfg, net, chash, features_hash(cfg), sha256_file(ckpt), how)

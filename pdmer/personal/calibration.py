@@ -1,10 +1,11 @@
 """``calibrate``: adapt the meta-trained model to one listener and save their profile."""
+
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
@@ -45,6 +46,7 @@ from pdmer.personal.writers import _plot_fit
 from pdmer.personalize import combine
 
 log = logging.getLogger(__name__)
+
 
 def calibrate(
     name: str,
@@ -102,8 +104,22 @@ def calibrate(
     ratings = Path(ratings)
     _check_settings(inner_steps, inner_lr)
     curves, rates = _read_ratings(ratings, list(audio_map), name)  # cheap checks before loading anything heavy
-    return _calibrate_checked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base,
-                              inner_steps, inner_lr, keep_history, plot)
+    return _calibrate_checked(
+        name,
+        dest,
+        audio_map,
+        ratings,
+        curves,
+        rates,
+        model,
+        runs_dir,
+        device,
+        base,
+        inner_steps,
+        inner_lr,
+        keep_history,
+        plot,
+    )
 
 
 def _check_settings(inner_steps: int | None, inner_lr: float | None) -> None:
@@ -114,8 +130,25 @@ def _check_settings(inner_steps: int | None, inner_lr: float | None) -> None:
         check_setting("meta.inner_lr", inner_lr, "inner_lr")
 
 
-def _calibrate_checked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base, inner_steps,
-                       inner_lr, keep_history, plot, *, feats=None, ratings_bytes=None) -> Profile:
+def _calibrate_checked(
+    name,
+    dest,
+    audio_map,
+    ratings,
+    curves,
+    rates,
+    model,
+    runs_dir,
+    device,
+    base,
+    inner_steps,
+    inner_lr,
+    keep_history,
+    plot,
+    *,
+    feats=None,
+    ratings_bytes=None,
+) -> Profile:
     """:func:`calibrate` once its cheap checks passed: take the profile's lock, then calibrate.
 
     Shared with :func:`pdmer.personal.batch.calibrate_many`, which passes ``feats`` (song id -> features,
@@ -125,14 +158,46 @@ def _calibrate_checked(name, dest, audio_map, ratings, curves, rates, model, run
     root = dest.parent
     try:
         with store.locked(root, name, what="calibrated"):  # one calibration of a name at a time
-            return _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base,
-                                     inner_steps, inner_lr, keep_history, plot, feats, ratings_bytes)
+            return _calibrate_locked(
+                name,
+                dest,
+                audio_map,
+                ratings,
+                curves,
+                rates,
+                model,
+                runs_dir,
+                device,
+                base,
+                inner_steps,
+                inner_lr,
+                keep_history,
+                plot,
+                feats,
+                ratings_bytes,
+            )
     except store.StoreBusyError as e:
         raise _busy(e, name) from None
 
 
-def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs_dir, device, base, inner_steps, inner_lr,
-                      keep_history, plot, feats=None, ratings_bytes=None) -> Profile:
+def _calibrate_locked(
+    name,
+    dest,
+    audio_map,
+    ratings,
+    curves,
+    rates,
+    model,
+    runs_dir,
+    device,
+    base,
+    inner_steps,
+    inner_lr,
+    keep_history,
+    plot,
+    feats=None,
+    ratings_bytes=None,
+) -> Profile:
     """:func:`calibrate` once its cheap checks passed, with the profile's lock held."""
     root = dest.parent
     store.repair(root, name, _legacy_complete)  # what a crashed calibration of this name left
@@ -150,8 +215,10 @@ def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs
 
     ad = _adapt(base, name, curves, feats, steps, lr)
     what = f"calibration of {name!r}"
-    advice = (f"Nothing was saved{' (the existing profile is unchanged)' if dest.exists() else ''}; lower the inner "
-              f"learning rate (--inner-lr, {lr:g} here) or the number of steps (--inner-steps, {steps} here).")
+    advice = (
+        f"Nothing was saved{' (the existing profile is unchanged)' if dest.exists() else ''}; lower the inner "
+        f"learning rate (--inner-lr, {lr:g} here) or the number of steps (--inner-steps, {steps} here)."
+    )
     check_finite_adaptation(ad.losses, ad.params, final_loss=ad.final_loss, what=what, advice=advice)
     fc = _support_curves(base, curves, feats, ad, steps, lr, what, advice)
     fit = _fit_metrics(curves, fc)
@@ -169,15 +236,27 @@ def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs
         "songs": _songs_info(curves, feats, audio_map),
         "personalization": _personalization_info(fc.safe),
         "trimmed": trimmed,
-        "ratings": {"file": RATINGS_FILE, "source": str(ratings), "annotator_id": curves[0].annotator_id, "scale": "deam",
-                    "resampled_to_hz": 1 / STEP_S, "per_song": rates},
+        "ratings": {
+            "file": RATINGS_FILE,
+            "source": str(ratings),
+            "annotator_id": curves[0].annotator_id,
+            "scale": "deam",
+            "resampled_to_hz": 1 / STEP_S,
+            "per_song": rates,
+        },
         "fit": fit,
         "files": {"weights": WEIGHTS_FILE, "ratings": RATINGS_FILE, "plot": FIT_FILE if plot else None},
     }
-    weights_meta = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": name,
-                    **{f"base_{k}": v for k, v in base_info.items()}}
-    files = {WEIGHTS_FILE: _weights_bytes(ad.changed, weights_meta),
-             RATINGS_FILE: ratings.read_bytes() if ratings_bytes is None else ratings_bytes}
+    weights_meta = {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "name": name,
+        **{f"base_{k}": v for k, v in base_info.items()},
+    }
+    files = {
+        WEIGHTS_FILE: _weights_bytes(ad.changed, weights_meta),
+        RATINGS_FILE: ratings.read_bytes() if ratings_bytes is None else ratings_bytes,
+    }
     if plot:
         png = io.BytesIO()
         _plot_fit(png, curves, fc.generic, fc.personal, fit, name)
@@ -187,8 +266,13 @@ def _calibrate_locked(name, dest, audio_map, ratings, curves, rates, model, runs
     if kept is not None:
         log.info("%s: previous profile kept in %s", name, kept)
     m = fit["mean"]
-    log.info("%s: profile written to %s (fit on support, CCC mean: generic %.3f, personal %.3f)",
-             name, dest, m["generic"]["ccc_mean"], m["personalized"]["ccc_mean"])
+    log.info(
+        "%s: profile written to %s (fit on support, CCC mean: generic %.3f, personal %.3f)",
+        name,
+        dest,
+        m["generic"]["ccc_mean"],
+        m["personalized"]["ccc_mean"],
+    )
     return Profile(name, dest, info, ad.changed)
 
 
@@ -222,8 +306,15 @@ def _adapt(base: BaseModel, name: str, curves: list[Curve], feats: dict, steps: 
         final_loss = float(support_loss(net, params, {k: v.detach() for k, v in rest.items()}, support))
     learned_lr = any(k.startswith(LR_PREFIX) for k in rest)
     changed = {k: v.cpu() for k, v in params.items() if not torch.equal(v, start[k].detach())}
-    log.info("%s: adapted in %.1f s, %d steps at lr %g, support loss %.4f -> %.4f",
-             name, time.perf_counter() - t0, steps, lr, float(losses[0]), final_loss)
+    log.info(
+        "%s: adapted in %.1f s, %d steps at lr %g, support loss %.4f -> %.4f",
+        name,
+        time.perf_counter() - t0,
+        steps,
+        lr,
+        float(losses[0]),
+        final_loss,
+    )
     return _Adaptation(support, support_loss, params, losses, final_loss, learned_lr, changed)
 
 
@@ -237,8 +328,9 @@ class _SupportCurves:
     safe: dict
 
 
-def _support_curves(base: BaseModel, curves: list[Curve], feats: dict, ad: _Adaptation, steps: int, lr: float,
-                    what: str, advice: str) -> _SupportCurves:
+def _support_curves(
+    base: BaseModel, curves: list[Curve], feats: dict, ad: _Adaptation, steps: int, lr: float, what: str, advice: str
+) -> _SupportCurves:
     """Generic and adapted curves of the rated spans, the adapted ones checked, then the safe rule applied."""
     from pdmer.evaluation.inference import predict_steps
 
@@ -247,13 +339,18 @@ def _support_curves(base: BaseModel, curves: list[Curve], feats: dict, ad: _Adap
     generic, adapted = {}, {}
     for c in curves:
         f = feats[c.song_id]
-        generic[c.song_id] = predict_steps(net, f, c.start_step, c.end_step, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS)
-        adapted[c.song_id] = predict_steps(net, f, c.start_step, c.end_step, seq_len, hop, ad.params,
-                                           batch_windows=PREDICT_BATCH_WINDOWS)
+        generic[c.song_id] = predict_steps(
+            net, f, c.start_step, c.end_step, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS
+        )
+        adapted[c.song_id] = predict_steps(
+            net, f, c.start_step, c.end_step, seq_len, hop, ad.params, batch_windows=PREDICT_BATCH_WINDOWS
+        )
     check_finite_adaptation(curves=adapted, what=what, advice=advice)
     safe = _safe_rule(net, feats, curves, generic, base.rule, ad.support_loss, steps, lr, seq_len, hop)
-    personal = {sid: combine(generic[sid], adapted[sid], safe["stats"], safe["weights"], safe["use"]).astype(np.float32)
-                for sid in generic}
+    personal = {
+        sid: combine(generic[sid], adapted[sid], safe["stats"], safe["weights"], safe["use"]).astype(np.float32)
+        for sid in generic
+    }
     return _SupportCurves(generic, adapted, personal, safe)
 
 
@@ -261,9 +358,14 @@ def _fit_metrics(curves: list[Curve], fc: _SupportCurves) -> dict:
     """profile.json's ``fit``: per song and mean metrics of the generic, personal and MAML curves on the support."""
     from pdmer.metrics import average, song_metrics
 
-    per_song = {c.song_id: {"generic": song_metrics(fc.generic[c.song_id], c.values),
-                            "personalized": song_metrics(fc.personal[c.song_id], c.values),
-                            "maml": song_metrics(fc.adapted[c.song_id], c.values)} for c in curves}
+    per_song = {
+        c.song_id: {
+            "generic": song_metrics(fc.generic[c.song_id], c.values),
+            "personalized": song_metrics(fc.personal[c.song_id], c.values),
+            "maml": song_metrics(fc.adapted[c.song_id], c.values),
+        }
+        for c in curves
+    }
     return {
         "note": "on the support song(s) the adaptation was fitted to: not a held-out score",
         "per_song": per_song,
@@ -274,9 +376,13 @@ def _fit_metrics(curves: list[Curve], fc: _SupportCurves) -> dict:
 def _log_personalization(name: str, curves: list[Curve], safe: dict) -> None:
     """How much was personalized; a plain warning when the rating said little (rate a second song: k-shot)."""
     if not safe["use"].any() or safe["weights"].is_generic():
-        log.warning("%s: your rating%s said little that carries over to other songs (%s); your curves stay the generic "
-                    "ones. Rating a second song helps: calibrate with two --audio/--ratings songs (k-shot).",
-                    name, "s" if len(curves) > 1 else "", safe["summary"])
+        log.warning(
+            "%s: your rating%s said little that carries over to other songs (%s); your curves stay the generic "
+            "ones. Rating a second song helps: calibrate with two --audio/--ratings songs (k-shot).",
+            name,
+            "s" if len(curves) > 1 else "",
+            safe["summary"],
+        )
     else:
         log.info("%s: personalized: %s", name, safe["summary"])
 
@@ -289,7 +395,7 @@ def _adaptation_info(cfg, steps: int, lr: float, ad: _Adaptation) -> dict:
         "inner_lr_learned": ad.learned_lr,  # True: the base run's meta-learned per-tensor rates were used, not inner_lr
         "first_order": True,
         "loss": "DSAML loss of the base run: 1 - mean(CCC, PCC, 1 - RMSE) over arousal and valence"
-                + (" + diagonal attention loss" if cfg.train.attention_loss else ""),
+        + (" + diagonal attention loss" if cfg.train.attention_loss else ""),
         "seq_len": cfg.train.seq_len,
         "support_windows": int(sum(b[0].shape[0] for b in ad.support)),
         "support_loss": [round(float(x), 6) for x in ad.losses],  # before each step
@@ -321,7 +427,7 @@ def _personalization_info(safe: dict) -> dict:
     """profile.json's ``personalization``: the safe rule's weights, support statistics and checks (predict reuses them)."""
     return {
         "rule": "pdmer.personalize: generic + the offset, scale and MAML components, weighted by the base run's "
-                "weights and kept per dimension where a held-out last third of the rated span confirms them",
+        "weights and kept per dimension where a held-out last third of the rated span confirms them",
         "weights": safe["weights"].to_json(),
         "use": {label: bool(u) for label, u in zip(("arousal", "valence"), safe["use"])},
         "support": safe["stats"].to_json(),

@@ -1,4 +1,5 @@
 """Listener names and profile folders: a name never leads a path out of the annotators folder."""
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,7 @@ def check_name(name: str) -> str:
     """
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ProfileError(
-            f"invalid listener name {name!r}: use 1-64 letters, digits, '-' or '_' "
-            "(no path separators, dots or spaces)"
+            f"invalid listener name {name!r}: use 1-64 letters, digits, '-' or '_' (no path separators, dots or spaces)"
         )
     if name in RESERVED_NAMES:
         raise ProfileError(f"the name {name!r} is reserved (annotators/{name}/ is kept in git); choose another")

@@ -1,4 +1,5 @@
 """``predict``: whole-song valence and arousal curves, generic and (with a profile) personal."""
+
 from __future__ import annotations
 
 import logging
@@ -156,7 +157,9 @@ def _profile_params(profile: Profile, base: BaseModel) -> dict[str, torch.Tensor
     return {k: profile.params[k].to(base.device) if k in profile.params else p.detach() for k, p in start.items()}
 
 
-def _predict_song(base: BaseModel, sid: str, path: Path, profile: Profile | None, params, name: str | None) -> SongPrediction:
+def _predict_song(
+    base: BaseModel, sid: str, path: Path, profile: Profile | None, params, name: str | None
+) -> SongPrediction:
     """One song's whole-song curves: generic, and personal (the safe rule on the adapted curve) with a profile."""
     from pdmer.evaluation.inference import predict_steps
 
@@ -171,8 +174,11 @@ def _predict_song(base: BaseModel, sid: str, path: Path, profile: Profile | None
     if not np.isfinite(generic).all():
         raise ProfileError(f"{path}: the base model {_display(base.run)} predicts NaN or infinite values for this song")
     if personal is not None:  # the adapted model must be sane before the safe rule uses it
-        check_finite_adaptation(curves={sid: personal}, what=f"profile {name!r}",
-                                advice=f"Nothing was written; calibrate {name!r} again, with a lower --inner-lr.")
+        check_finite_adaptation(
+            curves={sid: personal},
+            what=f"profile {name!r}",
+            advice=f"Nothing was written; calibrate {name!r} again, with a lower --inner-lr.",
+        )
         personal = _apply_profile_rule(profile, generic, personal)  # as calibrate chose it (pdmer.personalize)
     pred = SongPrediction(sid, path, np.arange(f.n_steps) * STEP_S, generic, personal, name, base.run, base.how)
     log.debug("%s: %d steps predicted in %.1f s", sid, len(generic), time.perf_counter() - t0)

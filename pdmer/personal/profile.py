@@ -1,4 +1,5 @@
 """Profiles on disk (:mod:`pdmer.store`: lock, manifest, atomic install, recovery): read, checked, serialised."""
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ from pdmer.personal.names import (
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Profile:
     """A calibrated listener.
@@ -53,7 +55,11 @@ class Profile:
 
     @property
     def files(self) -> list[Path]:
-        return [self.path / f for f in (PROFILE_FILE, WEIGHTS_FILE, RATINGS_FILE, FIT_FILE, store.MANIFEST) if (self.path / f).exists()]
+        return [
+            self.path / f
+            for f in (PROFILE_FILE, WEIGHTS_FILE, RATINGS_FILE, FIT_FILE, store.MANIFEST)
+            if (self.path / f).exists()
+        ]
 
 
 def _weights_bytes(params: dict[str, torch.Tensor], meta: dict) -> bytes:
@@ -160,9 +166,16 @@ def load_profile(name: str, annotators_dir: str | Path | None = None, base: Base
     _settle(path.parent, name)
     pj = path / PROFILE_FILE
     if not pj.is_file():
-        known = sorted(p.name for p in _root(annotators_dir).iterdir() if (p / PROFILE_FILE).is_file()) if _root(annotators_dir).is_dir() else []
-        raise ProfileError(f"no profile {name!r}: {pj} not found (profiles here: {', '.join(known) or 'none'}); "
-                           f"create one with `python run.py calibrate --name {name} ...`")
+        known = (
+            sorted(p.name for p in _root(annotators_dir).iterdir() if (p / PROFILE_FILE).is_file())
+            if _root(annotators_dir).is_dir()
+            else []
+        )
+        raise ProfileError(
+            f"no profile {name!r}: {pj} not found (profiles here: {', '.join(known) or 'none'}); "
+            f"create one with `python run.py calibrate --name {name} ...`"
+        )
+
     def no_constants(c):
         raise ValueError(f"{c} is not a JSON number (a diverged calibration?)")
 
@@ -173,21 +186,28 @@ def load_profile(name: str, annotators_dir: str | Path | None = None, base: Base
     if info.get("format") != PROFILE_FORMAT or not isinstance(info.get("base"), dict):
         raise ProfileError(f"{pj}: not a pdmer profile (format {info.get('format')!r})")
     if info.get("version", 0) > PROFILE_VERSION:
-        raise ProfileError(f"{pj}: profile version {info.get('version')} is newer than this pdmer reads ({PROFILE_VERSION})")
+        raise ProfileError(
+            f"{pj}: profile version {info.get('version')} is newer than this pdmer reads ({PROFILE_VERSION})"
+        )
     meta, params = _read_profile_weights(path / WEIGHTS_FILE)
     for k in ("config_hash", "features_hash", "weights_sha256"):
         if meta.get(f"base_{k}") != info["base"].get(k):
-            raise ProfileError(f"{path}: profile.json and {WEIGHTS_FILE} disagree on the base model's {k} "
-                               f"({info['base'].get(k)!r} vs {meta.get(f'base_{k}')!r}); calibrate again")
+            raise ProfileError(
+                f"{path}: profile.json and {WEIGHTS_FILE} disagree on the base model's {k} "
+                f"({info['base'].get(k)!r} vs {meta.get(f'base_{k}')!r}); calibrate again"
+            )
     incomplete = store.check_complete(path, _legacy_complete)
     if incomplete is not None:
-        raise ProfileError(f"profile {name!r} is incomplete or was changed after calibration ({incomplete}); "
-                           f"calibrate {name!r} again")
+        raise ProfileError(
+            f"profile {name!r} is incomplete or was changed after calibration ({incomplete}); calibrate {name!r} again"
+        )
     for k, v in params.items():
         if not bool(torch.isfinite(v).all()):
-            raise ProfileError(f"{path / WEIGHTS_FILE}: tensor {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or "
-                               f"infinite value(s): this profile is unusable (its calibration diverged); calibrate "
-                               f"{name!r} again, with a lower --inner-lr")
+            raise ProfileError(
+                f"{path / WEIGHTS_FILE}: tensor {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or "
+                f"infinite value(s): this profile is unusable (its calibration diverged); calibrate "
+                f"{name!r} again, with a lower --inner-lr"
+            )
     if info.get("name") not in (None, name):  # a copied folder: its name is the folder's, not the one inside
         log.warning("%s: profile.json names %r; the profile is %r (its folder)", pj, info.get("name"), name)
     profile = Profile(name, path, info, params)
@@ -204,7 +224,11 @@ def check_compatible(profile: Profile, base: BaseModel) -> None:
     """
     had = profile.info["base"]
     now = base.describe()
-    checks = [("features_hash", "feature configuration"), ("config_hash", "model config"), ("weights_sha256", "checkpoint")]
+    checks = [
+        ("features_hash", "feature configuration"),
+        ("config_hash", "model config"),
+        ("weights_sha256", "checkpoint"),
+    ]
     bad = [what for key, what in checks if had.get(key) != now[key]]
     if bad:
         songs = " ".join(f"--audio {s['audio']}" for s in profile.info.get("songs", []))
@@ -220,4 +244,6 @@ def check_compatible(profile: Profile, base: BaseModel) -> None:
     shapes = dict(base.model.named_parameters())
     for k, v in profile.params.items():
         if k not in shapes or tuple(shapes[k].shape) != tuple(v.shape):
-            raise ProfileError(f"{profile.weights_path}: tensor {k!r} {tuple(v.shape)} does not fit the model {now['run']}")
+            raise ProfileError(
+                f"{profile.weights_path}: tensor {k!r} {tuple(v.shape)} does not fit the model {now['run']}"
+            )

@@ -1,4 +1,5 @@
 """A listener's ratings file: read, validated like a dataset, and put on the 2 Hz grid."""
+
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,16 @@ log = logging.getLogger(__name__)
 MIN_RATED_S = 10.0  # a calibration song must have at least this much rated
 MAX_RATINGS_BYTES = 8 * 2**20  # 10 minutes rated at 300 Hz; the model uses 2 Hz
 DENSE_PER_STEP = 4  # ratings denser than this many per 0.5 s step are averaged over each step
-KNOWN_SCALES = ((0.0, 1.0), (1.0, 5.0), (1.0, 7.0), (1.0, 9.0), (0.0, 10.0), (-10.0, 10.0), (0.0, 100.0), (-100.0, 100.0))
+KNOWN_SCALES = (
+    (0.0, 1.0),
+    (1.0, 5.0),
+    (1.0, 7.0),
+    (1.0, 9.0),
+    (0.0, 10.0),
+    (-10.0, 10.0),
+    (0.0, 100.0),
+    (-100.0, 100.0),
+)
 
 
 def read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str = "deam") -> list[Curve]:
@@ -82,8 +92,10 @@ def _scale_hint(path: Path, rows: list[list[str]], header: list[str], scale: str
         mid, half = (guess[0] + guess[1]) / 2, (guess[1] - guess[0]) / 2
         hint = f"; they look like a {guess[0]:g}-{guess[1]:g} scale: rescale them with x' = (x - {mid:g}) / {half:g}"
     span = ", ".join(f"{c} {min(v):g} to {max(v):g}" for c, v in vals.items() if v)
-    raise DataError(f"ratings {path}: {out} of {len(every)} values lie outside {nominal} ({span}; first on line "
-                    f"{first[0]}: {first[1]}={first[2]:g}): ratings must be on the {nominal} scale{hint}")
+    raise DataError(
+        f"ratings {path}: {out} of {len(every)} values lie outside {nominal} ({span}; first on line "
+        f"{first[0]}: {first[1]}={first[2]:g}): ratings must be on the {nominal} scale{hint}"
+    )
 
 
 def _dense_average(curve: Curve, times: np.ndarray, values: np.ndarray) -> Curve:
@@ -121,9 +133,11 @@ def _read_rows(path: Path, songs: Sequence[str], name: str) -> tuple[list[list[s
         raise DataError(f"{path}: ratings file not found")
     size = path.stat().st_size
     if size > MAX_RATINGS_BYTES:
-        raise DataError(f"{path}: {size / 2**20:.1f} MB of ratings, over the {MAX_RATINGS_BYTES / 2**20:g} MB a calibration "
-                        "reads; the model uses 2 Hz (one value per 0.5 s): average the ratings over 0.5 s (or 0.1 s) "
-                        "steps and calibrate with that file")
+        raise DataError(
+            f"{path}: {size / 2**20:.1f} MB of ratings, over the {MAX_RATINGS_BYTES / 2**20:g} MB a calibration "
+            "reads; the model uses 2 Hz (one value per 0.5 s): average the ratings over 0.5 s (or 0.1 s) "
+            "steps and calibrate with that file"
+        )
     raw = path.read_bytes().decode("utf-8-sig", errors="replace")
     rows = list(csv.reader(io.StringIO(raw, newline="")))
     header = [h.strip() for h in rows[0]] if rows else []
@@ -175,7 +189,9 @@ def _per_song(path: Path, curves: dict, songs: Sequence[str]) -> dict[str, Curve
     errors = []
     annotators = sorted({a for _, a in curves})
     if len(annotators) > 1:
-        errors.append(f"{path}: ratings of {len(annotators)} annotators ({', '.join(annotators)}); calibration takes one listener's ratings")
+        errors.append(
+            f"{path}: ratings of {len(annotators)} annotators ({', '.join(annotators)}); calibration takes one listener's ratings"
+        )
     for (sid, _), c in sorted(curves.items()):
         if sid not in songs:
             errors.append(f"{path}: song {sid!r} is rated but no audio was given for it (given: {', '.join(songs)})")
@@ -184,7 +200,9 @@ def _per_song(path: Path, curves: dict, songs: Sequence[str]) -> dict[str, Curve
     for sid in songs:
         c = by_song.get(sid)
         if c is None:
-            errors.append(f"{path}: song {sid!r} (an audio file given) has no ratings; rated songs: {', '.join(sorted({s for s, _ in curves})) or 'none'}")
+            errors.append(
+                f"{path}: song {sid!r} (an audio file given) has no ratings; rated songs: {', '.join(sorted({s for s, _ in curves})) or 'none'}"
+            )
         elif c is not None and c.n_steps * STEP_S < MIN_RATED_S:
             errors.append(
                 f"{path}: song {sid!r} is rated over {c.n_steps * STEP_S:.1f} s only "
@@ -195,8 +213,9 @@ def _per_song(path: Path, curves: dict, songs: Sequence[str]) -> dict[str, Curve
     return by_song
 
 
-def _average_dense(path: Path, rows: list[list[str]], header: list[str], songs: Sequence[str],
-                   by_song: dict[str, Curve]) -> dict:
+def _average_dense(
+    path: Path, rows: list[list[str]], header: list[str], songs: Sequence[str], by_song: dict[str, Curve]
+) -> dict:
     """Average dense ratings over each step (``by_song`` updated); ``{song_id: {"rate_hz", "resampling"}}``."""
     # the rows are valid (read_curves checked them): their times and values, per song, in file order
     col = {c: header.index(c) for c in header}
@@ -205,7 +224,8 @@ def _average_dense(path: Path, rows: list[list[str]], header: list[str], songs: 
     for row in rows[1:]:
         if any(x.strip() for x in row):
             raw_rows.setdefault(sid_of(row), []).append(
-                (float(row[col["time_s"]]), float(row[col["arousal"]]), float(row[col["valence"]])))
+                (float(row[col["time_s"]]), float(row[col["arousal"]]), float(row[col["valence"]]))
+            )
     notes = {}
     for sid in songs:
         arr = np.asarray(raw_rows[sid], dtype=np.float64)  # (N, 3): time, arousal, valence
@@ -218,7 +238,9 @@ def _average_dense(path: Path, rows: list[list[str]], header: list[str], songs: 
     return notes
 
 
-def _fit_to_audio(curves: list[Curve], feats: dict, audio: dict[str, Path], ratings: Path) -> tuple[list[Curve], list[dict]]:
+def _fit_to_audio(
+    curves: list[Curve], feats: dict, audio: dict[str, Path], ratings: Path
+) -> tuple[list[Curve], list[dict]]:
     """The datasets' rule (:func:`pdmer.data.check.fit_to_audio`): ratings must lie inside the audio.
 
     A last rating inside the audio's final, partial step costs that one step (recorded); ratings
@@ -227,13 +249,17 @@ def _fit_to_audio(curves: list[Curve], feats: dict, audio: dict[str, Path], rati
     from pdmer.data.check import fit_to_audio
     from pdmer.data.types import Song
 
-    fitted, trimmed, problems = fit_to_audio(curves, {s: f.n_steps for s, f in feats.items()}, {s: Song(s, p) for s, p in audio.items()})
+    fitted, trimmed, problems = fit_to_audio(
+        curves, {s: f.n_steps for s, f in feats.items()}, {s: Song(s, p) for s, p in audio.items()}
+    )
     if problems:
         raise DataError(f"ratings {ratings} go beyond the audio:\n" + "\n".join(f"  - {m}" for m in problems))
     short = [c for c in fitted if c.n_steps * STEP_S < MIN_RATED_S]
     if short:
-        raise DataError(f"ratings {ratings}: song {short[0].song_id!r} has {short[0].n_steps * STEP_S:.1f} s rated inside its audio; "
-                        f"at least {MIN_RATED_S:g} s are needed")
+        raise DataError(
+            f"ratings {ratings}: song {short[0].song_id!r} has {short[0].n_steps * STEP_S:.1f} s rated inside its audio; "
+            f"at least {MIN_RATED_S:g} s are needed"
+        )
     for t in trimmed:
         log.info("%s: %s", t.get("song_id"), t.get("reason"))
     return fitted, trimmed

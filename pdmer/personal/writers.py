@@ -1,4 +1,5 @@
 """What calibrate and predict write besides the profile: the fit plot, prediction CSVs and plots."""
+
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from pdmer.personal.prediction import SongPrediction
 
 log = logging.getLogger(__name__)
+
 
 def _plot_fit(path: Path, curves: list[Curve], generic: dict, personal: dict, fit: dict, name: str) -> None:
     import matplotlib
@@ -29,7 +31,10 @@ def _plot_fit(path: Path, curves: list[Curve], generic: dict, personal: dict, fi
             ax.plot(t, generic[c.song_id][:, j], color="tab:blue", lw=1.2, label="generic")
             ax.plot(t, personal[c.song_id][:, j], color="tab:red", lw=1.4, label="personal (calibrated)")
             m = fit["per_song"][c.song_id]
-            ax.set_title(f"{c.song_id}: {label}  CCC generic {m['generic'][f'ccc_{label}']:.2f}, personal {m['personalized'][f'ccc_{label}']:.2f}", fontsize=9)
+            ax.set_title(
+                f"{c.song_id}: {label}  CCC generic {m['generic'][f'ccc_{label}']:.2f}, personal {m['personalized'][f'ccc_{label}']:.2f}",
+                fontsize=9,
+            )
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         axes[i, 0].set_xlabel("time in the song (s)")
@@ -62,7 +67,9 @@ def _plot_prediction(path: Path, p: SongPrediction) -> None:
     import matplotlib.pyplot as plt
 
     a, v = LABELS.index("arousal"), LABELS.index("valence")
-    curves = [("generic", p.generic, "tab:blue")] + ([(f"personal ({p.name})", p.personal, "tab:red")] if p.personal is not None else [])
+    curves = [("generic", p.generic, "tab:blue")] + (
+        [(f"personal ({p.name})", p.personal, "tab:red")] if p.personal is not None else []
+    )
     n = len(curves)
     fig = plt.figure(figsize=(4.2 * n + 6.5, 4.6))
     grid = fig.add_gridspec(2, n + 1, width_ratios=[1] * n + [1.7])
