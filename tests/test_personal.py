@@ -541,6 +541,28 @@ def _rewrite_weights(profile_dir: Path, change) -> None:
     (profile_dir / store.MANIFEST).write_text(json.dumps(m))
 
 
+def test_1_the_base_runs_own_inner_loop_diverging_falls_back_to_the_generic_model(tiny, base, tmp_path, caplog):
+    """With the base run's own inner loop (no --inner-lr / --inner-steps), a diverged adaptation is the safe
+    rule's fallback: a profile that predicts the generic curve, saying why; the user's own settings are refused."""
+    import dataclasses
+
+    cfg = dataclasses.replace(base.cfg, meta=dataclasses.replace(base.cfg.meta, inner_lr=1e6))
+    wild = dataclasses.replace(base, cfg=cfg)
+    ann = tmp_path / "ann"
+    with caplog.at_level("WARNING", logger="pdmer"):
+        prof = calibrate("x", song(tiny, "clip_000"), EXAMPLE, base=wild, annotators_dir=ann, plot=False)
+    assert any(
+        "diverged" in r.getMessage() and "falls back to the generic model" in r.getMessage() for r in caplog.records
+    )
+    rule = prof.info["personalization"]
+    assert "diverged" in rule["fallback"] and not rule["personalized"] and rule["weights"]["maml"] == [0.0, 0.0]
+    text = (ann / "x" / "profile.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in profile.json"))  # valid JSON
+    (p,) = predict([song(tiny, "clip_012")], name="x", base=base, annotators_dir=ann, write=False)
+    np.testing.assert_array_equal(p.personal, p.generic)
+    assert _left(ann) == []
+
+
 def test_1_a_diverged_calibration_is_refused_and_never_saved(tiny, base, tmp_path, capsys):
     from pdmer.cli import main
 

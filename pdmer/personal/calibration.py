@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,6 +19,7 @@ from pdmer.data.types import STEP_S, Curve, DataError
 from pdmer.features.audio import audio_by_song
 from pdmer.personal.adaptation import (
     PREDICT_BATCH_WINDOWS,
+    AdaptationError,
     _safe_rule,
     _support_batches,
     check_finite_adaptation,
@@ -215,12 +216,22 @@ def _calibrate_locked(
 
     ad = _adapt(base, name, curves, feats, steps, lr)
     what = f"calibration of {name!r}"
+    own = inner_steps is not None or inner_lr is not None  # the user's inner loop, not the base run's
     advice = (
         f"Nothing was saved{' (the existing profile is unchanged)' if dest.exists() else ''}; lower the inner "
         f"learning rate (--inner-lr, {lr:g} here) or the number of steps (--inner-steps, {steps} here)."
+        if own
+        else ""
     )
-    check_finite_adaptation(ad.losses, ad.params, final_loss=ad.final_loss, what=what, advice=advice)
-    fc = _support_curves(base, curves, feats, ad, steps, lr, what, advice)
+    try:
+        check_finite_adaptation(ad.losses, ad.params, final_loss=ad.final_loss, what=what, advice=advice)
+        fc = _support_curves(base, curves, feats, ad, steps, lr, what, advice)
+    except AdaptationError as e:
+        if own:  # settings the user chose: tell them, save nothing
+            raise
+        # the base run's own inner loop diverged on these ratings: the safe rule's fallback, the generic model
+        log.warning("%s: your profile falls back to the generic model (your curves are the generic ones)", e)
+        ad, fc = _generic_fallback(base, curves, feats, ad, str(e))
     fit = _fit_metrics(curves, fc)
     _log_personalization(name, curves, fc.safe)
 
@@ -354,6 +365,35 @@ def _support_curves(
     return _SupportCurves(generic, adapted, personal, safe)
 
 
+def _generic_fallback(
+    base: BaseModel, curves: list[Curve], feats: dict, ad: _Adaptation, why: str
+) -> tuple[_Adaptation, _SupportCurves]:
+    """A diverged adaptation replaced by none: no adapted weights, the generic curve, the reason recorded."""
+    from pdmer.evaluation.inference import predict_steps
+    from pdmer.meta.maml import split_state
+    from pdmer.personalize import Support, Weights
+
+    net, seq_len, hop = base.model, base.cfg.train.seq_len, base.cfg.eval.hop
+    generic = {
+        c.song_id: predict_steps(
+            net, feats[c.song_id], c.start_step, c.end_step, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS
+        )
+        for c in curves
+    }
+    ratings = np.concatenate([c.values for c in curves])
+    safe = {
+        "weights": Weights(chosen_on=f"fallback: {why}"),
+        "stats": Support.fit(ratings, np.concatenate([generic[c.song_id] for c in curves])),
+        "use": np.zeros(2, dtype=bool),
+        "held_out_steps": 0,
+        "summary": f"{why}: your curves are the generic ones (calibrate again, or rate another song)",
+        "fallback": why,
+    }
+    start, _ = split_state(net)
+    params = {k: v.detach() for k, v in start.items()}
+    return replace(ad, params=params, changed={}), _SupportCurves(generic, generic, generic, safe)
+
+
 def _fit_metrics(curves: list[Curve], fc: _SupportCurves) -> dict:
     """profile.json's ``fit``: per song and mean metrics of the generic, personal and MAML curves on the support."""
     from pdmer.metrics import average, song_metrics
@@ -375,6 +415,8 @@ def _fit_metrics(curves: list[Curve], fc: _SupportCurves) -> dict:
 
 def _log_personalization(name: str, curves: list[Curve], safe: dict) -> None:
     """How much was personalized; a plain warning when the rating said little (rate a second song: k-shot)."""
+    if "fallback" in safe:  # a diverged adaptation: said already, and not the listener's doing
+        return
     if not safe["use"].any() or safe["weights"].is_generic():
         log.warning(
             "%s: your rating%s said little that carries over to other songs (%s); your curves stay the generic "
@@ -434,4 +476,5 @@ def _personalization_info(safe: dict) -> dict:
         "held_out_steps": safe["held_out_steps"],
         "personalized": bool(safe["use"].any() and not safe["weights"].is_generic()),
         "summary": safe["summary"],
+        **({"fallback": safe["fallback"]} if "fallback" in safe else {}),
     }
