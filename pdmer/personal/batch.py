@@ -34,7 +34,7 @@ from pdmer.features.audio import check_audio_file
 from pdmer.personal.base import BaseModel, load_base_model
 from pdmer.personal.calibration import _calibrate_checked, _check_settings
 from pdmer.personal.names import ProfileError, _display, profile_dir
-from pdmer.personal.ratings import _read_ratings
+from pdmer.personal.ratings import _ratings_file_size, _read_ratings
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,7 @@ def _read_study(path: Path) -> _Study:
     """The study file's rows grouped by annotator id (a whole-file problem is a DataError)."""
     from pdmer.data.generic import COLUMNS
 
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a ratings file")
-    if not path.is_file():
-        raise DataError(f"{path}: ratings file not found")
-    size = path.stat().st_size
+    size = _ratings_file_size(path)
     if size > MAX_STUDY_BYTES:
         raise DataError(
             f"{path}: {size / 2**20:.0f} MB of ratings, over the {MAX_STUDY_BYTES / 2**20:g} MB one batch "

@@ -122,16 +122,21 @@ def _read_ratings(path: str | Path, songs: Sequence[str], name: str, scale: str 
     return [by_song[s] for s in songs], notes
 
 
+def _ratings_file_size(path: Path) -> int:
+    """The size of a ratings file in bytes; a DataError when it is a folder or missing."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a ratings file")
+    if not path.is_file():
+        raise DataError(f"{path}: ratings file not found")
+    return path.stat().st_size
+
+
 def _read_rows(path: Path, songs: Sequence[str], name: str) -> tuple[list[list[str]], list[str], list[tuple[str, str]]]:
     """(CSV rows, header, the id columns to prepend: ``[(column, value)]``) of a ratings file of a sane size and header."""
     from pdmer.data.generic import COLUMNS
 
     path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a ratings file")
-    if not path.is_file():
-        raise DataError(f"{path}: ratings file not found")
-    size = path.stat().st_size
+    size = _ratings_file_size(path)
     if size > MAX_RATINGS_BYTES:
         raise DataError(
             f"{path}: {size / 2**20:.1f} MB of ratings, over the {MAX_RATINGS_BYTES / 2**20:g} MB a calibration "
