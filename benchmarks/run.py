@@ -233,7 +233,63 @@ def section_predict(args) -> dict:
     return {"song_s": seconds, "hop": cfg.eval.hop, "rtf": seconds / out["median"], **out, **parts, **_peaks(device)}
 
 
-SECTIONS = {"meta": section_meta, "dmer": section_dmer, "calibrate": section_calibrate, "predict": section_predict}
+def section_listeners(args) -> dict:
+    """Many listeners' one-shot adaptations: one after another, as ``calibrate_many`` runs them, or together.
+
+    Each listener has one 30 s support window (random features and ratings: any values time the
+    same); "together" adapts them in one ``vmap`` over per-listener parameters
+    (:func:`pdmer.meta.maml.batched_inner_loop`, the meta-training path), the batch that
+    :mod:`pdmer.personal.batch` leaves out on the CPU.
+    """
+    import torch
+
+    from pdmer.features import descriptor_dim
+    from pdmer.meta.maml import adapt, batched_inner_loop, split_state, stack_tasks, tasks_batched
+    from pdmer.training.context import make_loss_fn
+
+    cfg, device, model = _setup(args)
+    model.eval()
+    loss_fn = make_loss_fn(cfg)
+    steps, lr = cfg.meta.inner_steps, cfg.meta.inner_lr
+    torch.manual_seed(1)
+    supports = [
+        _random_batch(1, cfg.train.seq_len, descriptor_dim(cfg.features), device) for _ in range(args.listeners)
+    ]
+    stacked = stack_tasks(supports)
+
+    def one_by_one():
+        for support in supports:
+            adapt(model, support, loss_fn, steps, lr)
+
+    def together():
+        params, buffers = split_state(model)
+        params = {k: v.detach() for k, v in params.items()}
+        buffers = {k: v.detach() for k, v in buffers.items()}
+        with torch.enable_grad(), tasks_batched(model, second_order=False):
+            batched_inner_loop(model, params, buffers, stacked, loss_fn, steps, lr, first_order=True)
+
+    seq = _timed(one_by_one, args.repeats, device)
+    bat = _timed(together, args.repeats, device)
+    n = args.listeners
+    return {
+        "listeners": n,
+        "inner_steps": steps,
+        "sequential": seq,
+        "batched": bat,
+        "sequential_per_s": n / seq["median"],
+        "batched_per_s": n / bat["median"],
+        "median": seq["median"],
+        **_peaks(device),
+    }
+
+
+SECTIONS = {
+    "meta": section_meta,
+    "dmer": section_dmer,
+    "calibrate": section_calibrate,
+    "listeners": section_listeners,
+    "predict": section_predict,
+}
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -309,6 +365,7 @@ def run_all(args) -> dict:
             r["dmer"] = _sub(args, "dmer", precision=prec)
         res["precisions"][prec] = r
     res["calibrate"] = _sub(args, "calibrate")
+    res["listeners"] = _sub(args, "listeners", listeners=2 if args.quick else 8)
     long_s = 120.0 if args.quick else 600.0
     res["predict"] = _sub(args, "predict", song_s=long_s)
     # memory against song length: three times as long, past the point where the windows fill a batch
@@ -333,6 +390,9 @@ def summarize(res: dict) -> dict:
             "predict_long_peak_rss_gib": res["predict_long"]["peak_rss_gib"],
         }
     )
+    if "listeners" in res:
+        s["listeners_per_s"] = res["listeners"]["sequential_per_s"]
+        s["listeners_batched_per_s"] = res["listeners"]["batched_per_s"]
     if "meta_sequential" in first:
         s["meta_sequential_s"] = first["meta_sequential"]["median"]
         s["meta_speedup"] = s["meta_sequential_s"] / s["meta_batched_s"]
@@ -374,6 +434,16 @@ def table(res: dict) -> str:
     rows.append(
         f"| one-shot calibration, 30 s song (WAV -> adapted weights, {c['inner_steps']} steps) | {fmt_time(c)} | {mem(c)} |"
     )
+    if "listeners" in res:
+        m = res["listeners"]
+        rows.append(
+            f"| adapting {m['listeners']} listeners ({m['inner_steps']} steps, 30 s support each), one after another "
+            f"(`calibrate_many`) | {fmt_time(m['sequential'])} = {m['sequential_per_s']:.2f} listeners/s | {mem(m)} |"
+        )
+        rows.append(
+            f"| the same listeners adapted together (vmap) | {fmt_time(m['batched'])} = {m['batched_per_s']:.2f} "
+            f"listeners/s ({m['batched_per_s'] / m['sequential_per_s']:.2f}x) | |"
+        )
     rows.append(
         f"| prediction, {p['song_s'] / 60:.0f}-min song (WAV -> curve) | {fmt_time(p)} = **{p['rtf']:.0f}x real time** | {mem(p)} |"
     )
@@ -451,6 +521,7 @@ def main(argv=None) -> int:
     ap.add_argument("--section", choices=sorted(SECTIONS), help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="batched", help=argparse.SUPPRESS)
     ap.add_argument("--song-s", type=float, default=600.0, help=argparse.SUPPRESS)
+    ap.add_argument("--listeners", type=int, default=8, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device is None:
         import torch

@@ -32,7 +32,10 @@ def test_benchmark_quick_mode_reports_every_figure(tmp_path):
         "predict_rtf",
         "predict_peak_rss_gib",
         "predict_long_peak_rss_gib",
+        "listeners_per_s",
+        "listeners_batched_per_s",
     ):
         assert math.isfinite(s[key]) and s[key] > 0, key
     assert res["precisions"]["fp32"]["meta_batched"]["shape"]["tasks"] == 2  # quick shapes
-    assert "batched speed-up" in p.stdout and "x real time" in p.stdout
+    assert "batched speed-up" in p.stdout and "x real time" in p.stdout and "listeners/s" in p.stdout
+    assert res["listeners"]["listeners"] == 2
