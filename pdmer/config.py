@@ -143,6 +143,10 @@ class FeatureConfig:
     log_eps: float = 1e-6
     global_encoder: str = "descriptor"  # descriptor | embeddings
     global_window_s: float = 30.0
+    # the descriptor's CQT: exact (nnAudio's kernels at 22.05 kHz, descriptor version 2) or
+    # multirate (the same bins from short kernels on a signal halved per octave: about twice as
+    # fast with its resampling, slightly different numbers, its own descriptor version and cache key)
+    cqt: str = "exact"  # exact | multirate
     embeddings_dir: str = ""  # global_encoder=embeddings: one <song_id>.npy per song
     cache_dir: str = ""  # "" = <repo>/cache/features
 
@@ -279,6 +283,7 @@ CHOICES = {
     "data.pmemo.scale": ("native", "deam"),
     "eval.protocol": ("songs", "within_song"),
     "features.global_encoder": ("descriptor", "embeddings"),
+    "features.cqt": ("exact", "multirate"),
     "meta.task_sampling": ("listener", "random"),
     "train.precision": ("fp32", "bf16"),
     "train.target": ("listener", "consensus"),
@@ -588,6 +593,7 @@ _HASHED_IF_NOT = {
     ("meta", "task_chunk"): 0,
     ("train", "precision"): "fp32",
     ("train", "target"): "listener",
+    ("features", "cqt"): "exact",
 }
 
 

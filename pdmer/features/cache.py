@@ -82,7 +82,7 @@ def settings_key(cfg: FeatureConfig) -> dict:
     """Everything that changes the cached numbers (not paths, not the global encoder choice)."""
     return {
         "features_version": FEATURES_VERSION,
-        "descriptor_version": _desc.DESCRIPTOR_VERSION,
+        "descriptor_version": _desc.descriptor_version(cfg),  # exact CQT: DESCRIPTOR_VERSION, the key as before
         "sample_rate": cfg.sample_rate,
         "step_s": cfg.step_s,
         "n_fft": cfg.n_fft,
@@ -171,6 +171,7 @@ class FeatureExtractor:
                 "features.global_encoder=embeddings needs features.embeddings_dir (a folder of <song_id>.npy)"
             )
         frames_per_step(cfg)  # validates step / hop / patch settings early
+        _desc.descriptor_version(cfg)  # validates features.cqt early
         self._global_dim: int | None = None
 
     @property

@@ -12,7 +12,10 @@ How it is computed (O(n_steps), one pass over the song):
    - log-Mel frames (10 ms hop, the local-scale spectrogram, reused): pooled Mel bands,
      onset strength (spectral flux), spectral centroid, spectral flatness;
    - 10 ms blocks of the waveform: RMS level in dBFS;
-   - an nnAudio CQT at 22.05 kHz (C1..B7, 84 bins, 20 ms hop): chroma and pitch register.
+   - an nnAudio CQT at 22.05 kHz (C1..B7, 84 bins, 20 ms hop): chroma and pitch register;
+     with ``features.cqt: multirate`` the same bins from :class:`MultirateCQT` (short kernels
+     on the signal halved once per octave, faster, with its own descriptor version
+     :func:`descriptor_version`).
 2. Per-step summaries: the mean over the step's frames of every frame feature and of its
    square, the step's chroma, its onset count and onset-envelope autocorrelation terms.
    All of these are *additive* over time.
@@ -65,13 +68,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.ndimage import maximum_filter1d, uniform_filter1d
+from scipy.signal import firwin, upfirdn
 from torch import Tensor
 
-from pdmer.config import FeatureConfig
+from pdmer.config import CHOICES, FeatureConfig
 from pdmer.features.audio import resample
 from pdmer.features.local import frames_per_step, log_mel, n_steps_for, step_samples
 
 DESCRIPTOR_VERSION = "2"  # bump when the numbers change: part of the cache key
+MULTIRATE_VERSION = "1"  # bump when the multirate CQT's numbers change (see descriptor_version)
 
 DESC_SAMPLE_RATE = 22050  # CQT rate (or the song's rate when lower)
 CQT_FRAMES_PER_STEP = 25  # 20 ms hop at 0.5 s steps
@@ -79,6 +84,16 @@ CQT_FMIN = 32.703  # C1 (MIDI 24)
 CQT_MIDI0 = 24
 CQT_BINS = 84  # 7 octaves, C1..B7 (3951 Hz)
 CQT_CHUNK_FRAMES = 3000  # CQT frames per chunk: bounds memory on long songs
+CQT_OCTAVES = CQT_BINS // 12
+# Multirate CQT: the top octave (C7..B7) at 12.8 kHz, where B7 is at 0.62 of Nyquist and a 20 ms
+# hop is 256 = 4 * 2**6 samples, so the six halvings down to the C1 octave (200 Hz) keep integer hops.
+MR_SAMPLE_RATE = 12800
+# Half-band low-pass before each halving (Kaiser-windowed sinc, beta 9). An octave's kernels
+# reach 0.69 of its Nyquist (top bin 0.62, plus the Hann main lobe's 12 %): the filter is flat
+# there within 0.001 dB and below -90 dB from 1.31 of the new Nyquist, the band that folds into it.
+# 41 taps put the centre on an even tap, so output j sits on input 2j; the other even taps are
+# zero (to 1e-19, a half-band filter's), which :func:`_halve` uses.
+HALFBAND = firwin(41, 0.5, window=("kaiser", 9.0))
 MEL_POOL_BANDS = 32
 ONSET_LAG_S = 0.02  # spectral-flux lag
 PEAK_HALF_S = 0.03  # an onset is a local maximum within +-30 ms ...
@@ -223,6 +238,132 @@ def cqt_magnitude(wave: np.ndarray, sample_rate: int, n_frames: int, hop: int) -
     return out
 
 
+def descriptor_version(cfg: FeatureConfig) -> str:
+    """The descriptor's version under these settings, part of the feature cache key.
+
+    ``features.cqt: exact`` gives :data:`DESCRIPTOR_VERSION` itself (the key of features cached
+    before the option existed); ``multirate`` appends its own version, so cached features of the
+    two never mix.
+
+    Raises:
+        ValueError: an unknown ``features.cqt``.
+    """
+    kinds = CHOICES["features.cqt"]
+    if cfg.cqt not in kinds:
+        raise ValueError(f"features.cqt={cfg.cqt!r} is not one of {kinds}")
+    if cfg.cqt == "exact":
+        return DESCRIPTOR_VERSION
+    return f"{DESCRIPTOR_VERSION}-multirate{MULTIRATE_VERSION}"
+
+
+class MultirateCQT:
+    """The 84 bins of :class:`OctaveCQT` from one 12-kernel bank applied at seven rates.
+
+    The standard multi-rate construction (librosa's ``cqt``): the top octave is analysed at
+    :data:`MR_SAMPLE_RATE`, and each lower octave on the signal low-passed (:data:`HALFBAND`)
+    and halved once more, down to 200 Hz for C1..B1. An octave's rate is then the same multiple
+    of its lowest frequency at every octave, so nnAudio's kernels for 12 bins at the C1 octave's
+    rate serve all of them: 103 taps instead of up to 11,338, on a signal up to 64 times shorter.
+    The hop halves with the rate, so frame ``f`` is centred on ``f * 20 ms`` at every octave.
+
+    Magnitudes match :class:`OctaveCQT`'s at 22.05 kHz: the kernels are L1-normalised (unit gain at
+    their centre frequency whatever their rate), then scaled by the square root of the kernel
+    length the bin has at 22.05 kHz (librosa's normalisation there), so a sinusoid and stationary
+    noise give the same magnitude in every octave as the exact CQT does, which chroma (normalised
+    per frame across octaves) and the magnitude-weighted pitch register rely on. The numbers
+    differ slightly (other kernel lengths after rounding, the filters' ripple, the edges).
+
+    Called on a signal at :data:`MR_SAMPLE_RATE` with ``hop`` at that rate (divisible by
+    2**6); returns (84, frames), frame ``f`` centred on sample ``f * hop`` (reflect padding).
+    """
+
+    def __init__(self, hop: int) -> None:
+        from nnAudio.utils import create_cqt_kernels
+
+        if hop % 2 ** (CQT_OCTAVES - 1):
+            raise ValueError(
+                f"multirate CQT hop {hop} at {MR_SAMPLE_RATE} Hz is not divisible by {2 ** (CQT_OCTAVES - 1)}"
+            )
+        q = 1.0 / (2.0 ** (1.0 / 12) - 1.0)  # nnAudio's Q at filter_scale 1
+        low_rate = MR_SAMPLE_RATE // 2 ** (CQT_OCTAVES - 1)  # the C1 octave's rate
+        bank, width, _, _ = create_cqt_kernels(q, low_rate, CQT_FMIN, n_bins=12, bins_per_octave=12, norm=1)
+        used = np.flatnonzero(np.abs(bank).sum(axis=0) > 0)
+        a, b = int(used.min()), int(used.max()) + 1
+        real = torch.from_numpy(np.ascontiguousarray(bank.real[:, a:b]))
+        imag = torch.from_numpy(np.ascontiguousarray(bank.imag[:, a:b]))
+        self.kernels = torch.cat([real, -imag]).unsqueeze(1).contiguous()  # (2 * 12, 1, taps)
+        self.first = a - width // 2  # offset of the first tap from the frame centre (nnAudio centres at width // 2)
+        freqs = CQT_FMIN * 2.0 ** (np.arange(CQT_BINS) / 12.0)
+        lengths = np.ceil(q * DESC_SAMPLE_RATE / freqs)  # OctaveCQT's kernel lengths at 22.05 kHz
+        self.scale = torch.sqrt(torch.from_numpy(lengths).float()).view(CQT_OCTAVES, 12, 1)
+        self.hop = hop
+        # padding at the top rate: at the lowest rate it still covers half a kernel plus the
+        # samples the halvings' zero extension spoils at the padded signal's ends
+        self.pad = 2 ** (CQT_OCTAVES - 1) * (-self.first + len(HALFBAND))
+
+    def __call__(self, x: Tensor, n_frames: int) -> Tensor:
+        n_frames = min(n_frames, 1 + x.shape[0] // self.hop)
+        mode = "reflect" if x.shape[0] > self.pad else "constant"  # zero padding only for songs under 0.47 s
+        s = torch.nn.functional.pad(x[None, None], (self.pad, self.pad), mode=mode)[0, 0].numpy()
+        taps = self.kernels.shape[-1]
+        out = torch.empty(CQT_OCTAVES, 12, n_frames)
+        for k in range(CQT_OCTAVES):  # k halvings: octave CQT_OCTAVES - 1 - k
+            o, hop, pad = CQT_OCTAVES - 1 - k, self.hop >> k, self.pad >> k
+            if k:
+                s = _halve(s)
+            start = pad + self.first
+            seg = torch.from_numpy(np.ascontiguousarray(s[start : start + (n_frames - 1) * hop + taps]))
+            y = torch.nn.functional.conv1d(seg[None, None], self.kernels, stride=hop)[0]  # (2 * 12, frames)
+            out[o] = torch.sqrt(y[:12].pow(2) + y[12:].pow(2)) * self.scale[o]
+        return out.reshape(CQT_BINS, n_frames)
+
+
+def _halve(s: np.ndarray) -> np.ndarray:
+    """Low-pass ``s`` with :data:`HALFBAND` and keep every other sample; output j is centred on s[2j].
+
+    Polyphase form: the filter's only nonzero even tap is its centre, so the even samples are
+    just scaled and the odd ones convolved with the 20 odd taps, half the work of the direct form.
+
+    Shapes:
+        s: (n,) float32 -> (ceil(n / 2),) float32
+    """
+    c = len(HALFBAND) // 2  # 20
+    odd_taps = HALFBAND[1::2].astype(np.float32)  # offsets -19, -17, ..., 19 from the centre
+    even = s[0::2]
+    conv = upfirdn(odd_taps, s[1::2])  # full convolution: conv[j + c // 2 - 1] = sum over s[2j +- odd]
+    return np.float32(HALFBAND[c]) * even + conv[c // 2 - 1 :][: even.shape[0]]
+
+
+@functools.lru_cache(maxsize=2)
+def _multirate_cqt(hop: int) -> MultirateCQT:
+    return MultirateCQT(hop)
+
+
+def multirate_cqt_magnitude(wave: np.ndarray, sample_rate: int, n_frames: int, hop_s: float) -> np.ndarray:
+    """CQT magnitude from :class:`MultirateCQT` (C1..B7, 84 bins), frame ``f`` centred on ``f * hop_s``.
+
+    Args:
+        wave: (n,) float32 at ``sample_rate``; resampled once to :data:`MR_SAMPLE_RATE`.
+        n_frames: frames to compute from the start; at most as many as :func:`cqt_magnitude`
+            gives on the same song (``1 + n_ds // hop_ds`` on its resampled signal), so that
+            the two CQTs have the same number of frames at every song length.
+        hop_s: the hop in seconds (20 ms): a whole number of 2**6 samples at 12.8 kHz.
+
+    Returns:
+        np.ndarray: (n_frames, 84) float32.
+    """
+    hop = MR_SAMPLE_RATE * hop_s
+    if abs(hop - round(hop)) > 1e-9:
+        raise ValueError(f"a hop of {hop_s} s is not a whole number of samples at {MR_SAMPLE_RATE} Hz")
+    dsr = min(DESC_SAMPLE_RATE, int(sample_rate))
+    n_ds = -(-len(wave) * dsr // int(sample_rate))  # the exact CQT's signal length (see resample)
+    n_frames = min(n_frames, 1 + n_ds // int(round(dsr * hop_s)))
+    cqt = _multirate_cqt(int(round(hop)))
+    x = torch.from_numpy(resample(np.asarray(wave, dtype=np.float32), sample_rate, MR_SAMPLE_RATE))
+    with torch.no_grad():
+        return cqt(x, n_frames).T.numpy()  # (84, frames) -> (frames, 84)
+
+
 def _mel_centres(cfg: FeatureConfig) -> np.ndarray:
     """Centre frequencies (Hz) of torchaudio's HTK Mel bands (f_min 0, f_max sr / 2)."""
     m_max = 2595.0 * np.log10(1.0 + (cfg.sample_rate / 2) / 700.0)
@@ -298,15 +439,19 @@ def frame_features(
     is_max = onset >= maximum_filter1d(onset, 2 * half + 1, mode="nearest")
     peak = is_max & (onset > uniform_filter1d(onset, 2 * mhalf + 1, mode="nearest") + PEAK_DELTA)
 
-    # CQT on the reduced-rate signal
-    dsr = min(DESC_SAMPLE_RATE, cfg.sample_rate)
-    ds_step = dsr * cfg.step_s
-    if abs(ds_step - round(ds_step)) > 1e-9 or round(ds_step) % CQT_FRAMES_PER_STEP:
-        raise ValueError(f"step of {cfg.step_s} s at {dsr} Hz is not a multiple of {CQT_FRAMES_PER_STEP} CQT hops")
-    cqt_hop = int(round(ds_step)) // CQT_FRAMES_PER_STEP
-    x_ds = resample(np.asarray(wave, dtype=np.float32), cfg.sample_rate, dsr)
+    # CQT on the reduced-rate signal (the multirate one resamples by itself)
     Fc = n_steps * CQT_FRAMES_PER_STEP
-    C = cqt_magnitude(x_ds, dsr, Fc, cqt_hop).astype(np.float64)  # (Fc', 84)
+    descriptor_version(cfg)  # validates features.cqt
+    if cfg.cqt == "exact":
+        dsr = min(DESC_SAMPLE_RATE, cfg.sample_rate)
+        ds_step = dsr * cfg.step_s
+        if abs(ds_step - round(ds_step)) > 1e-9 or round(ds_step) % CQT_FRAMES_PER_STEP:
+            raise ValueError(f"step of {cfg.step_s} s at {dsr} Hz is not a multiple of {CQT_FRAMES_PER_STEP} CQT hops")
+        cqt_hop = int(round(ds_step)) // CQT_FRAMES_PER_STEP
+        x_ds = resample(np.asarray(wave, dtype=np.float32), cfg.sample_rate, dsr)
+        C = cqt_magnitude(x_ds, dsr, Fc, cqt_hop).astype(np.float64)  # (Fc', 84)
+    else:
+        C = multirate_cqt_magnitude(wave, cfg.sample_rate, Fc, cfg.step_s / CQT_FRAMES_PER_STEP).astype(np.float64)
     if C.shape[0] < Fc:  # resampling rounding can lose the very last frame
         C = np.concatenate([C, np.repeat(C[-1:], Fc - C.shape[0], axis=0)], axis=0)
     midi = CQT_MIDI0 + np.arange(CQT_BINS)
