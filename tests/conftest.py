@@ -1,12 +1,24 @@
-"""Shared fixtures: tiny overrides that make any experiment run in seconds; a training process killed mid-run."""
+"""Shared fixtures: tiny overrides that make any experiment run in seconds; a training process killed mid-run.
+
+One torch thread per process (here and in every subprocess a test starts, unless OMP_NUM_THREADS is set
+already): the tests' models are tiny, and many tests run two processes at once (ranks, --jobs, a lock
+holder). With torch's default of one thread per core, a busy core makes the others spin-wait: measured on
+2 cores with 2 other jobs running, one calibration took 20 s with 2 threads and 0.25 s with 1, and
+``benchmarks/run.py --quick`` 217 s against 60 s.
+"""
 
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch when it is first imported, here or in a subprocess
+if "torch" in sys.modules:  # imported before this file (by a plugin): set it now
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO / ".." / "shared" / "data"
