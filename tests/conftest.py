@@ -60,6 +60,82 @@ def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pdmer")
 
 
+def calibration_overrides(root: Path, iterations: int) -> list[str]:
+    """A tiny DSAML run for listener profiles (tests/test_personal.py, tests/test_batch_calibration.py).
+
+    Its listeners are consistent (carry-over 1 for every personal parameter) and differ by offset, gain,
+    lag and smoothing only (``weight_scale=0``); the model uses the global branch only (inner learning
+    rate pinned at 0.05). Runs of any ``iterations`` share the benchmark and the feature cache under
+    ``root``; each has its own runs folder, so "the latest trained run" of one is never another's.
+    """
+    return [
+        f"data.root={root / 'data'}",
+        "data.synthetic.n_clips=16",
+        "data.synthetic.n_long=1",
+        "data.synthetic.long_min_s=60",
+        "data.synthetic.long_max_s=70",
+        "data.synthetic.n_listeners=20",
+        "data.synthetic.min_songs_per_listener=8",
+        "data.synthetic.max_songs_per_listener=12",
+        "data.synthetic.carryover=1.0",
+        "data.synthetic.offset_carryover=1.0",
+        "data.synthetic.weight_scale=0.0",
+        "data.split.val_listeners=2",
+        "data.split.test_listeners=8",
+        "model.hidden=32",
+        "model.heads=2",
+        "model.ff=64",
+        "model.layers=1",
+        "model.lstm_hidden=16",
+        "model.head_hidden=16",
+        "model.use_local_branch=false",
+        "meta.inner_lr=0.05",
+        "train.outer_lr=3e-3",
+        f"train.iterations={iterations}",
+        f"train.eval_every={iterations}",
+        f"features.cache_dir={root / 'features'}",
+        f"runtime.out_dir={root / f'runs-{iterations}'}",
+        "runtime.progress=false",
+        "runtime.threads=1",
+    ]
+
+
+def calibration_run(tmp_path_factory, iterations: int):
+    """A finished tiny run of :func:`calibration_overrides`, its dataset and its listener split."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from pdmer.config import load_config
+    from pdmer.data.loading import load_dataset
+    from pdmer.personal import load_base_model
+    from pdmer.training import train
+
+    root = tmp_path_factory.getbasetemp() / "calibration"
+    cfg = load_config("pdmer.synthetic.dsaml", calibration_overrides(root, iterations))
+    threads = torch.get_num_threads()
+    try:
+        run = train(cfg)  # runtime.threads=1: tiny tensors, and other jobs may share the cores
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(
+        cfg=cfg,
+        run=run,
+        runs=run.parent,
+        ds=load_dataset(cfg.data),
+        splits=json.loads((run / "splits.json").read_text()),
+        audio=Path(cfg.data.root) / "audio",
+        base=load_base_model(run),
+    )
+
+
+@pytest.fixture(scope="session")
+def calibrated_tiny(tmp_path_factory):
+    """The calibration tests' base model: 40 meta-training iterations (the machinery, not the gain, is tested)."""
+    return calibration_run(tmp_path_factory, 40)
+
+
 def kill_after_saved_state(
     cmd: list[str], state: Path, iteration: int, env: dict, with_descendants: bool = False, timeout_s: float = 300
 ) -> int:

@@ -5,61 +5,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pdmer import store
-from pdmer.config import load_config
 from pdmer.data.types import DataError
-from pdmer.personal import calibrate, calibrate_many, load_base_model, load_profile
-
-
-def tiny_overrides(tmp: Path) -> list[str]:
-    """A tiny DSAML run on a tiny embedded benchmark (as tests/test_personal.py's, trained for fewer steps)."""
-    return [
-        f"data.root={tmp / 'data'}",
-        "data.synthetic.n_clips=16",
-        "data.synthetic.n_long=1",
-        "data.synthetic.long_min_s=60",
-        "data.synthetic.long_max_s=70",
-        "data.synthetic.n_listeners=20",
-        "data.synthetic.min_songs_per_listener=8",
-        "data.synthetic.max_songs_per_listener=12",
-        "data.split.val_listeners=2",
-        "data.split.test_listeners=8",
-        "model.hidden=32",
-        "model.heads=2",
-        "model.ff=64",
-        "model.layers=1",
-        "model.lstm_hidden=16",
-        "model.head_hidden=16",
-        "model.use_local_branch=false",
-        "meta.inner_lr=0.05",
-        "train.outer_lr=3e-3",
-        "train.iterations=40",
-        "train.eval_every=40",
-        f"features.cache_dir={tmp / 'features'}",
-        f"runtime.out_dir={tmp / 'runs'}",
-        "runtime.progress=false",
-        "runtime.threads=1",
-    ]
+from pdmer.personal import calibrate, calibrate_many, load_profile
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A finished tiny run and its benchmark audio."""
-    from pdmer.training import train
-
-    tmp = tmp_path_factory.mktemp("batch")
-    cfg = load_config("pdmer.synthetic.dsaml", tiny_overrides(tmp))
-    threads = torch.get_num_threads()
-    try:
-        run = train(cfg)
-    finally:
-        torch.set_num_threads(threads)
-    return SimpleNamespace(run=run, audio=Path(cfg.data.root) / "audio", base=load_base_model(run))
+def tiny(calibrated_tiny):
+    """A finished tiny run, its benchmark audio and base model (conftest's, shared with tests/test_personal.py)."""
+    return calibrated_tiny
 
 
 HEADER = "song_id,annotator_id,time_s,valence,arousal"

@@ -1,9 +1,11 @@
 """Listener profiles: ``calibrate`` / ``predict`` (pdmer.personal and ``run.py calibrate|predict``).
 
-A tiny DSAML model is meta-trained once per session on a tiny embedded benchmark (about a
-minute on 2 CPU cores). Its listeners are *consistent* (carry-over 1 for every personal
-parameter) and differ by offset, gain, lag and smoothing only (``weight_scale=0``); the model
-uses the global branch only (inner learning rate pinned at 0.05). With the default benchmark
+A tiny DSAML model is meta-trained once per session on a tiny embedded benchmark (conftest's
+``calibrated_tiny``, shared with tests/test_batch_calibration.py: 40 iterations, enough for the
+machinery); the one test of the gain trains it for 200 iterations on the same benchmark. Its
+listeners are *consistent* (carry-over 1 for every personal parameter) and differ by offset, gain,
+lag and smoothing only (``weight_scale=0``); the model uses the global branch only (inner learning
+rate pinned at 0.05). With the default benchmark
 (personal factor weights, carry-over 0.8 / 0.1) a model this small, trained this briefly,
 shows no reliable one-shot gain. Here the gain shows in the error (RMSE) averaged over the
 8 test listeners' held-out songs; CCC barely moves, because a tiny model's curves hardly
@@ -25,18 +27,18 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import calibration_run
 from safetensors import safe_open
 
 from pdmer import personal
 from pdmer.checkpoint import save_weights
 from pdmer.config import config_hash, from_dict, load_config, to_dict
-from pdmer.data.loading import curves_of, load_dataset
+from pdmer.data.loading import curves_of
 from pdmer.data.types import LABELS, DataError
 from pdmer.evaluation.protocol import choose_support
 from pdmer.io import sha256_file
@@ -47,61 +49,21 @@ REPO = Path(__file__).resolve().parents[1]
 A, V = LABELS.index("arousal"), LABELS.index("valence")
 
 
-def tiny_overrides(tmp: Path) -> list[str]:
-    return [
-        f"data.root={tmp / 'data'}",
-        "data.synthetic.n_clips=16",
-        "data.synthetic.n_long=1",
-        "data.synthetic.long_min_s=60",
-        "data.synthetic.long_max_s=70",
-        "data.synthetic.n_listeners=20",
-        "data.synthetic.min_songs_per_listener=8",
-        "data.synthetic.max_songs_per_listener=12",
-        "data.synthetic.carryover=1.0",
-        "data.synthetic.offset_carryover=1.0",
-        "data.synthetic.weight_scale=0.0",
-        "data.split.val_listeners=2",
-        "data.split.test_listeners=8",
-        "model.hidden=32",
-        "model.heads=2",
-        "model.ff=64",
-        "model.layers=1",
-        "model.lstm_hidden=16",
-        "model.head_hidden=16",
-        "model.use_local_branch=false",
-        "meta.inner_lr=0.05",
-        "train.outer_lr=3e-3",
-        "train.iterations=200",
-        "train.eval_every=200",
-        f"features.cache_dir={tmp / 'features'}",
-        f"runtime.out_dir={tmp / 'runs'}",
-        "runtime.progress=false",
-        "runtime.threads=1",
-    ]
-
-
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """A finished tiny run, its dataset and its listener split."""
-    from pdmer.training import train
-
-    tmp = tmp_path_factory.mktemp("personal")
-    cfg = load_config("pdmer.synthetic.dsaml", tiny_overrides(tmp))
-    threads = torch.get_num_threads()
-    try:
-        run = train(cfg)  # runtime.threads=1: tiny tensors, and other jobs may share the cores
-    finally:
-        torch.set_num_threads(threads)
-    ds = load_dataset(cfg.data)
-    splits = json.loads((run / "splits.json").read_text())
-    return SimpleNamespace(
-        tmp=tmp, cfg=cfg, run=run, runs=run.parent, ds=ds, splits=splits, audio=Path(cfg.data.root) / "audio"
-    )
+def tiny(calibrated_tiny):
+    """A finished tiny run (40 iterations; conftest.calibration_run), its dataset, split and audio."""
+    return calibrated_tiny
 
 
 @pytest.fixture(scope="session")
 def base(tiny):
-    return load_base_model(tiny.run)
+    return tiny.base
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The same tiny run trained for 200 iterations (the benchmark and its features shared with ``tiny``)."""
+    return calibration_run(tmp_path_factory, 200)
 
 
 def write_ratings(path: Path, curve, layout: str = "single", rate_hz: float = 2.0, annotator: str = "someone") -> Path:
@@ -127,8 +89,9 @@ def song(tiny, sid: str) -> Path:
 
 
 @pytest.mark.slow
-def test_personal_beats_generic_on_test_listeners(tiny, base, tmp_path):
+def test_personal_beats_generic_on_test_listeners(trained, tmp_path):
     """One-shot calibration of each test listener, then whole-song predictions of their other songs."""
+    tiny, base = trained, trained.base
     by = curves_of(tiny.ds, tiny.splits["test"])
     per = {"generic": [], "personalized": []}
     rows = []
