@@ -13,15 +13,14 @@ checks every listener's personal curve on a held-out later part of the support s
   std(generic)`` on the support (clipped to [1/4, 4]);
 - ``maml``: the MAML-adapted model's change of the curve, ``a - g``.
 
-With the weights ``w`` (each in [0, 1]; stored per dimension, chosen as one point for both) and
-``m`` = the generic curve's mean over the predicted span, the personal curve is::
+With the weights ``w`` (per dimension, each in [0, 1]) and ``m`` = the generic curve's mean
+over the predicted span, the personal curve is::
 
     p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_offset * o
 
 ``w = 0`` is the generic curve. The weights are the grid point that maximizes the validation
-listeners' mean CCC gain plus mean RMSE reduction, summed over arousal and valence, among those
-that make none of CCC, RMSE and PCC worse than the generic model's in either dimension: no mean
-on the bad side, and a one-sided bound over the
+listeners' mean CCC gain plus mean RMSE reduction among those that make none of CCC, RMSE and
+PCC worse than the generic model's: no mean on the bad side, and a one-sided bound over the
 listeners within a small margin of zero (a non-inferiority test, :func:`choose_weights`); none
 qualifying means ``w = 0``. Each validation listener is scored with several support songs in
 turn where they rated enough, and votes once, with the mean over their draws.
@@ -260,15 +259,14 @@ def objective(scores: tuple[float, float, float]) -> float:
 def choose_weights(
     parts: list[Parts], chosen_on: str = "", grid: tuple[float, ...] = GRID, use_gate: bool = True
 ) -> tuple[Weights, dict]:
-    """The population weights: the best CCC gain plus RMSE reduction, nothing worse.
+    """The population weights, per dimension: the best CCC gain plus RMSE reduction, nothing worse.
 
     Every grid point ``w`` is scored on ``parts`` by each listener's change of CCC, RMSE and PCC
-    against the generic curve in each dimension (a listener's parts averaged first,
-    :func:`by_listener`); among the points that make none of the six worse with confidence (a
-    non-inferiority test over
+    against the generic curve (a listener's parts averaged first, :func:`by_listener`); among the
+    points that make none of the three worse with confidence (a non-inferiority test over
     listeners at ``CHOICE_LEVEL`` and ``CHOICE_MARGIN``, :func:`_summary`: an audit, not a mean that
     may be better by chance alone), the one with the largest mean :func:`objective` wins (none:
-    ``w = 0``, the generic curve). One point serves both dimensions (:func:`_choose`). Both
+    ``w = 0``, the generic curve). Both
     metrics count: within a song the listener's level carries over and mostly lowers RMSE, across
     songs it does not and a CCC-only choice would miss it or trade it away.
 
@@ -290,7 +288,6 @@ def choose_weights(
         "parts": len(parts),
         "objective": "ccc_gain - rmse_change",
         "margin": CHOICE_MARGIN,
-        "dimensions": "one point for both",
     }
     if not parts:
         report["note"] = "no listener to choose on: generic"
@@ -309,45 +306,34 @@ def choose_weights(
 def _choose(
     parts: list[Parts], grid: tuple[float, ...], use_gate: bool, weights: Weights
 ) -> tuple[Weights, dict, float]:
-    """One grid point for both dimensions: safe in each, the largest objective summed over the two.
-
-    The weights describe how a listener's behaviour carries over (their level, how far they move,
-    how their curve bends), which the two dimensions share: on VGMIDI the support's offset predicts
-    the query's mean error alike in arousal and valence. One point for both halves the choices
-    made on a few validation listeners, and with it the chance of fitting their noise (chosen per
-    dimension, the within-song valence weight fell below the plain shift's on validation listeners
-    while test listeners preferred the shift). Every metric of each dimension must still pass.
-    """
     cache: dict = {}
-    who = [p.listener for p in parts]
-    zero = (0.0, 0.0, 0.0)
-    nothing = [zero, zero]  # per dimension: (CCC gain, RMSE change, PCC change)
-    best, best_free = (zero, nothing, 0.0), (zero, nothing, 0.0)  # (point, scores, total objective)
-    for w in itertools.product(grid, repeat=len(COMPONENTS)):
-        if not any(w):
-            continue
-        scores, safe = zip(
-            *(_summary(by_listener(_dim_scores(parts, d, w, use_gate, cache), who)) for d in range(len(LABELS)))
-        )
-        total = sum(objective(s) for s in scores)
-        if total > best_free[2]:
-            best_free = (w, list(scores), total)
-        if all(safe) and total > best[2]:
-            best = (w, list(scores), total)
-    point, scores, total = best
     dims: dict = {}
+    total = 0.0
+    who = [p.listener for p in parts]
     for d, label in enumerate(LABELS):
-        weights.offset[d], weights.scale[d], weights.maml[d] = point
+        zero = (0.0, 0.0, 0.0)
+        best, best_free = (zero, zero), (zero, zero)
+        for w in itertools.product(grid, repeat=len(COMPONENTS)):
+            if not any(w):
+                continue
+            s, safe = _summary(by_listener(_dim_scores(parts, d, w, use_gate, cache), who))
+            if objective(s) > objective(best_free[1]):
+                best_free = (w, s)
+            if safe and objective(s) > objective(best[1]):
+                best = (w, s)
+        (w_off, w_scale, w_maml), scores = best
+        weights.offset[d], weights.scale[d], weights.maml[d] = w_off, w_scale, w_maml
+        total += objective(scores)
         dims[label] = {
-            "weights": dict(zip(COMPONENTS, point)),
-            "ccc_gain": scores[d][0],
-            "rmse_change": scores[d][1],
-            "pcc_change": scores[d][2],
+            "weights": dict(zip(COMPONENTS, best[0])),
+            "ccc_gain": scores[0],
+            "rmse_change": scores[1],
+            "pcc_change": scores[2],
             "unconstrained": {
                 "weights": dict(zip(COMPONENTS, best_free[0])),
-                "ccc_gain": best_free[1][d][0],
-                "rmse_change": best_free[1][d][1],
-                "pcc_change": best_free[1][d][2],
+                "ccc_gain": best_free[1][0],
+                "rmse_change": best_free[1][1],
+                "pcc_change": best_free[1][2],
             },
         }
     return weights, dims, total

@@ -69,7 +69,7 @@ def test_gate_follows_a_strong_consistent_response():
         assert gate(c, Weights(offset=[1, 1], scale=[1, 1])).all()
 
 
-def parts_population(carry: float | np.ndarray, n: int = 60, seed: int = 0) -> list[Parts]:
+def parts_population(carry: float, n: int = 60, seed: int = 0) -> list[Parts]:
     """Listeners whose offset on the query song is ``carry`` x their support offset plus a new one."""
     rng = np.random.default_rng(seed)
     out = []
@@ -90,18 +90,6 @@ def test_weights_follow_what_carries_over():
     assert report["arousal"]["rmse_change"] <= 0
     w, _ = choose_weights(parts_population(carry=0.95))
     assert min(w.offset) >= 0.75  # offsets that carry over are
-
-
-def test_one_point_serves_both_dimensions_and_each_must_pass():
-    """The weights are one grid point for arousal and valence; every metric of each must pass."""
-    w, report = choose_weights(parts_population(carry=0.95, seed=2))
-    assert w.offset[0] == w.offset[1] >= 0.75 and w.scale[0] == w.scale[1] and w.maml[0] == w.maml[1]
-    assert report["dimensions"] == "one point for both"
-    # arousal's level carries over, valence's does not: an offset would raise valence RMSE
-    w, report = choose_weights(parts_population(carry=np.array([0.95, 0.0]), seed=2))
-    assert w.offset == [0.0, 0.0]
-    assert report["valence"]["rmse_change"] <= 1e-9
-    assert report["arousal"]["unconstrained"]["weights"]["offset"] > 0  # what the per-dimension safety costs
 
 
 def test_weights_never_worsen_rmse_or_pcc_on_the_listeners_they_are_chosen_on():
