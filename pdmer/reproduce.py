@@ -353,10 +353,10 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
   model; in `dmer.*` rows it is the plain-DMER model (the *no-adaptation baseline*).
 - **personalized**: the safe personalization rule (`pdmer/personalize.py`): the listener's
   offset, movement scale and MAML adaptation, each weighted by a population weight chosen on
-  validation listeners under the test protocol (one set of weights for both dimensions; each
-  listener scored with up to {draws} support songs in turn; only weights that make none of CCC,
-  RMSE, PCC worse in either dimension, on average and by a one-sided {level} % non-inferiority test
-  over those listeners at a margin of {margin}, are eligible), and, where that choice keeps
+  validation listeners under the test protocol, per dimension (each listener scored with up to
+  {draws} support songs in turn; only weights that make none of CCC, RMSE, PCC worse, on average
+  and by a one-sided {level} % non-inferiority test over those listeners at a margin of
+  {margin}, are eligible), and, where that choice keeps
   it, only where a held-out later part of the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
   fine-tuned on the support song.
 - **maml**: plain MAML, the model after the inner loop on the listener's support song (in `dmer.*`
