@@ -18,6 +18,7 @@ It is a development tool: the table rows are made by ``run.py reproduce``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import sys
 from pathlib import Path
@@ -159,14 +160,12 @@ def choose(parts, safe, use_gate=True, objective=P.objective, grid=P.GRID):
     best_total, best_w = -np.inf, None
     for gated in (True, False) if use_gate else (False,):
         w = P.Weights(gate=gated)
-        cache: dict = {}
         total = 0.0
         for d in range(2):
             best = ((0.0, 0.0, 0.0), 0.0)
-            for pt in __import__("itertools").product(grid, repeat=3):
-                if not any(pt):
-                    continue
-                ch = P.by_listener(P._dim_scores(parts, d, pt, gated, cache), [p.listener for p in parts])
+            points = [pt for pt in itertools.product(grid, repeat=3) if any(pt)]
+            for pt, changes in zip(points, P._grid_scores(parts, d, np.array(points), gated)):
+                ch = P.by_listener(changes, [p.listener for p in parts])
                 if not safe(ch):
                     continue
                 o = objective(ch)
@@ -206,9 +205,8 @@ CHOICES = {
 
 
 def score_test(parts, w: P.Weights) -> dict:
-    cache: dict = {}
     who = [p.listener for p in parts]
-    per = [P.by_listener(P._dim_scores(parts, d, w.of(d), w.gate, cache), who) for d in range(2)]  # 2 x (n, 3)
+    per = [P.by_listener(P._dim_scores(parts, d, w.of(d), w.gate), who) for d in range(2)]  # 2 x (n, 3)
     ccc = (per[0][:, 0] + per[1][:, 0]) / 2
     out = {
         "gain": float(ccc.mean()),

@@ -183,34 +183,68 @@ class Parts:
     listener: str = ""  # whose: the choice's test averages a listener's parts first ("" = a listener of its own)
 
 
-def _dim_scores(
-    parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool, generic_cache: dict
-) -> np.ndarray:
-    """Per listener, (CCC gain, RMSE change, PCC change) in dimension ``d`` for weights ``w``: (n, 3)."""
-    out = np.zeros((len(parts), 3))
+def _metrics_rows(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_metrics_1d` of each row of ``p`` (G, T) against ``t`` (T,): (RMSE, PCC, CCC), each (G,)."""
+    sp, st = p.std(1), t.std()
+    cov = np.mean((p - p.mean(1, keepdims=True)) * (t - t.mean()), 1)
+    denom = sp**2 + st**2 + (p.mean(1) - t.mean()) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pcc = np.where((sp > 0) & (st > 0), cov / (sp * st), np.nan)
+        ccc = np.where(denom > 0, 2 * cov / denom, np.nan)
+    return np.sqrt(np.mean((p - t) ** 2, 1)), pcc, ccc
+
+
+def _personal_rows(g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: np.ndarray) -> np.ndarray:
+    """:func:`_personal_1d` for each row of weights ``w`` (G, 3): (G, T)."""
+    m = g.mean()
+    return m + scale ** w[:, 1:2] * (g - m) + w[:, 2:3] * (a - g) + w[:, 0:1] * offset
+
+
+def _gate_rows(check: Check, d: int, w: np.ndarray) -> np.ndarray:
+    """:func:`_gate_1d` for each row of weights ``w`` (G, 3): (G,) bool."""
+    g, y = check.generic[:, d].astype(np.float64), check.ratings[:, d].astype(np.float64)
+    p = _personal_rows(g, check.adapted[:, d], check.support.offset[d], check.support.scale[d], w)
+    h = len(y)
+    if h < 2:
+        return ~w.any(1)
+    diff = (p - y) ** 2 - (g - y) ** 2
+    beats = diff.mean(1) + GATE_Z * diff.std(1, ddof=1) / np.sqrt(h) < 0
+    ccc_p, ccc_g = _metrics_rows(p, y)[2], _metrics_1d(g, y)[2]
+    kept = beats & np.isfinite(ccc_p) & (ccc_p >= ccc_g if np.isfinite(ccc_g) else True)
+    return kept | ~w.any(1)  # all-zero weights: the generic curve, nothing to check
+
+
+def _grid_scores(parts: list[Parts], d: int, w: np.ndarray, use_gate: bool) -> np.ndarray:
+    """Per weights row and listener, (CCC gain, RMSE change, PCC change) in dimension ``d``: (G, n, 3).
+
+    ``w`` (G, 3): the grid points, scored together (one array operation per query song).
+    """
+    w = np.asarray(w, dtype=np.float64).reshape(-1, len(COMPONENTS))
+    out = np.zeros((len(w), len(parts), 3))
     for i, p in enumerate(parts):
-        if use_gate and p.check is not None and not _gate_1d(p.check, d, w):
-            continue  # generic for this listener: no change
-        c, r, q = [], [], []
-        for sid, (ratings, g, a) in p.queries.items():
-            key = (i, sid, d)
-            if key not in generic_cache:
-                generic_cache[key] = _metrics_1d(g[:, d].astype(np.float64), ratings[:, d].astype(np.float64))
-            rg, pg, cg = generic_cache[key]
-            rp, pp, cp = _metrics_1d(
-                _personal_1d(g[:, d].astype(np.float64), a[:, d], p.support.offset[d], p.support.scale[d], w),
-                ratings[:, d].astype(np.float64),
-            )
+        kept = _gate_rows(p.check, d, w) if use_gate and p.check is not None else np.ones(len(w), dtype=bool)
+        c, r, q, q_ok = [], [], [], []
+        for ratings, g, a in p.queries.values():
+            g1, y = g[:, d].astype(np.float64), ratings[:, d].astype(np.float64)
+            rg, pg, cg = _metrics_1d(g1, y)
+            rp, pp, cp = _metrics_rows(_personal_rows(g1, a[:, d], p.support.offset[d], p.support.scale[d], w), y)
             c.append(cp - cg)
             r.append(rp - rg)
-            if np.isfinite(pp) and np.isfinite(pg):
-                q.append(pp - pg)
-        out[i] = (
-            float(np.nanmean(c)) if np.isfinite(c).any() else 0.0,
-            float(np.mean(r)),
-            float(np.mean(q)) if q else 0.0,
-        )
+            ok = np.isfinite(pp) & np.isfinite(pg)
+            q.append(np.where(ok, pp - pg, 0.0))
+            q_ok.append(ok)
+        c, q, q_ok = np.array(c), np.array(q), np.array(q_ok)  # (queries, G)
+        finite = np.isfinite(c)
+        with np.errstate(invalid="ignore"):
+            ccc = np.where(finite.any(0), np.where(finite, c, 0.0).sum(0) / np.maximum(finite.sum(0), 1), 0.0)
+        pcc = np.where(q_ok.any(0), q.sum(0) / np.maximum(q_ok.sum(0), 1), 0.0)
+        out[:, i] = np.where(kept[:, None], np.stack([ccc, np.mean(r, 0), pcc], 1), 0.0)  # gated out: no change
     return out
+
+
+def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool) -> np.ndarray:
+    """Per listener, (CCC gain, RMSE change, PCC change) in dimension ``d`` for weights ``w``: (n, 3)."""
+    return _grid_scores(parts, d, np.array([w]), use_gate)[0]
 
 
 def by_listener(changes: np.ndarray, listeners: list[str]) -> np.ndarray:
@@ -306,17 +340,16 @@ def choose_weights(
 def _choose(
     parts: list[Parts], grid: tuple[float, ...], use_gate: bool, weights: Weights
 ) -> tuple[Weights, dict, float]:
-    cache: dict = {}
     dims: dict = {}
     total = 0.0
     who = [p.listener for p in parts]
+    points = [w for w in itertools.product(grid, repeat=len(COMPONENTS)) if any(w)]
     for d, label in enumerate(LABELS):
         zero = (0.0, 0.0, 0.0)
         best, best_free = (zero, zero), (zero, zero)
-        for w in itertools.product(grid, repeat=len(COMPONENTS)):
-            if not any(w):
-                continue
-            s, safe = _summary(by_listener(_dim_scores(parts, d, w, use_gate, cache), who))
+        per_point = _grid_scores(parts, d, np.array(points), use_gate)
+        for w, changes in zip(points, per_point):
+            s, safe = _summary(by_listener(changes, who))
             if objective(s) > objective(best_free[1]):
                 best_free = (w, s)
             if safe and objective(s) > objective(best[1]):

@@ -154,7 +154,7 @@ def test_where_levels_carry_over_the_rule_is_at_least_as_good_as_the_offset_shif
     parts = parts_population(carry=0.9, seed=5)
     w, report = choose_weights(parts)
     for d, label in enumerate(("arousal", "valence")):
-        (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0), False, {}))
+        (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0), False))
         assert rmse < 0  # the shift helps here
         chosen = report[label]
         assert chosen["ccc_gain"] - chosen["rmse_change"] >= ccc - rmse - 1e-12
@@ -194,7 +194,7 @@ def test_choice_refuses_a_gain_that_costs_rmse():
         parts = maml_population(40, rmse_shift=0.3, seed=1)
         from pdmer.personalize import _dim_scores
 
-        assert _dim_scores(parts, d, w.of(d), False, {})[:, 1].mean() <= 1e-9
+        assert _dim_scores(parts, d, w.of(d), False)[:, 1].mean() <= 1e-9
 
 
 def test_a_listener_counts_once_however_many_parts():
@@ -210,3 +210,53 @@ def test_a_listener_counts_once_however_many_parts():
         assert r_few["listeners"] == r_many["listeners"] == n
         for label in ("arousal", "valence"):
             assert r_few[label]["ccc_gain"] == pytest.approx(r_many[label]["ccc_gain"], abs=1e-12)
+
+
+def test_grid_scores_equal_one_point_at_a_time():
+    """The vectorized scoring of all grid points equals the rule applied to one point at a time.
+
+    Includes what the one-point path treats specially: a query song rated flat (PCC undefined), a
+    held-out check of one step, a listener with no check, and a mixture of gated and kept points.
+    """
+    import itertools
+
+    from pdmer.personalize import _gate_1d, _grid_scores, _metrics_1d, _personal_1d
+
+    rng = np.random.default_rng(3)
+    parts = []
+    for i in range(7):
+        g_s = generic_curve(40, i)
+        y_s = listener_curve(g_s, rng.normal(0, 0.3, 2), [1.5, 0.7]) + rng.normal(0, 0.1, g_s.shape)
+        held = 1 if i == 1 else 15
+        check = None if i == 2 else check_for(y_s[:25], y_s[-held:], g_s[:25], g_s[-held:], g_s[-held:] + 0.05)
+        queries = {}
+        for j in range(2):
+            g = generic_curve(50, 10 * i + j)
+            y = np.full_like(g, 0.2) if (i, j) == (3, 0) else g + rng.normal(0.2, 0.2, g.shape)
+            queries[f"s{j}"] = (y, g, g + rng.normal(0, 0.1, g.shape))
+        parts.append(Parts(Support.fit(y_s, g_s), check, queries, f"l{i % 5}"))
+    points = [w for w in itertools.product((0.0, 0.5, 1.0), repeat=3) if any(w)]
+    kept_any, gated_any = False, False
+    for d in range(2):
+        got = _grid_scores(parts, d, np.array(points), use_gate=True)
+        for k, w in enumerate(points):
+            for i, p in enumerate(parts):
+                kept = p.check is None or _gate_1d(p.check, d, w)
+                kept_any, gated_any = kept_any or kept, gated_any or not kept
+                want = np.zeros(3)
+                if kept:
+                    c, r, q = [], [], []
+                    for y, g, a in p.queries.values():
+                        rg, pg, cg = _metrics_1d(g[:, d], y[:, d])
+                        rp, pp, cp = _metrics_1d(
+                            _personal_1d(g[:, d], a[:, d], p.support.offset[d], p.support.scale[d], w), y[:, d]
+                        )
+                        c.append(cp - cg)
+                        r.append(rp - rg)
+                        if np.isfinite(pp) and np.isfinite(pg):
+                            q.append(pp - pg)
+                    want = [np.nanmean(c) if np.isfinite(c).any() else 0.0, np.mean(r), np.mean(q) if q else 0.0]
+                np.testing.assert_allclose(
+                    got[k, i], want, rtol=1e-9, atol=1e-12, err_msg=f"point {w}, part {i}, dim {d}"
+                )
+    assert kept_any and gated_any  # both branches were exercised
