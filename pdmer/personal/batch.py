@@ -15,7 +15,7 @@ number of songs), which vmap needs equal.
 Where a GPU batch would go: in :func:`calibrate_many`'s second phase, group the listeners whose
 support batches have one shape, adapt each group at once with ``batched_inner_loop`` inside
 ``tasks_batched(model, second_order=False)`` and hand each listener its adapted parameters in place
-of the ``_adapt`` call of ``_calibrate_locked`` (the rest of a calibration, per listener, is unchanged).
+of the ``_adapt`` call of ``_adapt_checked`` (the rest of a calibration, per listener, is unchanged).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Iterable
 from pdmer.data.types import DataError
 from pdmer.features.audio import check_audio_file
 from pdmer.personal.base import BaseModel, load_base_model
-from pdmer.personal.calibration import _calibrate_checked, _check_settings
+from pdmer.personal.calibration import _calibrate_checked, _check_settings, _Job
 from pdmer.personal.names import ProfileError, _display, profile_dir
 from pdmer.personal.ratings import _ratings_file_size, _read_ratings
 
@@ -286,24 +286,48 @@ def calibrate_many(
     index = _audio_index(audio_dir)
     report = BatchReport(study_path)
     wanted = list(dict.fromkeys(names)) if names is not None else list(study.listeners)
-    checked: dict[str, _Checked] = {}
     with tempfile.TemporaryDirectory(prefix="pdmer-study-") as tmp:  # phase 1: the cheap checks, every listener
-        for aid in wanted:
-            if aid not in study.listeners:
-                report.skipped[aid] = f"{study_path}: no rows of annotator_id {aid!r}"
-                continue
-            try:
-                checked[aid] = _check_listener(study, aid, index, audio_dir, annotators_dir, Path(tmp))
-            except (DataError, ProfileError) as e:
-                report.skipped[aid] = str(e)
-    for aid, why in report.skipped.items():
-        log.warning("%s: skipped: %s", aid or "(no annotator_id)", why)
+        checked = _check_all(study, wanted, index, audio_dir, annotators_dir, Path(tmp), report)
     if not checked:
         return report
     base = base or load_base_model(model, runs_dir, device)
+    settings = dict(inner_steps=inner_steps, inner_lr=inner_lr, keep_history=keep_history, plot=plot)
+    _calibrate_all(checked, study_path, base, settings, report)  # phase 2
+    report.skipped = {a: report.skipped[a] for a in wanted if a in report.skipped}  # the file's order
+    report.written = {a: report.written[a] for a in wanted if a in report.written}
+    log.info("%s", report.summary())
+    return report
+
+
+def _check_all(
+    study: _Study, wanted: list[str], index: dict, audio_dir: Path, annotators_dir, tmp: Path, report: BatchReport
+) -> dict[str, _Checked]:
+    """Phase 1 of :func:`calibrate_many`: every wanted listener's cheap checks; the failures go to ``report``."""
+    checked: dict[str, _Checked] = {}
+    for aid in wanted:
+        if aid not in study.listeners:
+            report.skipped[aid] = f"{study.path}: no rows of annotator_id {aid!r}"
+            continue
+        try:
+            checked[aid] = _check_listener(study, aid, index, audio_dir, annotators_dir, tmp)
+        except (DataError, ProfileError) as e:
+            report.skipped[aid] = str(e)
+    for aid, why in report.skipped.items():
+        log.warning("%s: skipped: %s", aid or "(no annotator_id)", why)
+    return checked
+
+
+def _calibrate_all(
+    checked: dict[str, _Checked], study_path: Path, base: BaseModel, settings: dict, report: BatchReport
+) -> None:
+    """Phase 2 of :func:`calibrate_many`: each checked listener in turn, each song's features computed once.
+
+    A song's features are freed after the last listener who rated it (a GPU batch of adaptations
+    would go here, see the module docstring).
+    """
     uses = Counter(s for c in checked.values() for s in c.audio)
-    feats: dict[str, object] = {}  # song id -> features, or the DataError its audio raised; freed after its last use
-    for i, (aid, c) in enumerate(checked.items(), start=1):  # phase 2 (a GPU batch of adaptations would go here)
+    feats: dict[str, object] = {}  # song id -> features, or the DataError its audio raised
+    for i, (aid, c) in enumerate(checked.items(), start=1):
         log.info("[%d/%d] calibrating %s", i, len(checked), aid)
         for sid, path in c.audio.items():
             if sid not in feats:
@@ -315,24 +339,18 @@ def calibrate_many(
         try:
             if bad:
                 raise DataError("\n".join(bad))
-            prof = _calibrate_checked(
+            job = _Job(
                 aid,
                 c.dest,
                 c.audio,
                 study_path,
                 c.curves,
                 c.rates,
-                model,
-                runs_dir,
-                device,
-                base,
-                inner_steps,
-                inner_lr,
-                keep_history,
-                plot,
+                **settings,
                 feats={s: feats[s] for s in c.audio},
                 ratings_bytes=c.ratings_bytes,
             )
+            prof = _calibrate_checked(job, lambda: base)
             report.written[aid], report.info[aid] = prof.path, prof.info  # its weights are not kept
         except (DataError, ProfileError) as e:  # bad audio, ratings beyond it, diverged, being calibrated elsewhere
             report.skipped[aid] = str(e)
@@ -341,7 +359,3 @@ def calibrate_many(
             uses[sid] -= 1
             if uses[sid] == 0:
                 del feats[sid]
-    report.skipped = {a: report.skipped[a] for a in wanted if a in report.skipped}  # the file's order
-    report.written = {a: report.written[a] for a in wanted if a in report.written}
-    log.info("%s", report.summary())
-    return report

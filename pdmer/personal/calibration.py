@@ -105,22 +105,8 @@ def calibrate(
     ratings = Path(ratings)
     _check_settings(inner_steps, inner_lr)
     curves, rates = _read_ratings(ratings, list(audio_map), name)  # cheap checks before loading anything heavy
-    return _calibrate_checked(
-        name,
-        dest,
-        audio_map,
-        ratings,
-        curves,
-        rates,
-        model,
-        runs_dir,
-        device,
-        base,
-        inner_steps,
-        inner_lr,
-        keep_history,
-        plot,
-    )
+    job = _Job(name, dest, audio_map, ratings, curves, rates, inner_steps, inner_lr, keep_history, plot)
+    return _calibrate_checked(job, lambda: base or load_base_model(model, runs_dir, device))
 
 
 def _check_settings(inner_steps: int | None, inner_lr: float | None) -> None:
@@ -131,160 +117,137 @@ def _check_settings(inner_steps: int | None, inner_lr: float | None) -> None:
         check_setting("meta.inner_lr", inner_lr, "inner_lr")
 
 
-def _calibrate_checked(
-    name,
-    dest,
-    audio_map,
-    ratings,
-    curves,
-    rates,
-    model,
-    runs_dir,
-    device,
-    base,
-    inner_steps,
-    inner_lr,
-    keep_history,
-    plot,
-    *,
-    feats=None,
-    ratings_bytes=None,
-) -> Profile:
-    """:func:`calibrate` once its cheap checks passed: take the profile's lock, then calibrate.
+@dataclass(frozen=True)
+class _Job:
+    """One listener's calibration once its cheap checks passed: what :func:`calibrate` was given, checked.
 
     Shared with :func:`pdmer.personal.batch.calibrate_many`, which passes ``feats`` (song id -> features,
     computed once per song for all listeners) and ``ratings_bytes`` (what ``ratings.csv`` holds: this
     listener's rows of a study file; None = the bytes of ``ratings``).
     """
-    root = dest.parent
+
+    name: str
+    dest: Path  # the profile folder
+    audio_map: dict[str, Path]  # song id -> audio file
+    ratings: Path
+    curves: list[Curve]
+    rates: dict  # song id -> the ratings' rate (profile.json)
+    inner_steps: int | None  # None: the base run's
+    inner_lr: float | None
+    keep_history: bool
+    plot: bool
+    feats: dict | None = None
+    ratings_bytes: bytes | None = None
+
+
+def _calibrate_checked(job: _Job, load_base: Callable[[], BaseModel]) -> Profile:
+    """Take the profile's lock, repair what crashed calibrations left, load the base model, calibrate."""
+    root = job.dest.parent
     try:
-        with store.locked(root, name, what="calibrated"):  # one calibration of a name at a time
-            return _calibrate_locked(
-                name,
-                dest,
-                audio_map,
-                ratings,
-                curves,
-                rates,
-                model,
-                runs_dir,
-                device,
-                base,
-                inner_steps,
-                inner_lr,
-                keep_history,
-                plot,
-                feats,
-                ratings_bytes,
-            )
+        with store.locked(root, job.name, what="calibrated"):  # one calibration of a name at a time
+            store.repair(root, job.name, _legacy_complete)  # what a crashed calibration of this name left
+            store.repair_all(root, _legacy_complete)  # and of any other name not being calibrated now
+            return _calibrate_locked(job, load_base())
     except store.StoreBusyError as e:
-        raise _busy(e, name) from None
+        raise _busy(e, job.name) from None
 
 
-def _calibrate_locked(
-    name,
-    dest,
-    audio_map,
-    ratings,
-    curves,
-    rates,
-    model,
-    runs_dir,
-    device,
-    base,
-    inner_steps,
-    inner_lr,
-    keep_history,
-    plot,
-    feats=None,
-    ratings_bytes=None,
-) -> Profile:
-    """:func:`calibrate` once its cheap checks passed, with the profile's lock held."""
-    root = dest.parent
-    store.repair(root, name, _legacy_complete)  # what a crashed calibration of this name left
-    store.repair_all(root, _legacy_complete)  # and of any other name not being calibrated now
-    base = base or load_base_model(model, runs_dir, device)
+def _calibrate_locked(job: _Job, base: BaseModel) -> Profile:
+    """:func:`calibrate` with the profile's lock held: adapt, check, apply the safe rule, install the profile."""
     log.info("model: %s (%s)", _display(base.run), base.how)
-    if warning := base.synthetic_warning(list(audio_map.values())):
+    if warning := base.synthetic_warning(list(job.audio_map.values())):
         log.warning(warning)
     cfg = base.cfg
-    steps = cfg.meta.inner_steps if inner_steps is None else int(inner_steps)
-    lr = cfg.meta.inner_lr if inner_lr is None else float(inner_lr)
+    steps = cfg.meta.inner_steps if job.inner_steps is None else int(job.inner_steps)
+    lr = cfg.meta.inner_lr if job.inner_lr is None else float(job.inner_lr)
+    feats = {s: job.feats[s] if job.feats is not None else base.features(p) for s, p in job.audio_map.items()}
+    curves, trimmed = _fit_to_audio(job.curves, feats, job.audio_map, job.ratings)
+    ad, fc = _adapt_checked(job, base, curves, feats, steps, lr)
+    fit = _fit_metrics(curves, fc)
+    _log_personalization(job.name, curves, fc.safe)
+    base_info = base.describe()
+    info = {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "name": job.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pdmer_version": __version__,
+        "base": {**base_info, "problem": cfg.problem},
+        "adaptation": _adaptation_info(cfg, steps, lr, ad),
+        "songs": _songs_info(curves, feats, job.audio_map),
+        "personalization": _personalization_info(fc.safe),
+        "trimmed": trimmed,
+        "ratings": _ratings_info(job, curves),
+        "fit": fit,
+        "files": {"weights": WEIGHTS_FILE, "ratings": RATINGS_FILE, "plot": FIT_FILE if job.plot else None},
+    }
+    weights_meta = {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "name": job.name,
+        **{f"base_{k}": v for k, v in base_info.items()},
+    }
+    files = {
+        WEIGHTS_FILE: _weights_bytes(ad.changed, weights_meta),
+        RATINGS_FILE: job.ratings.read_bytes() if job.ratings_bytes is None else job.ratings_bytes,
+    }
+    if job.plot:
+        png = io.BytesIO()
+        _plot_fit(png, curves, fc.generic, fc.personal, fit, job.name)
+        files[FIT_FILE] = png.getvalue()
+    files[PROFILE_FILE] = _json_bytes(info)
+    kept = store.install(job.dest.parent, job.name, files, job.keep_history)
+    if kept is not None:
+        log.info("%s: previous profile kept in %s", job.name, kept)
+    m = fit["mean"]
+    log.info(
+        "%s: profile written to %s (fit on support, CCC mean: generic %.3f, personal %.3f)",
+        job.name,
+        job.dest,
+        m["generic"]["ccc_mean"],
+        m["personalized"]["ccc_mean"],
+    )
+    return Profile(job.name, job.dest, info, ad.changed)
 
-    feats = {sid: feats[sid] if feats is not None else base.features(p) for sid, p in audio_map.items()}
-    curves, trimmed = _fit_to_audio(curves, feats, audio_map, ratings)
 
-    ad = _adapt(base, name, curves, feats, steps, lr)
-    what = f"calibration of {name!r}"
-    own = inner_steps is not None or inner_lr is not None  # the user's inner loop, not the base run's
+def _adapt_checked(
+    job: _Job, base: BaseModel, curves: list[Curve], feats: dict, steps: int, lr: float
+) -> tuple[_Adaptation, _SupportCurves]:
+    """Adapt, check for divergence, apply the safe rule; a diverged base-run inner loop falls back to generic.
+
+    With the user's own inner loop (``inner_steps`` / ``inner_lr`` given) a divergence is their
+    setting's doing: :class:`AdaptationError`, and nothing is saved.
+    """
+    ad = _adapt(base, job.name, curves, feats, steps, lr)
+    what = f"calibration of {job.name!r}"
+    own = job.inner_steps is not None or job.inner_lr is not None  # the user's inner loop, not the base run's
     advice = (
-        f"Nothing was saved{' (the existing profile is unchanged)' if dest.exists() else ''}; lower the inner "
+        f"Nothing was saved{' (the existing profile is unchanged)' if job.dest.exists() else ''}; lower the inner "
         f"learning rate (--inner-lr, {lr:g} here) or the number of steps (--inner-steps, {steps} here)."
         if own
         else ""
     )
     try:
         check_finite_adaptation(ad.losses, ad.params, final_loss=ad.final_loss, what=what, advice=advice)
-        fc = _support_curves(base, curves, feats, ad, steps, lr, what, advice)
+        return ad, _support_curves(base, curves, feats, ad, steps, lr, what, advice)
     except AdaptationError as e:
         if own:  # settings the user chose: tell them, save nothing
             raise
         # the base run's own inner loop diverged on these ratings: the safe rule's fallback, the generic model
         log.warning("%s: your profile falls back to the generic model (your curves are the generic ones)", e)
-        ad, fc = _generic_fallback(base, curves, feats, ad, str(e))
-    fit = _fit_metrics(curves, fc)
-    _log_personalization(name, curves, fc.safe)
+        return _generic_fallback(base, curves, feats, ad, str(e))
 
-    base_info = base.describe()
-    info = {
-        "format": PROFILE_FORMAT,
-        "version": PROFILE_VERSION,
-        "name": name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pdmer_version": __version__,
-        "base": {**base_info, "problem": cfg.problem},
-        "adaptation": _adaptation_info(cfg, steps, lr, ad),
-        "songs": _songs_info(curves, feats, audio_map),
-        "personalization": _personalization_info(fc.safe),
-        "trimmed": trimmed,
-        "ratings": {
-            "file": RATINGS_FILE,
-            "source": str(ratings),
-            "annotator_id": curves[0].annotator_id,
-            "scale": "deam",
-            "resampled_to_hz": 1 / STEP_S,
-            "per_song": rates,
-        },
-        "fit": fit,
-        "files": {"weights": WEIGHTS_FILE, "ratings": RATINGS_FILE, "plot": FIT_FILE if plot else None},
+
+def _ratings_info(job: _Job, curves: list[Curve]) -> dict:
+    """profile.json's ``ratings``: where they came from and how they were resampled."""
+    return {
+        "file": RATINGS_FILE,
+        "source": str(job.ratings),
+        "annotator_id": curves[0].annotator_id,
+        "scale": "deam",
+        "resampled_to_hz": 1 / STEP_S,
+        "per_song": job.rates,
     }
-    weights_meta = {
-        "format": PROFILE_FORMAT,
-        "version": PROFILE_VERSION,
-        "name": name,
-        **{f"base_{k}": v for k, v in base_info.items()},
-    }
-    files = {
-        WEIGHTS_FILE: _weights_bytes(ad.changed, weights_meta),
-        RATINGS_FILE: ratings.read_bytes() if ratings_bytes is None else ratings_bytes,
-    }
-    if plot:
-        png = io.BytesIO()
-        _plot_fit(png, curves, fc.generic, fc.personal, fit, name)
-        files[FIT_FILE] = png.getvalue()
-    files[PROFILE_FILE] = _json_bytes(info)
-    kept = store.install(root, name, files, keep_history)
-    if kept is not None:
-        log.info("%s: previous profile kept in %s", name, kept)
-    m = fit["mean"]
-    log.info(
-        "%s: profile written to %s (fit on support, CCC mean: generic %.3f, personal %.3f)",
-        name,
-        dest,
-        m["generic"]["ccc_mean"],
-        m["personalized"]["ccc_mean"],
-    )
-    return Profile(name, dest, info, ad.changed)
 
 
 @dataclass
