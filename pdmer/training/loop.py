@@ -221,34 +221,66 @@ def _train_in(
 ) -> Path:
     """:func:`_train` inside its run folder, its log file open."""
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
 
     atomic_write_text(run / "splits.json", json.dumps(ctx.split_record(), indent=2))
     model, sampler, optimizer, loss_fn = training_parts(ctx)
     log.info("run %s: %s model, %d parameters, device %s", run.name, cfg.size, count_parameters(model), ctx.device)
-    cond, metric = selection_metric(cfg)
-    best = {"iteration": -1, "value": -float("inf")}
-    selected: dict = {}  # validation summary of the best (selected) checkpoint
     meta = {"config_hash": config_hash(cfg), "experiment": cfg.name, "global_dim": model.global_dim}
-    state_path = run / STATE_FILE
-    start = _start_from(run, model, optimizer, sampler, meta, best, selected, resume)
-    writer = SummaryWriter(
-        str(run / "tb"), purge_step=start + 1 if start else None
-    )  # drop events logged after the state
+    sel = _Selection(run, ctx, model, optimizer, sampler, meta, on_validate)
+    start = _start_from(run, model, optimizer, sampler, meta, sel.best, sel.selected, resume)
+    sel.writer = SummaryWriter(str(run / "tb"), purge_step=start + 1 if start else None)  # drop events after the state
+    try:
+        twin = _reuse_twin(run, cfg, model, meta, sel.best) if start == 0 else None
+        if twin is not None:
+            start = cfg.train.iterations
+        start = distributed.share_state(model, optimizer, sampler, start)  # torchrun: rank 0's state on every rank
+        _iterate(sel, loss_fn, start)
+        if sel.best["iteration"] < 0:  # iterations == 0: evaluate the initial model
+            sel(0)
+        if twin is None:
+            save_weights(run / "checkpoints" / "last.safetensors", model, {**meta, "iteration": cfg.train.iterations})
+        else:
+            shutil.copyfile(twin / "checkpoints" / "last.safetensors", run / "checkpoints" / "last.safetensors")
+        load_weights(run / "checkpoints" / "best.safetensors", model, {"config_hash": meta["config_hash"]})
+        evaluate_and_report(model, ctx, run, sel.writer, train_seconds=time.time() - t0, best=sel.best)
+        if hparams:
+            scores = {f"best_val/{c}_{k}": float(m[k]) for c, m in sel.selected.items() for k in VAL_METRICS}
+            sel.writer.add_hparams(hparams, scores, run_name=".")  # "." = this run's own tb/ folder
+    finally:
+        sel.writer.close()
+    return run
 
-    def validate(it: int) -> None:
-        summary, _ = evaluate_split(model, ctx, "val", cfg.train.val_listeners_max)
+
+@dataclasses.dataclass
+class _Selection:
+    """The checkpoint selection: validate, keep the best checkpoint, save the state a resume starts from."""
+
+    run: Path
+    ctx: Context
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: TaskSampler
+    meta: dict
+    on_validate: Callable[[int, dict], None] | None
+    writer: object = None  # the run's SummaryWriter
+    best: dict = dataclasses.field(default_factory=lambda: {"iteration": -1, "value": -float("inf")})
+    selected: dict = dataclasses.field(default_factory=dict)  # validation summary of the best checkpoint
+
+    def __call__(self, it: int) -> None:
+        cfg = self.ctx.cfg
+        cond, metric = selection_metric(cfg)
+        summary, _ = evaluate_split(self.model, self.ctx, "val", cfg.train.val_listeners_max)
         for c, m in summary.items():
             for k in VAL_METRICS:
-                writer.add_scalar(f"val/{c}_{k}", m[k], it)
-        value = summary[cond][metric]
+                self.writer.add_scalar(f"val/{c}_{k}", m[k], it)
+        value, best = summary[cond][metric], self.best
         if value > best["value"]:
             best.update(iteration=it, value=value)
-            selected.update(summary)
+            self.selected.update(summary)
             save_weights(
-                run / "checkpoints" / "best.safetensors",
-                model,
-                {**meta, "iteration": it, f"val_{cond}_{metric}": value},
+                self.run / "checkpoints" / "best.safetensors",
+                self.model,
+                {**self.meta, "iteration": it, f"val_{cond}_{metric}": value},
             )
         log.info(
             "iteration %d: val %s %s = %.4f (best %.4f at %d)",
@@ -259,29 +291,28 @@ def _train_in(
             best["value"],
             best["iteration"],
         )
-        model.train()
+        self.model.train()
         save_training_state(
-            state_path, model, optimizer, sampler, {**meta, "iteration": it, "best": best, "selected": selected}
+            self.run / STATE_FILE,
+            self.model,
+            self.optimizer,
+            self.sampler,
+            {**self.meta, "iteration": it, "best": best, "selected": self.selected},
         )
-        if on_validate is not None:
+        if self.on_validate is not None:
             try:
-                on_validate(it, summary)
+                self.on_validate(it, summary)
             except BaseException as e:  # e.g. a pruned sweep trial: leave the run folder in a clear state
-                atomic_write_text(
-                    run / "stopped.json",
-                    json.dumps(
-                        {"iteration": it, "reason": type(e).__name__, "message": str(e), "val": summary},
-                        indent=2,
-                        default=float,
-                    ),
-                )
-                writer.close()
+                stopped = {"iteration": it, "reason": type(e).__name__, "message": str(e), "val": summary}
+                atomic_write_text(self.run / "stopped.json", json.dumps(stopped, indent=2, default=float))
                 raise
 
-    twin = _reuse_twin(run, cfg, model, meta, best) if start == 0 else None
-    if twin is not None:
-        start = cfg.train.iterations
-    start = distributed.share_state(model, optimizer, sampler, start)  # torchrun: rank 0's state on every rank
+
+def _iterate(sel: _Selection, loss_fn, start: int) -> None:
+    """The outer steps after ``start``, logged to tensorboard, validated every ``train.eval_every``."""
+    from tqdm.auto import tqdm
+
+    cfg, model, writer = sel.ctx.cfg, sel.model, sel.writer
     bar = tqdm(
         range(start + 1, cfg.train.iterations + 1),
         desc=f"{cfg.problem} {cfg.name}",
@@ -292,7 +323,7 @@ def _train_in(
     )
     model.train()
     for it in bar:
-        loss, stats, grad_norm = outer_step(model, optimizer, sampler, loss_fn, cfg, it)
+        loss, stats, grad_norm = outer_step(model, sel.optimizer, sel.sampler, loss_fn, cfg, it)
         if cfg.problem == "pdmer":
             inner = stats["inner_losses"].cpu()  # one host sync per meta-batch
             writer.add_scalar("train/inner_loss_first", inner[0].item(), it)
@@ -300,26 +331,13 @@ def _train_in(
         loss_value = float(loss.detach())
         writer.add_scalar("train/loss", loss_value, it)
         writer.add_scalar("train/grad_norm", float(grad_norm), it)
-        bar.set_postfix(loss=f"{loss_value:.3f}", best=f"{best['value']:.3f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", best=f"{sel.best['value']:.3f}")
         if not np.isfinite(loss_value):
             raise FloatingPointError(
                 f"training loss became {loss_value} at iteration {it}; lower train.outer_lr or meta.inner_lr"
             )
         if it % cfg.train.eval_every == 0 or it == cfg.train.iterations:
-            validate(it)
-    if best["iteration"] < 0:  # iterations == 0: evaluate the initial model
-        validate(0)
-    if twin is None:
-        save_weights(run / "checkpoints" / "last.safetensors", model, {**meta, "iteration": cfg.train.iterations})
-    else:
-        shutil.copyfile(twin / "checkpoints" / "last.safetensors", run / "checkpoints" / "last.safetensors")
-    load_weights(run / "checkpoints" / "best.safetensors", model, {"config_hash": meta["config_hash"]})
-    evaluate_and_report(model, ctx, run, writer, train_seconds=time.time() - t0, best=best)
-    if hparams:
-        scores = {f"best_val/{c}_{k}": float(m[k]) for c, m in selected.items() for k in VAL_METRICS}
-        writer.add_hparams(hparams, scores, run_name=".")  # "." = this run's own tb/ folder
-    writer.close()
-    return run
+            sel(it)
 
 
 def _start_from(
