@@ -12,7 +12,8 @@ Measured, each in its own subprocess (so the peak memory of one does not hide an
 - ``calibrate``: one-shot calibration of one 30 s song from its WAV file: decoding, features,
   the inner loop (``meta.inner_steps`` of the experiment's config).
 - ``predict``: a 10-minute WAV file to its emotion curve (decoding, features in segments,
-  sliding windows): real-time factor, split into features and model; and the peak memory
+  sliding windows): real-time factor, split into features and model, with the default (exact)
+  CQT descriptor and with the multirate one (``features.cqt=multirate``); and the peak memory
   against a song three times as long.
 
 Every time is the median over ``--repeats`` runs after one warm-up, with the min and max. Peak
@@ -49,6 +50,8 @@ TARGETS = {  # (measurement, device, size) -> (bound, unit, direction)
     ("calibrate_s", "cpu", "small"): (2.0, "s", "max"),
     ("predict_rtf", "cpu", "small"): (500.0, "x real time", "min"),
     ("predict_rtf", "cpu", "paper"): (100.0, "x real time", "min"),
+    ("predict_rtf_multirate", "cpu", "small"): (500.0, "x real time", "min"),
+    ("predict_rtf_multirate", "cpu", "paper"): (100.0, "x real time", "min"),
 }
 
 
@@ -65,7 +68,10 @@ def _setup(args):
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config("pdmer.synthetic.dsaml", [f"size={args.size}", f"train.precision={args.precision}"])
+    cqt = getattr(args, "cqt", "exact")
+    cfg = load_config(
+        "pdmer.synthetic.dsaml", [f"size={args.size}", f"train.precision={args.precision}", f"features.cqt={cqt}"]
+    )
     device = torch.device(args.device)
     model = DSAML(cfg.model, descriptor_dim(cfg.features)).to(device).train()
     return cfg, device, model
@@ -230,7 +236,15 @@ def section_predict(args) -> dict:
 
         out = _timed(run, args.repeats, device)
     parts = {f"{k}_median": sorted(v[1:])[len(v[1:]) // 2] for k, v in split.items()}  # [0] is the warm-up
-    return {"song_s": seconds, "hop": cfg.eval.hop, "rtf": seconds / out["median"], **out, **parts, **_peaks(device)}
+    return {
+        "song_s": seconds,
+        "hop": cfg.eval.hop,
+        "cqt": cfg.features.cqt,
+        "rtf": seconds / out["median"],
+        **out,
+        **parts,
+        **_peaks(device),
+    }
 
 
 def section_listeners(args) -> dict:
@@ -368,6 +382,7 @@ def run_all(args) -> dict:
     res["listeners"] = _sub(args, "listeners", listeners=2 if args.quick else 8)
     long_s = 120.0 if args.quick else 600.0
     res["predict"] = _sub(args, "predict", song_s=long_s)
+    res["predict_multirate"] = _sub(args, "predict", song_s=long_s, cqt="multirate")  # the new descriptor
     # memory against song length: three times as long, past the point where the windows fill a batch
     res["predict_long"] = _sub(args, "predict", song_s=3 * long_s, repeats=1)
     res["summary"] = summarize(res)
@@ -386,6 +401,7 @@ def summarize(res: dict) -> dict:
         {
             "calibrate_s": res["calibrate"]["median"],
             "predict_rtf": res["predict"]["rtf"],
+            **({"predict_rtf_multirate": res["predict_multirate"]["rtf"]} if "predict_multirate" in res else {}),
             "predict_peak_rss_gib": res["predict"]["peak_rss_gib"],
             "predict_long_peak_rss_gib": res["predict_long"]["peak_rss_gib"],
         }
@@ -450,6 +466,16 @@ def table(res: dict) -> str:
     rows.append(
         f"| of which: decoding + features / the model's sliding windows | {p['features_median']:.3f} s / {p['model_median']:.3f} s | |"
     )
+    if "predict_multirate" in res:
+        n = res["predict_multirate"]
+        rows.append(
+            f"| prediction, {n['song_s'] / 60:.0f}-min song, the multirate CQT descriptor (`features.cqt=multirate`) "
+            f"| {fmt_time(n)} = **{n['rtf']:.0f}x real time** ({n['rtf'] / p['rtf']:.2f}x the exact one's) | {mem(n)} |"
+        )
+        rows.append(
+            f"| of which: decoding + features / the model's sliding windows | {n['features_median']:.3f} s / "
+            f"{n['model_median']:.3f} s | |"
+        )
     rows.append(
         f"| prediction, {q['song_s'] / 60:.0f}-min song (memory against song length) | {fmt_time(q)} = {q['rtf']:.0f}x real time | {mem(q)} |"
     )
@@ -522,6 +548,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="batched", help=argparse.SUPPRESS)
     ap.add_argument("--song-s", type=float, default=600.0, help=argparse.SUPPRESS)
     ap.add_argument("--listeners", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--cqt", choices=["exact", "multirate"], default="exact", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device is None:
         import torch

@@ -30,6 +30,7 @@ def test_benchmark_quick_mode_reports_every_figure(tmp_path):
         "dmer_step_s",
         "calibrate_s",
         "predict_rtf",
+        "predict_rtf_multirate",
         "predict_peak_rss_gib",
         "predict_long_peak_rss_gib",
         "listeners_per_s",
@@ -39,3 +40,5 @@ def test_benchmark_quick_mode_reports_every_figure(tmp_path):
     assert res["precisions"]["fp32"]["meta_batched"]["shape"]["tasks"] == 2  # quick shapes
     assert "batched speed-up" in p.stdout and "x real time" in p.stdout and "listeners/s" in p.stdout
     assert res["listeners"]["listeners"] == 2
+    assert (res["predict"]["cqt"], res["predict_multirate"]["cqt"]) == ("exact", "multirate")  # both descriptors
+    assert "features.cqt=multirate" in p.stdout
