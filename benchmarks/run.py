@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-# the paper's meta-batch (docs/dsaml.md; the authors' code: 15.7 s on an H100)
+# the paper's meta-batch (../shared/docs/dsaml.md; the authors' code: 15.7 s on an H100)
 PAPER_META = {"tasks": 16, "steps": 16, "query": 15, "seq_len": 60}
 QUICK_META = {"tasks": 2, "steps": 2, "query": 3, "seq_len": 60}
 TARGETS = {  # (measurement, device, size) -> (bound, unit, direction)

@@ -580,40 +580,12 @@ def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha1(blob).hexdigest()[:8]
 
 
-# Keys added after runs were first hashed: hashed only when they differ from these values, so a
-# run made before they existed keeps its folder and its checkpoints' hash (same config, same hash).
-_HASHED_IF_NOT = {
-    ("data", "split", "kind"): "listener",
-    ("data", "split", "val_songs"): 0.15,
-    ("data", "split", "test_songs"): 0.2,
-    ("eval", "protocol"): "songs",
-    ("data", "generic", "scale"): "deam",
-    ("meta", "learn_inner_lr"): False,
-    ("meta", "batch_tasks"): False,
-    ("meta", "task_chunk"): 0,
-    ("train", "precision"): "fp32",
-    ("train", "target"): "listener",
-    ("features", "cqt"): "exact",
-}
-
-
 def _drop_inactive(d: dict) -> None:
     """Remove from a config dict what cannot change a result: the options of unused data sources."""
     data = d["data"]
     for source in ("generic", "deam", "pmemo", "vgmidi"):
         if data.get("source") != source:
             data.pop(source, None)
-    for path, default in _HASHED_IF_NOT.items():
-        parent = d
-        for k in path[:-1]:
-            parent = parent.get(k, {})
-        if path[-1] in parent and parent[path[-1]] == default:
-            parent.pop(path[-1])
-            if not parent and len(path) > 1:  # an option group left empty
-                grand = d
-                for k in path[:-2]:
-                    grand = grand[k]
-                grand.pop(path[-2])
 
 
 def from_dict(d: dict) -> ExperimentConfig:

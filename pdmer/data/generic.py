@@ -37,7 +37,7 @@ import numpy as np
 from pdmer.data import common
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg")
 COLUMNS = ("song_id", "annotator_id", "time_s", "valence", "arousal")
@@ -294,7 +294,7 @@ def load_generic(root: Path, name: str | None = None, scale: str = "deam") -> Da
     songs = {sid: Song(sid, p) for sid, p in audio.items()}
     unrated = sorted(set(audio) - {s for s, _ in ratings})
     if unrated:
-        logger.info("%s: %d song(s) with audio but no ratings (kept in Dataset.songs)", root, len(unrated))
+        log.info("%s: %d song(s) with audio but no ratings (kept in Dataset.songs)", root, len(unrated))
     curves = [ratings[k] for k in sorted(ratings)]  # by song, then annotator
     return Dataset(
         name=name or f"generic:{root}",

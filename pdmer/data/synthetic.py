@@ -68,7 +68,7 @@ from pdmer.config import ConfigError, SyntheticConfig
 from pdmer.data.types import LABELS, STEP_S, Curve, DataError, Dataset, Song
 from pdmer.io import swap_dir
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "3"
 SAMPLE_RATE = 44100
@@ -906,7 +906,7 @@ def generate(cfg: SyntheticConfig, root: Path, workers: int | None = None) -> Pa
     """
     root = Path(root)
     t0 = time.perf_counter()
-    logger.info(
+    log.info(
         "generating synthetic benchmark into %s (%d clips, %d long songs, %d listeners)",
         root,
         cfg.n_clips,
@@ -937,7 +937,7 @@ def generate(cfg: SyntheticConfig, root: Path, workers: int | None = None) -> Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("synthetic benchmark written to %s in %.1f s", root, time.perf_counter() - t0)
+    log.info("synthetic benchmark written to %s in %.1f s", root, time.perf_counter() - t0)
     return root
 
 

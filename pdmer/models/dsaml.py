@@ -1,7 +1,8 @@
 """The DSAML network: dual-scale features -> dual-scale attention transformer -> BiLSTM head.
 
-Follows ``docs/dsaml.md`` ("Model"). All sizes come from :class:`pdmer.config.ModelConfig`;
-``size: paper`` gives the authors' 1024-wide, 3-layer, 16-head model (about 30 M parameters).
+Follows ``../shared/docs/dsaml.md`` ("Model"; the method's specification, beside the repository).
+All sizes come from :class:`pdmer.config.ModelConfig`; ``size: paper`` gives the authors' 1024-wide,
+3-layer, 16-head model (about 30 M parameters).
 
 Attention is written out explicitly (no ``scaled_dot_product_attention``): MAML's
 second-order gradients need double backward, which SDPA lacks on the CPU, and the
@@ -98,7 +99,7 @@ class BiLSTM(nn.LSTM):
     forward is ``nn.LSTM``'s (fused kernels, cuDNN on the GPU). With ``unrolled`` set it runs a
     written-out recurrence (both directions in one batched matmul per step): ``nn.LSTM`` under
     ``vmap`` with per-task weights falls back to a slow per-sample loop on the CPU and fails with
-    cuDNN (docs/performance.md), while this path is plain tensor algebra that vmap batches.
+    cuDNN (``../shared/docs/performance.md``), while this path is plain tensor algebra that vmap batches.
     """
 
     unrolled: bool = False
