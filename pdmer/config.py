@@ -508,6 +508,18 @@ def check_setting(key: str, value: Any, flag: str | None = None) -> Any:
     return value
 
 
+def check_choice(key: str, value: Any) -> Any:
+    """Check one setting against its allowed values in :data:`CHOICES`; returns it unchanged.
+
+    Raises:
+        ConfigError: naming the setting, the value and the allowed values.
+    """
+    allowed = CHOICES[key]
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    return value
+
+
 def check_device_spec(spec: str, key: str = "runtime.device") -> str:
     """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N`` (whether it exists is checked where it is used)."""
     if not isinstance(spec, str) or not DEVICE_RE.fullmatch(spec):
@@ -530,10 +542,8 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, value in _numeric_leaves(cfg):
         check_setting(key, value)
     check_device_spec(cfg.runtime.device)
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    for key in CHOICES:
+        check_choice(key, _get(cfg, key))
     m = cfg.model
     if m.hidden % m.heads:
         raise ConfigError(f"model.hidden={m.hidden} must be divisible by model.heads={m.heads}")

@@ -24,6 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """The files holding slow tests first (stable otherwise): with one worker per core, each takes a
+    test file at a time (pyproject's ``--dist loadfile``), and a long file left for the end runs alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def tiny_overrides(tmp: Path, tag: str) -> list[str]:
     """Overrides that shrink data, model and schedule; outputs go under ``tmp``."""
     return [

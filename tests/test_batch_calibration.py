@@ -13,13 +13,6 @@ from pdmer import store
 from pdmer.data.types import DataError
 from pdmer.personal import calibrate, calibrate_many, load_profile
 
-
-@pytest.fixture(scope="module")
-def tiny(calibrated_tiny):
-    """A finished tiny run, its benchmark audio and base model (conftest's, shared with tests/test_personal.py)."""
-    return calibrated_tiny
-
-
 HEADER = "song_id,annotator_id,time_s,valence,arousal"
 SONGS = ("clip_000", "clip_001")  # 45 s clips of the benchmark
 
@@ -55,13 +48,18 @@ def study(tmp: Path) -> tuple[Path, dict[str, list[str]]]:
     return path, by
 
 
-def one_by_one(tiny, tmp: Path, aid: str, own: list[str]):
+def one_by_one(calibrated_tiny, tmp: Path, aid: str, own: list[str]):
     """``calibrate`` of one listener's own ratings file."""
     f = tmp / f"{aid}.csv"
     f.write_text("\n".join([HEADER, *own]) + "\n")
     songs = list(dict.fromkeys(r.split(",")[0] for r in own))
     return calibrate(
-        aid, [tiny.audio / f"{s}.wav" for s in songs], f, base=tiny.base, annotators_dir=tmp / "one", plot=False
+        aid,
+        [calibrated_tiny.audio / f"{s}.wav" for s in songs],
+        f,
+        base=calibrated_tiny.base,
+        annotators_dir=tmp / "one",
+        plot=False,
     ), f
 
 
@@ -85,13 +83,13 @@ def _close(x, y) -> bool:
     return x == y
 
 
-def test_good_listeners_equal_one_by_one_and_bad_ones_are_reported(tiny, tmp_path, monkeypatch):
+def test_good_listeners_equal_one_by_one_and_bad_ones_are_reported(calibrated_tiny, tmp_path, monkeypatch):
     path, by = study(tmp_path)
     ann = tmp_path / "ann"
     calls = []
-    features = tiny.base.features
-    monkeypatch.setattr(tiny.base, "features", lambda p: calls.append(Path(p).stem) or features(p))
-    report = calibrate_many(path, tiny.audio, annotators_dir=ann, base=tiny.base, plot=False)
+    features = calibrated_tiny.base.features
+    monkeypatch.setattr(calibrated_tiny.base, "features", lambda p: calls.append(Path(p).stem) or features(p))
+    report = calibrate_many(path, calibrated_tiny.audio, annotators_dir=ann, base=calibrated_tiny.base, plot=False)
     monkeypatch.undo()
     assert list(report.written) == ["L1", "L2"]
     assert list(report.skipped) == ["bad-nan", "../x", "L4"]
@@ -111,7 +109,7 @@ def test_good_listeners_equal_one_by_one_and_bad_ones_are_reported(tiny, tmp_pat
     assert "invalid listener name '../x'" in report.skipped["../x"]
     l4 = [i for i, ln in enumerate(lines, 1) if ln.startswith("clip_404,L4,")]
     assert (
-        f"{path} lines {l4[0]}-{l4[-1]}: song 'clip_404' has no audio file {tiny.audio}/clip_404.<"
+        f"{path} lines {l4[0]}-{l4[-1]}: song 'clip_404' has no audio file {calibrated_tiny.audio}/clip_404.<"
         in (report.skipped["L4"])
     )
     assert "skipped 'bad-nan'" in report.summary() and "wrote" in report.summary()
@@ -120,17 +118,19 @@ def test_good_listeners_equal_one_by_one_and_bad_ones_are_reported(tiny, tmp_pat
     assert not (tmp_path / "x").exists()
     for aid in ("L1", "L2"):
         assert store.check_complete(ann / aid) is None
-        mine = load_profile(aid, ann, base=tiny.base)
-        ref, own = one_by_one(tiny, tmp_path, aid, by[aid])
+        mine = load_profile(aid, ann, base=calibrated_tiny.base)
+        ref, own = one_by_one(calibrated_tiny, tmp_path, aid, by[aid])
         same_profile(mine, ref)
         assert (ann / aid / "ratings.csv").read_bytes() == own.read_bytes()  # the listener's rows only
         assert mine.info["ratings"]["source"] == str(path)
 
 
-def test_a_crash_during_one_listener_leaves_the_written_profiles(tiny, tmp_path, monkeypatch):
+def test_a_crash_during_one_listener_leaves_the_written_profiles(calibrated_tiny, tmp_path, monkeypatch):
     path, by = study(tmp_path)
     ann = tmp_path / "ann"
-    first = calibrate_many(path, tiny.audio, annotators_dir=ann, base=tiny.base, plot=False, names=["L2", "nobody"])
+    first = calibrate_many(
+        path, calibrated_tiny.audio, annotators_dir=ann, base=calibrated_tiny.base, plot=False, names=["L2", "nobody"]
+    )
     assert list(first.written) == ["L2"] and "no rows of annotator_id 'nobody'" in first.skipped["nobody"]
     old_l2 = {p.name: p.read_bytes() for p in (ann / "L2").iterdir()}
     installs = []
@@ -143,34 +143,44 @@ def test_a_crash_during_one_listener_leaves_the_written_profiles(tiny, tmp_path,
 
     monkeypatch.setattr(store, "_fault", fault)
     with pytest.raises(KeyboardInterrupt, match="simulated"):
-        calibrate_many(path, tiny.audio, annotators_dir=ann, base=tiny.base, plot=False, inner_steps=3)
+        calibrate_many(
+            path, calibrated_tiny.audio, annotators_dir=ann, base=calibrated_tiny.base, plot=False, inner_steps=3
+        )
     monkeypatch.undo()
     assert store.check_complete(ann / "L1") is None  # written before the crash: complete
-    assert load_profile("L1", ann, base=tiny.base).info["adaptation"]["inner_steps"] == 3
+    assert load_profile("L1", ann, base=calibrated_tiny.base).info["adaptation"]["inner_steps"] == 3
     assert {p.name: p.read_bytes() for p in (ann / "L2").iterdir()} == old_l2  # its old profile, untouched
     assert sorted(p.name for p in ann.iterdir()) == ["L1", "L2"]  # no temporary folder left
     again = calibrate_many(
-        path, tiny.audio, annotators_dir=ann, base=tiny.base, plot=False, names=["L2"], inner_steps=3
+        path,
+        calibrated_tiny.audio,
+        annotators_dir=ann,
+        base=calibrated_tiny.base,
+        plot=False,
+        names=["L2"],
+        inner_steps=3,
     )
     assert list(again.written) == ["L2"] and again.ok
-    assert load_profile("L2", ann, base=tiny.base).info["adaptation"]["inner_steps"] == 3
+    assert load_profile("L2", ann, base=calibrated_tiny.base).info["adaptation"]["inner_steps"] == 3
 
 
-def test_whole_file_problems_are_errors(tiny, tmp_path):
+def test_whole_file_problems_are_errors(calibrated_tiny, tmp_path):
     bad = tmp_path / "s.csv"
     bad.write_text("song_id,time_s,valence,arousal\nclip_000,15,0.1,0.1\n")
     with pytest.raises(DataError, match=r"s\.csv line 1: missing column\(s\) annotator_id"):
-        calibrate_many(bad, tiny.audio, annotators_dir=tmp_path / "ann", base=tiny.base)
+        calibrate_many(bad, calibrated_tiny.audio, annotators_dir=tmp_path / "ann", base=calibrated_tiny.base)
     path, _ = study(tmp_path)
     with pytest.raises(DataError, match="audio folder not found"):
-        calibrate_many(path, tmp_path / "nowhere", annotators_dir=tmp_path / "ann", base=tiny.base)
+        calibrate_many(path, tmp_path / "nowhere", annotators_dir=tmp_path / "ann", base=calibrated_tiny.base)
     assert not (tmp_path / "ann").exists()
 
 
-def test_rows_without_an_annotator_are_reported(tiny, tmp_path):
+def test_rows_without_an_annotator_are_reported(calibrated_tiny, tmp_path):
     path = tmp_path / "study.csv"
     path.write_text("\n".join([HEADER, *rows(SONGS[0], "", 0.0)[:3], *rows(SONGS[0], "L9", 0.0)]) + "\n")
-    report = calibrate_many(path, tiny.audio, annotators_dir=tmp_path / "ann", base=tiny.base, plot=False)
+    report = calibrate_many(
+        path, calibrated_tiny.audio, annotators_dir=tmp_path / "ann", base=calibrated_tiny.base, plot=False
+    )
     assert list(report.written) == ["L9"]
     assert report.skipped[""].startswith(f"{path} lines 2-4: 3 row(s) without an annotator_id")
 
@@ -182,17 +192,17 @@ def test_exported():
     assert pdmer.calibrate_many is personal.calibrate_many is calibrate_many
 
 
-def test_the_command_calibrates_a_study(tiny, tmp_path, capsys):
+def test_the_command_calibrates_a_study(calibrated_tiny, tmp_path, capsys):
     """run.py calibrate --ratings STUDY --audio-dir DIR (no --name): the summary, exit 1 when some were skipped."""
     from pdmer.cli import main
 
     path, _ = study(tmp_path)
     ann = tmp_path / "ann"
-    common = ["calibrate", "--ratings", str(path), "--model", str(tiny.run), "--annotators", str(ann)]
-    assert main(common + ["--audio-dir", str(tiny.audio)]) == 1  # three listeners skipped, two written
+    common = ["calibrate", "--ratings", str(path), "--model", str(calibrated_tiny.run), "--annotators", str(ann)]
+    assert main(common + ["--audio-dir", str(calibrated_tiny.audio)]) == 1  # three listeners skipped, two written
     out = capsys.readouterr().out
     assert "L1" in out and "bad-nan" in out and (ann / "L1" / "profile.json").is_file() and (ann / "L2").is_dir()
-    assert main(common + ["--audio-dir", str(tiny.audio), "--annotator", "L2"]) == 0
+    assert main(common + ["--audio-dir", str(calibrated_tiny.audio), "--annotator", "L2"]) == 0
     assert main(common) == 2  # no --audio-dir: one error line
     (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert "--audio-dir" in line

@@ -71,7 +71,7 @@ from scipy.ndimage import maximum_filter1d, uniform_filter1d
 from scipy.signal import firwin, upfirdn
 from torch import Tensor
 
-from pdmer.config import CHOICES, FeatureConfig
+from pdmer.config import FeatureConfig, check_choice
 from pdmer.features.audio import resample
 from pdmer.features.local import frames_per_step, log_mel, n_steps_for, step_samples
 
@@ -246,12 +246,9 @@ def descriptor_version(cfg: FeatureConfig) -> str:
     two never mix.
 
     Raises:
-        ValueError: an unknown ``features.cqt``.
+        ConfigError: an unknown ``features.cqt`` (:func:`pdmer.config.check_choice`).
     """
-    kinds = CHOICES["features.cqt"]
-    if cfg.cqt not in kinds:
-        raise ValueError(f"features.cqt={cfg.cqt!r} is not one of {kinds}")
-    if cfg.cqt == "exact":
+    if check_choice("features.cqt", cfg.cqt) == "exact":
         return DESCRIPTOR_VERSION
     return f"{DESCRIPTOR_VERSION}-multirate{MULTIRATE_VERSION}"
 
@@ -339,6 +336,21 @@ def _multirate_cqt(hop: int) -> MultirateCQT:
     return MultirateCQT(hop)
 
 
+def exact_cqt_grid(sample_rate: int, hop_s: float) -> tuple[int, int]:
+    """The exact CQT's sample rate (``min(DESC_SAMPLE_RATE, sample_rate)``) and its hop in samples there.
+
+    Raises:
+        ValueError: ``hop_s`` is not a whole number of samples at that rate (a step of
+            ``step_s`` must be :data:`CQT_FRAMES_PER_STEP` whole hops).
+    """
+    dsr = min(DESC_SAMPLE_RATE, int(sample_rate))
+    hop = dsr * hop_s
+    if abs(hop - round(hop)) > 1e-9 or round(hop) < 1:
+        step = hop_s * CQT_FRAMES_PER_STEP
+        raise ValueError(f"step of {step:g} s at {dsr} Hz is not a multiple of {CQT_FRAMES_PER_STEP} CQT hops")
+    return dsr, int(round(hop))
+
+
 def multirate_cqt_magnitude(wave: np.ndarray, sample_rate: int, n_frames: int, hop_s: float) -> np.ndarray:
     """CQT magnitude from :class:`MultirateCQT` (C1..B7, 84 bins), frame ``f`` centred on ``f * hop_s``.
 
@@ -355,9 +367,9 @@ def multirate_cqt_magnitude(wave: np.ndarray, sample_rate: int, n_frames: int, h
     hop = MR_SAMPLE_RATE * hop_s
     if abs(hop - round(hop)) > 1e-9:
         raise ValueError(f"a hop of {hop_s} s is not a whole number of samples at {MR_SAMPLE_RATE} Hz")
-    dsr = min(DESC_SAMPLE_RATE, int(sample_rate))
+    dsr, exact_hop = exact_cqt_grid(sample_rate, hop_s)
     n_ds = -(-len(wave) * dsr // int(sample_rate))  # the exact CQT's signal length (see resample)
-    n_frames = min(n_frames, 1 + n_ds // int(round(dsr * hop_s)))
+    n_frames = min(n_frames, 1 + n_ds // exact_hop)
     cqt = _multirate_cqt(int(round(hop)))
     x = torch.from_numpy(resample(np.asarray(wave, dtype=np.float32), sample_rate, MR_SAMPLE_RATE))
     with torch.no_grad():
@@ -443,11 +455,7 @@ def frame_features(
     Fc = n_steps * CQT_FRAMES_PER_STEP
     descriptor_version(cfg)  # validates features.cqt
     if cfg.cqt == "exact":
-        dsr = min(DESC_SAMPLE_RATE, cfg.sample_rate)
-        ds_step = dsr * cfg.step_s
-        if abs(ds_step - round(ds_step)) > 1e-9 or round(ds_step) % CQT_FRAMES_PER_STEP:
-            raise ValueError(f"step of {cfg.step_s} s at {dsr} Hz is not a multiple of {CQT_FRAMES_PER_STEP} CQT hops")
-        cqt_hop = int(round(ds_step)) // CQT_FRAMES_PER_STEP
+        dsr, cqt_hop = exact_cqt_grid(cfg.sample_rate, cfg.step_s / CQT_FRAMES_PER_STEP)
         x_ds = resample(np.asarray(wave, dtype=np.float32), cfg.sample_rate, dsr)
         C = cqt_magnitude(x_ds, dsr, Fc, cqt_hop).astype(np.float64)  # (Fc', 84)
     else:
