@@ -26,7 +26,8 @@ SHARED_DATA = REPO / ".." / "shared" / "data"
 
 def pytest_collection_modifyitems(items: list) -> None:
     """The files holding slow tests first (stable otherwise): with one worker per core, each takes a
-    test file at a time (pyproject's ``--dist loadfile``), and a long file left for the end runs alone."""
+    test file at a time in this order (pyproject's ``--dist loadfile --no-loadscope-reorder``), and a
+    long file left for the end would run alone."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
 
