@@ -131,7 +131,8 @@ def format_reproduction(table: dict) -> str:
             "",
             "Paired per-listener differences from generic (mean ± std over seeds of each seed's mean; "
             "95 % bootstrap CIs over listeners per seed; ✗ = a seed's CI lies wholly on the bad side, "
-            "✓ = wholly on the good side):",
+            "✓ = wholly on the good side); `personalized-offset` is the safe rule's difference from the "
+            "offset-only baseline instead:",
             "",
             "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
             "|" + "---|" * (len(METRICS) + 1),

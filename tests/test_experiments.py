@@ -33,6 +33,9 @@ def test_experiment_smoke_run(name, session_tmp):
         assert res["test"][cond]["n_songs"] > 0, cond
     assert (run / "personalization.json").exists()
     assert set(res["paired"]["personalized"]) >= {"ccc_mean", "rmse_arousal", "pcc_valence"}
+    for metric in ("ccc_mean", "rmse_valence"):  # the rule against the offset shift: the two differences from generic
+        p, o, po = (res["paired"][c][metric] for c in ("personalized", "offset", "personalized-offset"))
+        assert po["mean"] == pytest.approx(p["mean"] - o["mean"], abs=1e-9)
     splits = json.loads((run / "splits.json").read_text())
     if splits["kind"] == "song-disjoint":
         songs = splits["songs"]

@@ -177,7 +177,11 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
                 any(u[d] and any(weights.of(d)) for u in r.use for d in range(2)) for r in per_listener
             ),
         },
-        "paired": {c: paired_gains(per_listener, c) for c in ("personalized", "maml", "offset")},
+        "paired": {
+            **{c: paired_gains(per_listener, c) for c in ("personalized", "maml", "offset")},
+            # the safe rule against the offset-only baseline (issue: within a song it should be at least as good)
+            "personalized-offset": paired_gains(per_listener, "personalized", "offset"),
+        },
         "per_listener": {
             r.listener: {
                 "support": r.support,
