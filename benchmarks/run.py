@@ -40,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from pdmer.config import CHOICES  # noqa: E402
+
 # the paper's meta-batch (../shared/docs/dsaml.md; the authors' code: 15.7 s on an H100)
 PAPER_META = {"tasks": 16, "steps": 16, "query": 15, "seq_len": 60}
 QUICK_META = {"tasks": 2, "steps": 2, "query": 3, "seq_len": 60}
@@ -90,7 +92,12 @@ def _timed(fn, repeats: int, device) -> dict:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
+    return _stats(times)
+
+
+def _stats(times: list[float]) -> dict:
+    """Median, min, max and count of timed repeats (the warm-up left out)."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": len(times)}
 
 
 def _random_batch(n_songs: int, seq_len: int, g_dim: int, device):
@@ -246,17 +253,13 @@ def section_predict(args) -> dict:
                 run(kind)
     out = {}
     for kind, parts in split.items():
-        times = parts["total"][1:]
-        med = statistics.median(times)
+        total = _stats(parts["total"][1:])  # [0] is the warm-up
         out[kind] = {
             "song_s": seconds,
             "hop": cfg.eval.hop,
             "cqt": kind,
-            "rtf": seconds / med,
-            "median": med,
-            "min": min(times),
-            "max": max(times),
-            "repeats": len(times),
+            "rtf": seconds / total["median"],
+            **total,
             **{f"{k}_median": statistics.median(v[1:]) for k, v in parts.items() if k != "total"},
         }
     first, *others = kinds
@@ -477,22 +480,22 @@ def table(res: dict) -> str:
             f"| the same listeners adapted together (vmap) | {fmt_time(m['batched'])} = {m['batched_per_s']:.2f} "
             f"listeners/s ({m['batched_per_s'] / m['sequential_per_s']:.2f}x) | |"
         )
-    rows.append(
-        f"| prediction, {p['song_s'] / 60:.0f}-min song (WAV -> curve) | {fmt_time(p)} = **{p['rtf']:.0f}x real time** | {mem(p)} |"
-    )
-    rows.append(
-        f"| of which: decoding + features / the model's sliding windows | {p['features_median']:.3f} s / {p['model_median']:.3f} s | |"
-    )
+
+    def prediction(m: dict, what: str = "", vs: str = "") -> None:
+        rows.append(
+            f"| prediction, {m['song_s'] / 60:.0f}-min song{what} | {fmt_time(m)} = **{m['rtf']:.0f}x real time**{vs} "
+            f"| {mem(m)} |"
+        )
+        rows.append(
+            f"| of which: decoding + features / the model's sliding windows | {m['features_median']:.3f} s / "
+            f"{m['model_median']:.3f} s | |"
+        )
+
+    prediction(p, " (WAV -> curve)")
     if "predict_multirate" in res:
         n = res["predict_multirate"]
-        rows.append(
-            f"| prediction, {n['song_s'] / 60:.0f}-min song, the multirate CQT descriptor (`features.cqt=multirate`) "
-            f"| {fmt_time(n)} = **{n['rtf']:.0f}x real time** ({n['rtf'] / p['rtf']:.2f}x the exact one's) | {mem(n)} |"
-        )
-        rows.append(
-            f"| of which: decoding + features / the model's sliding windows | {n['features_median']:.3f} s / "
-            f"{n['model_median']:.3f} s | |"
-        )
+        vs = f" ({n['rtf'] / p['rtf']:.2f}x the exact one's)"
+        prediction(n, ", the multirate CQT descriptor (`features.cqt=multirate`)", vs)
     rows.append(
         f"| prediction, {q['song_s'] / 60:.0f}-min song (memory against song length) | {fmt_time(q)} = {q['rtf']:.0f}x real time | {mem(q)} |"
     )
@@ -565,7 +568,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="batched", help=argparse.SUPPRESS)
     ap.add_argument("--song-s", type=float, default=600.0, help=argparse.SUPPRESS)
     ap.add_argument("--listeners", type=int, default=8, help=argparse.SUPPRESS)
-    ap.add_argument("--cqt", nargs="+", choices=["exact", "multirate"], default=["exact"], help=argparse.SUPPRESS)
+    ap.add_argument("--cqt", nargs="+", choices=CHOICES["features.cqt"], default=["exact"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device is None:
         import torch

@@ -132,32 +132,18 @@ class Check:
 
 def _metrics_1d(p: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
     """(RMSE, PCC, CCC) of one dimension, as :func:`pdmer.metrics.song_metrics` computes them."""
-    sp, st = p.std(), t.std()
-    cov = np.mean((p - p.mean()) * (t - t.mean()))
-    pcc = cov / (sp * st) if sp > 0 and st > 0 else np.nan
-    denom = sp**2 + st**2 + (p.mean() - t.mean()) ** 2
-    ccc = 2 * cov / denom if denom > 0 else np.nan
-    return float(np.sqrt(np.mean((p - t) ** 2))), float(pcc), float(ccc)
+    rmse, pcc, ccc = _metrics_rows(np.asarray(p)[None], t)
+    return float(rmse[0]), float(pcc[0]), float(ccc[0])
 
 
 def _personal_1d(
     g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: tuple[float, float, float]
 ) -> np.ndarray:
-    m = g.mean()
-    return m + scale ** w[1] * (g - m) + w[2] * (a - g) + w[0] * offset
+    return _personal_rows(g, a, offset, scale, np.array([w], dtype=np.float64))[0]
 
 
 def _gate_1d(check: Check, d: int, w: tuple[float, float, float]) -> bool:
-    if not any(w):
-        return True  # nothing to check: the curve is generic
-    g, y = check.generic[:, d].astype(np.float64), check.ratings[:, d].astype(np.float64)
-    p = _personal_1d(g, check.adapted[:, d], check.support.offset[d], check.support.scale[d], w)
-    diff = (p - y) ** 2 - (g - y) ** 2
-    h = len(y)
-    if h < 2 or not diff.mean() + GATE_Z * diff.std(ddof=1) / np.sqrt(h) < 0:
-        return False
-    ccc_p, ccc_g = _metrics_1d(p, y)[2], _metrics_1d(g, y)[2]
-    return bool(np.isfinite(ccc_p) and (not np.isfinite(ccc_g) or ccc_p >= ccc_g))
+    return bool(_gate_rows(check, d, np.array([w], dtype=np.float64))[0])
 
 
 def gate(check: Check | None, weights: Weights) -> np.ndarray:
@@ -184,7 +170,8 @@ class Parts:
 
 
 def _metrics_rows(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_metrics_1d` of each row of ``p`` (G, T) against ``t`` (T,): (RMSE, PCC, CCC), each (G,)."""
+    """(RMSE, PCC, CCC) of each row of ``p`` (G, T) against ``t`` (T,), each (G,), as
+    :func:`pdmer.metrics.song_metrics` computes them (PCC NaN for a constant curve)."""
     sp, st = p.std(1), t.std()
     cov = np.mean((p - p.mean(1, keepdims=True)) * (t - t.mean()), 1)
     denom = sp**2 + st**2 + (p.mean(1) - t.mean()) ** 2
@@ -195,13 +182,13 @@ def _metrics_rows(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def _personal_rows(g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: np.ndarray) -> np.ndarray:
-    """:func:`_personal_1d` for each row of weights ``w`` (G, 3): (G, T)."""
+    """The personal curve (module docstring) of one dimension for each row of weights ``w`` (G, 3): (G, T)."""
     m = g.mean()
     return m + scale ** w[:, 1:2] * (g - m) + w[:, 2:3] * (a - g) + w[:, 0:1] * offset
 
 
 def _gate_rows(check: Check, d: int, w: np.ndarray) -> np.ndarray:
-    """:func:`_gate_1d` for each row of weights ``w`` (G, 3): (G,) bool."""
+    """The held-out check (:func:`gate`) of one dimension for each row of weights ``w`` (G, 3): (G,) bool."""
     g, y = check.generic[:, d].astype(np.float64), check.ratings[:, d].astype(np.float64)
     p = _personal_rows(g, check.adapted[:, d], check.support.offset[d], check.support.scale[d], w)
     h = len(y)

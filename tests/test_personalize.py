@@ -213,14 +213,32 @@ def test_a_listener_counts_once_however_many_parts():
 
 
 def test_grid_scores_equal_one_point_at_a_time():
-    """The vectorized scoring of all grid points equals the rule applied to one point at a time.
+    """The vectorized scoring of all grid points equals the rule applied to one point at a time
+    (written out here from the docstrings, with :func:`pdmer.metrics.song_metrics`).
 
-    Includes what the one-point path treats specially: a query song rated flat (PCC undefined), a
+    Includes what the one-point rule treats specially: a query song rated flat (PCC undefined), a
     held-out check of one step, a listener with no check, and a mixture of gated and kept points.
     """
     import itertools
 
-    from pdmer.personalize import _gate_1d, _grid_scores, _metrics_1d, _personal_1d
+    from pdmer.metrics import song_metrics
+    from pdmer.personalize import GATE_Z, _grid_scores
+
+    def metrics(pred, target):  # (RMSE, PCC, CCC) of one dimension, by the project's song metrics
+        m = song_metrics(np.c_[pred, pred], np.c_[target, target])
+        return m["rmse_arousal"], m["pcc_arousal"], m["ccc_arousal"]
+
+    def personal(g, a, offset, scale, w):  # the module docstring's formula
+        return g.mean() + scale ** w[1] * (g - g.mean()) + w[2] * (a - g) + w[0] * offset
+
+    def keeps(c, d, w):  # gate()'s docstring: a clear fall of the squared error, no fall of the CCC
+        g, y = c.generic[:, d], c.ratings[:, d]
+        pc = personal(g, c.adapted[:, d], c.support.offset[d], c.support.scale[d], w)
+        diff = (pc - y) ** 2 - (g - y) ** 2
+        if len(y) < 2 or not diff.mean() + GATE_Z * diff.std(ddof=1) / np.sqrt(len(y)) < 0:
+            return False
+        ccc_p, ccc_g = metrics(pc, y)[2], metrics(g, y)[2]
+        return bool(np.isfinite(ccc_p) and (not np.isfinite(ccc_g) or ccc_p >= ccc_g))
 
     rng = np.random.default_rng(3)
     parts = []
@@ -241,15 +259,15 @@ def test_grid_scores_equal_one_point_at_a_time():
         got = _grid_scores(parts, d, np.array(points), use_gate=True)
         for k, w in enumerate(points):
             for i, p in enumerate(parts):
-                kept = p.check is None or _gate_1d(p.check, d, w)
+                kept = p.check is None or keeps(p.check, d, w)
                 kept_any, gated_any = kept_any or kept, gated_any or not kept
                 want = np.zeros(3)
                 if kept:
                     c, r, q = [], [], []
                     for y, g, a in p.queries.values():
-                        rg, pg, cg = _metrics_1d(g[:, d], y[:, d])
-                        rp, pp, cp = _metrics_1d(
-                            _personal_1d(g[:, d], a[:, d], p.support.offset[d], p.support.scale[d], w), y[:, d]
+                        rg, pg, cg = metrics(g[:, d], y[:, d])
+                        rp, pp, cp = metrics(
+                            personal(g[:, d], a[:, d], p.support.offset[d], p.support.scale[d], w), y[:, d]
                         )
                         c.append(cp - cg)
                         r.append(rp - rg)
