@@ -61,10 +61,17 @@ def test_evaluate_command_reproduces_results(session_tmp):
     name = "pdmer.synthetic.dsaml"
     cfg = load_config(name, tiny_overrides(session_tmp, name))
     run = train(cfg)
-    before = json.loads((run / "results.json").read_text())["test"]
+    first = (run / "results.json").read_bytes()
+    before = json.loads(first)["test"]
     after = evaluate_run(run)["test"]
     for cond in before:
         assert after[cond]["ccc_mean"] == pytest.approx(before[cond]["ccc_mean"], abs=1e-6)
+    # the earlier evaluation is kept, byte for byte, in history/ (one folder per re-evaluation)
+    (kept,) = (run / "history").iterdir()
+    assert kept.name.startswith("001-") and (kept / "results.json").read_bytes() == first
+    assert {p.name for p in kept.iterdir()} >= {"results.json", "results.md", "personalization.json"}
+    evaluate_run(run)
+    assert sorted(p.name.split("-")[0] for p in (run / "history").iterdir()) == ["001", "002"]
 
 
 @pytest.mark.slow

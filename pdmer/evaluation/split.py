@@ -4,7 +4,7 @@
 :func:`choose_rule` chooses the safe rule's population weights on the validation listeners;
 :func:`evaluate_and_report` scores the test listeners once and writes ``results.json``,
 ``results.md``, ``curves.png`` and ``personalization.json``; :func:`evaluate_run` does it again
-for a finished run (``python run.py evaluate RUN``).
+for a finished run (``python run.py evaluate RUN``), keeping the earlier results under ``history/``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 RULE_FILE = "personalization.json"  # the safe rule's weights chosen on validation listeners (calibrate uses them)
+REPORT_FILES = (RULE_FILE, "results.json", "results.md", "curves.png")  # what evaluate_and_report writes
+HISTORY_DIR = "history"
 
 
 def evaluate_split(
@@ -225,6 +227,36 @@ def evaluate_run(run: Path, split: str = "test") -> dict:
     model = build_model(ctx)
     load_weights(Path(run) / "checkpoints" / "best.safetensors", model, {"config_hash": config_hash(cfg)})
     if split == "test":
+        keep_history(Path(run))
         return evaluate_and_report(model, ctx, Path(run))
     summary, _ = evaluate_split(model, ctx, split)
     return {"experiment": cfg.name, split: summary}
+
+
+def keep_history(run: Path) -> Path | None:
+    """Copy the run's current evaluation files into ``history/<n>-<evaluation commit>/`` before a re-evaluation.
+
+    An evaluation with a rule that is later reverted then never loses the earlier numbers, and
+    rule changes can be compared on the same weights. Copies, not moves: the current files stay
+    in place until the new evaluation replaces each one (atomically), so an interrupted
+    re-evaluation leaves a complete set. Returns the history folder, or None when there was
+    nothing to keep.
+    """
+    import shutil
+
+    present = [run / f for f in REPORT_FILES if (run / f).is_file()]
+    if not present:
+        return None
+    commit = "unknown"
+    try:
+        commit = (json.loads((run / "results.json").read_text()).get("evaluated_at") or {}).get("commit") or commit
+    except (OSError, ValueError, AttributeError):
+        pass
+    root = run / HISTORY_DIR
+    n = 1 + max((int(d.name.split("-")[0]) for d in root.glob("*-*") if d.name.split("-")[0].isdigit()), default=0)
+    dest = root / f"{n:03d}-{str(commit)[:7]}"
+    dest.mkdir(parents=True)
+    for f in present:
+        shutil.copy2(f, dest / f.name)
+    log.info("kept the earlier evaluation of %s in %s", run.name, dest)
+    return dest
