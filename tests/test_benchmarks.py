@@ -42,3 +42,29 @@ def test_benchmark_quick_mode_reports_every_figure(tmp_path):
     assert res["listeners"]["listeners"] == 2
     assert (res["predict"]["cqt"], res["predict_multirate"]["cqt"]) == ("exact", "multirate")  # both descriptors
     assert "features.cqt=multirate" in p.stdout
+
+
+def test_fit_study_scores_model_probe_and_ceiling(tmp_path):
+    """``benchmarks/fit_study.py`` on the tiny benchmark, so the script cannot rot (its figures are not these)."""
+    import importlib.util
+
+    from conftest import tiny_overrides
+
+    spec = importlib.util.spec_from_file_location("fit_study", REPO / "benchmarks" / "fit_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    overrides = [o for o in tiny_overrides(tmp_path, "fit") if not o.startswith("train.iterations")]
+    args = ["dmer.synthetic.dsaml", *overrides, "model.linear_skip=true", "--iterations", "2", "--every", "1"]
+    assert study.main([*args, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("dmer.synthetic.dsaml-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    whats = [(r["what"], r["iteration"]) for r in rows]
+    assert whats[:3] == [("val consensus", None), ("val ridge", None), ("train fit ridge", None)]
+    assert [i for w, i in whats if w == "val model"] == [0, 1, 2]
+    # model.linear_skip starts the network at the probe: before the first step both score the same
+    probe = {w: r for r, (w, i) in zip(rows, whats, strict=True) if i is None}
+    start = {w: r for r, (w, i) in zip(rows, whats, strict=True) if i == 0}
+    for k in ("rmse_arousal", "rmse_valence", "ccc_mean"):
+        assert start["val model"][k] == pytest.approx(probe["val ridge"][k], abs=1e-4), k
+        assert start["train fit model"][k] == pytest.approx(probe["train fit ridge"][k], abs=1e-4), k
+    assert probe["val consensus"]["rmse_arousal"] != probe["val ridge"]["rmse_arousal"]
