@@ -204,3 +204,20 @@ def test_adapt_in_eval_mode_on_gpu_matches_cpu():
     out, _ = adapt(model.cuda(), tuple(t.cuda() for t in support), loss_fn, 3, 0.1)
     for k in ref:
         torch.testing.assert_close(out[k].cpu(), ref[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("extra", [[], ["meta.batch_tasks=true", "train.precision=bf16"]])
+def test_tiny_training_and_evaluation_on_gpu(session_tmp, extra):
+    """The whole path on the GPU: meta-training (one by one; batched in bf16), validation, the safe rule, test."""
+    from conftest import tiny_overrides
+
+    from pdmer.config import load_config
+    from pdmer.training import train
+
+    tag = "gpu-" + ("-".join(e.split("=")[0].split(".")[-1] for e in extra) or "plain")
+    run = train(load_config("pdmer.synthetic.dsaml", tiny_overrides(session_tmp, tag) + ["runtime.device=cuda", *extra]))
+    res = json.loads((run / "results.json").read_text())
+    assert json.loads((run / "run.json").read_text())["device"].startswith("cuda")
+    for cond in ("generic", "personalized", "maml"):
+        assert math.isfinite(res["test"][cond]["ccc_mean"]), cond
