@@ -216,7 +216,9 @@ def test_tiny_training_and_evaluation_on_gpu(session_tmp, extra):
     from pdmer.training import train
 
     tag = "gpu-" + ("-".join(e.split("=")[0].split(".")[-1] for e in extra) or "plain")
-    run = train(load_config("pdmer.synthetic.dsaml", tiny_overrides(session_tmp, tag) + ["runtime.device=cuda", *extra]))
+    run = train(
+        load_config("pdmer.synthetic.dsaml", tiny_overrides(session_tmp, tag) + ["runtime.device=cuda", *extra])
+    )
     res = json.loads((run / "results.json").read_text())
     assert json.loads((run / "run.json").read_text())["device"].startswith("cuda")
     for cond in ("generic", "personalized", "maml"):
