@@ -174,6 +174,10 @@ class ModelConfig:
     # a linear path from the global features to the output, started at the ridge probe of the
     # training listeners' average curves (pdmer.references.RidgeProbe): the network learns the rest
     linear_skip: bool = False
+    # with linear_skip: 0 = that path is the (linear) ridge probe; N > 0 = an MLP (two hidden
+    # layers of N units) fitted to the same average curves on every training step at once before
+    # training (DSAML.fit_skip): it learns the known pieces, which the windowed training does not
+    skip_hidden: int = 0
 
 
 PAPER_MODEL = dict(
@@ -467,6 +471,7 @@ SETTINGS: dict[str, Bound] = {
     "model.global_window": COUNT,
     "model.local_pool_time": AT_LEAST_1,
     "model.local_pool_freq": AT_LEAST_1,
+    "model.skip_hidden": COUNT,
     "meta.inner_lr": POSITIVE,
     "meta.inner_steps": AT_LEAST_1,
     "meta.tasks_per_batch": AT_LEAST_1,
@@ -591,11 +596,15 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
 
 def _drop_inactive(d: dict) -> None:
-    """Remove from a config dict what cannot change a result: the options of unused data sources."""
+    """Remove from a config dict what cannot change a result: the options of unused data sources,
+    and ``model.skip_hidden`` where it changes nothing (no skip path, or the linear one it was
+    before the option existed, so those runs keep their hashes)."""
     data = d["data"]
     for source in ("generic", "deam", "pmemo", "vgmidi"):
         if data.get("source") != source:
             data.pop(source, None)
+    if not d["model"].get("linear_skip") or not d["model"].get("skip_hidden"):
+        d["model"].pop("skip_hidden", None)
 
 
 def from_dict(d: dict) -> ExperimentConfig:

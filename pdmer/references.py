@@ -61,26 +61,40 @@ class OthersAverage:
         return (s / n).astype(np.float32)
 
 
+def consensus_steps(train_curves: list[Curve], features: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every step of the training songs that a training listener rated: its global features and
+    the training listeners' average curve there (what :class:`RidgeProbe` and the model's MLP skip
+    path, ``model.skip_hidden``, are fitted to).
+
+    Returns:
+        (x, y, song): (N, G) float64 global features, (N, 2) average ratings, (N,) song index.
+
+    Raises:
+        ValueError: no training curve has features.
+    """
+    avg = OthersAverage(train_curves, include_consensus=True)  # PMEmo: the averaged curves are all there is
+    xs, ys, groups = [], [], []
+    for i, sid in enumerate(sorted({c.song_id for c in train_curves})):
+        if sid not in features or sid not in avg._count:
+            continue
+        count = avg._count[sid][:, 0]
+        steps = np.flatnonzero(count > 0)
+        steps = steps[steps < features[sid].n_steps]
+        if len(steps) == 0:
+            continue
+        xs.append(features[sid].global_[steps].double().numpy())
+        ys.append(avg._sum[sid][steps] / count[steps, None])
+        groups.append(np.full(len(steps), i))
+    if not xs:
+        raise ValueError("ridge probe: no training curve with features")
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
+
+
 class RidgeProbe:
     """Ridge regression of the average training curve on the global features, per step."""
 
     def __init__(self, train_curves: list[Curve], features: dict, seed: int = 0) -> None:
-        avg = OthersAverage(train_curves, include_consensus=True)  # PMEmo: the averaged curves are all there is
-        xs, ys, groups = [], [], []
-        for i, sid in enumerate(sorted({c.song_id for c in train_curves})):
-            if sid not in features or sid not in avg._count:
-                continue
-            count = avg._count[sid][:, 0]
-            steps = np.flatnonzero(count > 0)
-            steps = steps[steps < features[sid].n_steps]
-            if len(steps) == 0:
-                continue
-            xs.append(features[sid].global_[steps].double().numpy())
-            ys.append(avg._sum[sid][steps] / count[steps, None])
-            groups.append(np.full(len(steps), i))
-        if not xs:
-            raise ValueError("ridge probe: no training curve with features")
-        x, y, g = np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
+        x, y, g = consensus_steps(train_curves, features)
         self.mean, self.std = x.mean(0), x.std(0) + 1e-8
         z = (x - self.mean) / self.std
         self.alpha, self.cv = self._choose_alpha(z, y, g, seed)
@@ -88,7 +102,7 @@ class RidgeProbe:
         log.info(
             "ridge probe: %d steps of %d songs, alpha %g (leave-songs-out CV RMSE %s)",
             len(x),
-            len(xs),
+            len(np.unique(g)),
             self.alpha,
             {a: round(v, 4) for a, v in self.cv.items()},
         )

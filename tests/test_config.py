@@ -49,3 +49,11 @@ def test_paper_size_and_round_trip():
     cfg = load_config(None, ["size=paper", "model.layers=2"])
     assert cfg.model.hidden == 1024 and cfg.model.layers == 2
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_skip_hidden_enters_the_hash_only_where_it_changes_the_model():
+    base = load_config("pdmer.vgmidi.dsaml")  # model.linear_skip: true
+    assert config_hash(load_config("pdmer.vgmidi.dsaml", ["model.skip_hidden=0"])) == config_hash(base)
+    assert config_hash(load_config("pdmer.vgmidi.dsaml", ["model.skip_hidden=64"])) != config_hash(base)
+    plain = load_config("pdmer.synthetic.dsaml")  # no skip path: the width cannot matter
+    assert config_hash(load_config("pdmer.synthetic.dsaml", ["model.skip_hidden=64"])) == config_hash(plain)

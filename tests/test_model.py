@@ -64,3 +64,29 @@ def test_paper_size_is_about_30M_parameters():
     cfg = load_config(None, ["size=paper"])
     n = count_parameters(DSAML(cfg.model, 1024))
     assert 28e6 < n < 33e6
+
+
+def test_mlp_skip_path_fits_a_nonlinear_target_and_starts_the_model_there():
+    """model.skip_hidden: the MLP skip path learns a per-step target the linear probe cannot, the network's
+    output layer starts at zero (the model predicts the probe), and the fit is the same for the same seed."""
+    torch.manual_seed(0)
+    x = torch.randn(4000, G) * 3 + 1  # raw global features, far from standardised
+    y = torch.stack([torch.tanh(x[:, 0] * x[:, 1] / 4), torch.sin(x[:, 2])], 1) * 0.5  # (N, 2), not linear in x
+    models = []
+    for _ in range(2):
+        m = DSAML(tiny(linear_skip=True, skip_hidden=32), G)
+        m.fit_input_stats(torch.randn(10, 51, 128), x)
+        rmse = m.fit_skip(x, y, steps=600, seed=3)
+        models.append(m)
+    a, b = models
+    assert all(torch.equal(p, q) for p, q in zip(a.skip.parameters(), b.skip.parameters(), strict=True))
+    coef = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], 1), y).solution
+    linear = (torch.cat([x, torch.ones(len(x), 1)], 1) @ coef - y).pow(2).mean().sqrt()
+    assert rmse < 0.5 * float(linear)  # the best linear probe is far worse
+    a.eval()
+    g = x[:60][None]
+    with torch.no_grad():
+        out = a(torch.randn(1, 60, 51, 128).half(), g).pred
+        probe = a.skip((g - a.global_mean) / a.global_std)
+    torch.testing.assert_close(out, probe)
+    assert float((out - y[:60]).pow(2).mean().sqrt()) < 0.6 * float(linear)

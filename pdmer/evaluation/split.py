@@ -224,7 +224,7 @@ def evaluate_run(run: Path, split: str = "test") -> dict:
 
     cfg = load_run_config(run)
     ctx = build_context(cfg)
-    model = build_model(ctx)
+    model = build_model(ctx, fit_skip=False)  # its weights are loaded next
     load_weights(Path(run) / "checkpoints" / "best.safetensors", model, {"config_hash": config_hash(cfg)})
     if split == "test":
         keep_history(Path(run))

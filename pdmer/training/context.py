@@ -121,14 +121,30 @@ def build_context(cfg: ExperimentConfig) -> Context:
     return Context(cfg, device, dataset, splits, features, songs)
 
 
-def build_model(ctx: Context) -> DSAML:
+def build_model(ctx: Context, fit_skip: bool = True) -> DSAML:
+    """A fresh model for ``ctx``: input statistics from the training songs, the skip path (``model.linear_skip``)
+    started at its probe; ``fit_skip=False`` leaves an MLP skip path unfitted (weights loaded next)."""
     g_dim = next(iter(ctx.features.values())).global_.shape[1]
     model = DSAML(ctx.cfg.model, g_dim)
     train_songs = sorted({c.song_id for cs in ctx.train_curves().values() for c in cs})
     local = torch.cat([ctx.features[s].local[::7] for s in train_songs])  # subsample steps: the statistics only
     glob = torch.cat([ctx.features[s].global_ for s in train_songs])
     model.fit_input_stats(local, glob)
-    if ctx.cfg.model.linear_skip:
+    if ctx.cfg.model.linear_skip and ctx.cfg.model.skip_hidden and fit_skip:
+        from pdmer.references import consensus_steps
+
+        try:
+            x, y, _ = consensus_steps([c for cs in ctx.train_curves().values() for c in cs], ctx.features)
+        except ValueError:
+            raise DataError("model.skip_hidden needs training curves to fit the skip path to") from None
+        rmse = model.fit_skip(torch.from_numpy(x), torch.from_numpy(y), seed=ctx.cfg.train.seed)
+        log.info(
+            "skip path: an MLP of %d units fitted to %d training steps (RMSE %.4f)",
+            ctx.cfg.model.skip_hidden,
+            len(x),
+            rmse,
+        )
+    elif ctx.cfg.model.linear_skip and not ctx.cfg.model.skip_hidden:
         probe = references(ctx).ridge
         if probe is None:
             raise DataError("model.linear_skip needs training curves to fit its ridge probe")
