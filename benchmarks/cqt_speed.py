@@ -2,6 +2,7 @@
 
     python benchmarks/cqt_speed.py                 # 10-minute song, 3 repeats, writes benchmarks/results/cqt/cpu.json
     python benchmarks/cqt_speed.py --readme        # rewrite benchmarks/README.md's CQT figures from that JSON
+                                                   # and the accuracy of both from runs/reproduce/
 
 Separate from ``run.py`` because it is one small comparison that takes a minute, while the
 figures ``run.py`` writes come from a full run (meta-batches included). Both CQTs run in the same
@@ -137,6 +138,60 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+ACCURACY_EXPERIMENTS = ("pdmer.synthetic.dsaml", "pdmer.vgmidi.dsaml")
+ACCURACY_METRICS = ("ccc_mean", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence")
+
+
+def accuracy_table(runs_dir: Path = REPO / "runs") -> str:
+    """Test metrics of each experiment trained with either descriptor, from ``run.py reproduce``'s tables.
+
+    The exact descriptor's row is the experiment's own reproduction (``python run.py reproduce EXP``);
+    the multirate one's is ``python run.py reproduce EXP features.cqt=multirate`` (runtime overrides
+    aside). A cell is the mean ± std over training seeds; "difference" is multirate minus exact, and
+    "within the seed spread" means it is no larger than the larger of the two stds.
+    """
+    from pdmer.config import load_config
+    from pdmer.reproduce import base_hash, find_tables
+
+    tables = find_tables(runs_dir)
+    rows = []
+    for name in ACCURACY_EXPERIMENTS:
+        by = {}
+        for kind in KINDS:
+            cfg = load_config(name, [f"features.cqt={kind}"])
+            by[kind] = tables.get(f"{name}\0{base_hash(cfg)}")
+        if not all(by.values()):
+            missing = [k for k, t in by.items() if not t]
+            cmd = f"python run.py reproduce {name} --seeds 0 1 2" + " features.cqt=multirate" * ("multirate" in missing)
+            rows.append(f"| `{name}` | not run yet with the {' and '.join(missing)} descriptor (`{cmd}`) | | | | | |")
+            continue
+        for cond in ("generic", "personalized"):
+            cells = []
+            for m in ACCURACY_METRICS:
+                e, r = (by[k]["test"][cond][m] for k in KINDS)
+                d = r["mean"] - e["mean"]
+                spread = max(e["std"] or 0.0, r["std"] or 0.0)
+                verdict = (
+                    "within the seed spread"
+                    if abs(d) <= spread
+                    else ("better" if (d > 0) == (not m.startswith("rmse")) else "**worse**")
+                )
+                cells.append(
+                    f"{e['mean']:.3f} ± {e['std']:.3f} / {r['mean']:.3f} ± {r['std']:.3f} ({d:+.3f}, {verdict})"
+                )
+            seeds = "/".join(str(len(by[k]["seeds"])) for k in KINDS)
+            rows.append(f"| `{name}` {cond} (seeds {seeds}) | " + " | ".join(cells) + " |")
+    head = (
+        "**Accuracy, exact / multirate descriptor**: test metrics, mean ± std over training seeds, from the "
+        'reproductions in `runs/reproduce/` (multirate minus exact in brackets; "within the seed spread": no '
+        "larger than the larger std)"
+    )
+    cols = " | ".join(m.replace("_", " ") for m in ACCURACY_METRICS)
+    return "\n".join(
+        [head, "", f"| experiment, condition | {cols} |", "|---" * (1 + len(ACCURACY_METRICS)) + "|", *rows]
+    )
+
+
 def write_readme(path: Path = HERE / "README.md") -> Path:
     """Replace the CQT figures between their markers in ``benchmarks/README.md``."""
     text = path.read_text()
@@ -144,6 +199,7 @@ def write_readme(path: Path = HERE / "README.md") -> Path:
         raise SystemExit(f"{path}: CQT marker lines not found; they must be:\n{START}\n{END}")
     found = sorted(RESULTS.glob("*.json"))
     tables = [table(json.loads(p.read_text())) + f"\n\n(`{p.relative_to(REPO)}`)" for p in found]
+    tables.append(accuracy_table())
     before, rest = text.split(START)
     after = rest.split(END)[1]
     path.write_text(before + START + "\n\n" + ("\n\n".join(tables) or "No results yet.") + "\n\n" + END + after)

@@ -132,3 +132,32 @@ def test_speed_script_runs(tmp_path):
     assert set(res["times"]) == {"cqt", "descriptor", "features"}
     assert res["chroma_mean_abs_diff"] < 0.002
     assert "speed-up" in script.table(res)
+
+
+def test_accuracy_table_compares_the_two_descriptors_reproductions(tmp_path):
+    """The README's accuracy table reads both reproductions of an experiment and says which metric got worse."""
+    from pdmer.config import load_config
+    from pdmer.reproduce import base_hash
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cqt_speed.py"
+    spec = importlib.util.spec_from_file_location("cqt_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    name = "pdmer.synthetic.dsaml"
+    for kind, rmse in (("exact", 0.40), ("multirate", 0.45)):
+        metric = {m: {"mean": 0.1, "std": 0.01} for m in script.ACCURACY_METRICS}
+        metric["rmse_arousal"] = {"mean": rmse, "std": 0.01}
+        table = {
+            "experiment": name,
+            "config_hash": base_hash(load_config(name, [f"features.cqt={kind}"])),
+            "seeds": [0, 1, 2],
+            "date": "2026-12-02",
+            "test": {"generic": metric, "personalized": metric},
+        }
+        (tmp_path / "reproduce" / kind).mkdir(parents=True)
+        (tmp_path / "reproduce" / kind / "table.json").write_text(json.dumps(table))
+    text = script.accuracy_table(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` generic"))
+    assert "0.400 ± 0.010 / 0.450 ± 0.010 (+0.050, **worse**)" in row
+    assert row.count("within the seed spread") == len(script.ACCURACY_METRICS) - 1
+    assert "| `pdmer.vgmidi.dsaml` | not run yet with the exact and multirate descriptor" in text
