@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         args.experiment,
         ["runtime.progress=false", f"train.iterations={args.iterations}", *args.overrides],
     )
+    git = git_info()  # the code that trains (HEAD may move while it runs)
     seed_everything(cfg.train.seed)
     ctx = build_context(cfg)
     model, sampler, optimizer, loss_fn = training_parts(ctx)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "val_listeners": len(val),
         "train_pieces_scored": len(fit),
         "seconds": time.time() - t0,
-        "git": git_info(),
+        "git": git,
         "rows": rows,
     }
     atomic_write_text(path, json.dumps(record, indent=2))
