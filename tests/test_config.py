@@ -52,8 +52,12 @@ def test_paper_size_and_round_trip():
 
 
 def test_skip_hidden_enters_the_hash_only_where_it_changes_the_model():
-    base = load_config("pdmer.vgmidi.dsaml")  # model.linear_skip: true
-    assert config_hash(load_config("pdmer.vgmidi.dsaml", ["model.skip_hidden=0"])) == config_hash(base)
-    assert config_hash(load_config("pdmer.vgmidi.dsaml", ["model.skip_hidden=64"])) != config_hash(base)
+    from pdmer.config import _drop_inactive
+
+    linear, mlp = (load_config("pdmer.vgmidi.dsaml", [f"model.skip_hidden={n}"]) for n in (0, 64))  # linear_skip
+    assert config_hash(linear) != config_hash(mlp)
+    d = to_dict(linear)
+    _drop_inactive(d)
+    assert "skip_hidden" not in d["model"]  # 0: hashed as before the option existed (earlier runs keep their hash)
     plain = load_config("pdmer.synthetic.dsaml")  # no skip path: the width cannot matter
     assert config_hash(load_config("pdmer.synthetic.dsaml", ["model.skip_hidden=64"])) == config_hash(plain)
