@@ -233,6 +233,12 @@ class TrainConfig:
     # less gradient noise where listeners disagree (VGMIDI: per-step std 0.37-0.39 across listeners)
     target: str = "listener"
     grad_clip: float = 1.0
+    # the skip path's (model.linear_skip) outer learning rate, as a fraction of outer_lr: 0 keeps
+    # it at its fitted start (the network learns only what it misses), 1 = trained like the rest
+    skip_lr_scale: float = 1.0
+    # validate the model before the first outer step too, so that the starting point (the fitted
+    # skip path, the network's output at zero) is a candidate of the checkpoint selection
+    select_start: bool = False
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; losses and norms stay fp32)
     eval_every: int = 50
     val_listeners_max: int = 12  # validation listeners scored at each evaluation
@@ -485,6 +491,7 @@ SETTINGS: dict[str, Bound] = {
     "train.seq_len": AT_LEAST_1,
     "train.attention_loss_weight": NONNEGATIVE,
     "train.grad_clip": NONNEGATIVE,  # 0 = no clipping
+    "train.skip_lr_scale": NONNEGATIVE,  # 0 = the skip path frozen at its fitted start
     "train.eval_every": AT_LEAST_1,
     "train.val_listeners_max": COUNT,  # 0 = all validation listeners
     "eval.support_songs": AT_LEAST_1,
@@ -597,14 +604,21 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
 def _drop_inactive(d: dict) -> None:
     """Remove from a config dict what cannot change a result: the options of unused data sources,
-    and ``model.skip_hidden`` where it changes nothing (no skip path, or the linear one it was
-    before the option existed, so those runs keep their hashes)."""
+    ``model.skip_hidden`` where it changes nothing (no skip path, or the linear one it was
+    before the option existed, so those runs keep their hashes), and the training options added
+    later at the values that change nothing (``train.skip_lr_scale`` 1 or without a skip path,
+    ``train.select_start`` off)."""
     data = d["data"]
     for source in ("generic", "deam", "pmemo", "vgmidi"):
         if data.get("source") != source:
             data.pop(source, None)
     if not d["model"].get("linear_skip") or not d["model"].get("skip_hidden"):
         d["model"].pop("skip_hidden", None)
+    train = d["train"]
+    if not d["model"].get("linear_skip") or train.get("skip_lr_scale", 1.0) == 1.0:
+        train.pop("skip_lr_scale", None)
+    if not train.get("select_start", False):
+        train.pop("select_start", None)
 
 
 def from_dict(d: dict) -> ExperimentConfig:

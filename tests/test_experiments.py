@@ -107,3 +107,35 @@ def test_within_song_run_refuses_while_its_twin_is_being_trained(session_tmp):
     with lock_run(busy):
         with pytest.raises(RunBusyError, match="being trained by another process"):
             train(cfg)
+
+
+@pytest.mark.parametrize("problem", ["pdmer", "dmer"])
+def test_frozen_skip_path_and_the_start_as_a_selection_candidate(problem, session_tmp):
+    """train.skip_lr_scale=0 leaves the skip path at its fitted start while the rest trains;
+    train.select_start validates before the first step;
+    both enter the hash only when they change something."""
+    from pdmer.checkpoint import load_tensors
+    from pdmer.config import config_hash
+    from pdmer.training.context import build_context, build_model
+
+    ov = tiny_overrides(session_tmp, f"frozen-{problem}") + [f"problem={problem}", "model.linear_skip=true"]
+    base = load_config("pdmer.synthetic.dsaml", ov)
+    assert config_hash(load_config("pdmer.synthetic.dsaml", ov + ["train.skip_lr_scale=1.0"])) == config_hash(base)
+    no_skip = [o for o in ov if o != "model.linear_skip=true"]
+    assert config_hash(load_config("pdmer.synthetic.dsaml", no_skip + ["train.skip_lr_scale=0"])) == config_hash(
+        load_config("pdmer.synthetic.dsaml", no_skip)
+    )
+    cfg = load_config("pdmer.synthetic.dsaml", ov + ["train.skip_lr_scale=0", "train.select_start=true"])
+    assert config_hash(cfg) != config_hash(base)
+    start = build_model(build_context(cfg)).state_dict()
+    seen = []
+    run = train(cfg, on_validate=lambda it, summary: seen.append(it))
+    assert seen == [0, 1, 2]  # the start, then every step (train.eval_every=1)
+    last, _ = load_tensors(run / "checkpoints" / "last.safetensors")
+    skip = [k for k in start if k.startswith("skip.")]
+    assert skip and all(torch.equal(last[k], start[k]) for k in skip)
+    trained = [k for k in start if not k.startswith("skip.") and start[k].is_floating_point()]
+    assert any(not torch.equal(last[k], start[k]) for k in trained)
+    # trained like the rest (the default): the skip path moves
+    moved, _ = load_tensors(train(base) / "checkpoints" / "last.safetensors")
+    assert any(not torch.equal(moved[k], start[k]) for k in skip)

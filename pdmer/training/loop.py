@@ -87,7 +87,7 @@ def outer_step(
     Returns:
         (loss, stats of :func:`meta_batch` or {}, gradient norm before clipping)
     """
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # a frozen skip path (train.skip_lr_scale=0) is not in the optimiser
     distributed.seed_step(cfg.train.seed, iteration)
     stats: dict = {}
     if cfg.problem == "pdmer":
@@ -107,7 +107,7 @@ def outer_step(
         loss.backward()
         distributed.broadcast_gradients(model)  # and BatchNorm's running statistics
     grad_norm = (
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.train.grad_clip)
         if cfg.train.grad_clip > 0
         else torch.zeros(())
     )
@@ -234,6 +234,8 @@ def _train_in(
         if twin is not None:
             start = cfg.train.iterations
         start = distributed.share_state(model, optimizer, sampler, start)  # torchrun: rank 0's state on every rank
+        if start == 0 and cfg.train.select_start and cfg.train.iterations:
+            sel(0)  # the starting point is a candidate of the selection
         _iterate(sel, loss_fn, start)
         if sel.best["iteration"] < 0:  # iterations == 0: evaluate the initial model
             sel(0)
@@ -395,6 +397,20 @@ def _reuse_twin(run: Path, cfg: ExperimentConfig, model: nn.Module, meta: dict, 
     return twin
 
 
+def param_groups(model: DSAML, cfg: ExperimentConfig) -> list[dict]:
+    """The outer optimiser's parameter groups: the skip path (``model.linear_skip``) at
+    ``train.skip_lr_scale`` times ``train.outer_lr`` (left out when 0: it stays at its fitted start),
+    the rest at ``train.outer_lr``."""
+    skip = list(model.skip.parameters()) if cfg.model.linear_skip else []
+    if not skip or cfg.train.skip_lr_scale == 1.0:
+        return [{"params": list(model.parameters())}]
+    ids = {id(p) for p in skip}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+    if skip and cfg.train.skip_lr_scale > 0:
+        groups.append({"params": skip, "lr": cfg.train.outer_lr * cfg.train.skip_lr_scale})
+    return groups
+
+
 def training_parts(ctx: Context) -> tuple[DSAML, TaskSampler, torch.optim.Optimizer, Callable]:
     """A fresh run's model, task sampler, optimiser and loss (the same on every rank of a torchrun launch)."""
     cfg = ctx.cfg
@@ -402,7 +418,7 @@ def training_parts(ctx: Context) -> tuple[DSAML, TaskSampler, torch.optim.Optimi
     sampler = TaskSampler(
         ctx.train_curves(), ctx.features, cfg.train.seq_len, np.random.default_rng(cfg.train.seed), ctx.device
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.outer_lr)
+    optimizer = torch.optim.Adam(param_groups(model, cfg), lr=cfg.train.outer_lr)
     return model, sampler, optimizer, make_loss_fn(cfg)
 
 
