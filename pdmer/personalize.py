@@ -22,7 +22,10 @@ over the predicted span, the personal curve is::
 listeners' mean CCC gain plus mean RMSE reduction among those that make none of CCC, RMSE and
 PCC worse than the generic model's: no mean on the bad side, and a one-sided bound over the
 listeners within a small margin of zero (a non-inferiority test, :func:`choose_weights`); none
-qualifying means ``w = 0``. Each validation listener is scored with several support songs in
+qualifying means ``w = 0``. The same audit holds each component to what it adds: a point
+qualifies only if it is also no worse than every qualifying rule made of a subset of its
+components (the others switched off), so a scale or MAML component is not kept for a CCC gain
+it buys with the RMSE that the offset alone already had. Each validation listener is scored with several support songs in
 turn where they rated enough, and votes once, with the mean over their draws.
 
 The **held-out check** (per listener and dimension): the same rule, fitted on the first 2/3 of
@@ -286,7 +289,9 @@ def choose_weights(
     against the generic curve (a listener's parts averaged first, :func:`by_listener`); among the
     points that make none of the three worse with confidence (a non-inferiority test over
     listeners at ``CHOICE_LEVEL`` and ``CHOICE_MARGIN``, :func:`_summary`: an audit, not a mean that
-    may be better by chance alone), the one with the largest mean :func:`objective` wins (none:
+    may be better by chance alone) and none of them worse, by the same test, than any qualifying
+    point made of a subset of its components (what a component adds must not cost what the
+    simpler rule had), the one with the largest mean :func:`objective` wins (none:
     ``w = 0``, the generic curve). Both
     metrics count: within a song the listener's level carries over and mostly lowers RMSE, across
     songs it does not and a CCC-only choice would miss it or trade it away.
@@ -330,17 +335,20 @@ def _choose(
     dims: dict = {}
     total = 0.0
     who = [p.listener for p in parts]
-    points = [w for w in itertools.product(grid, repeat=len(COMPONENTS)) if any(w)]
+    points = sorted((w for w in itertools.product(grid, repeat=len(COMPONENTS)) if any(w)), key=_components_used)
     for d, label in enumerate(LABELS):
         zero = (0.0, 0.0, 0.0)
         best, best_free = (zero, zero), (zero, zero)
-        per_point = _grid_scores(parts, d, np.array(points), use_gate)
-        for w, changes in zip(points, per_point):
-            s, safe = _summary(by_listener(changes, who))
+        per_point = dict(zip(points, (by_listener(c, who) for c in _grid_scores(parts, d, np.array(points), use_gate))))
+        qualified: set[tuple[float, ...]] = set()
+        for w in points:  # fewer components first: a point's sub-rules are decided before it
+            s, safe = _summary(per_point[w])
             if objective(s) > objective(best_free[1]):
                 best_free = (w, s)
-            if safe and objective(s) > objective(best[1]):
-                best = (w, s)
+            if safe and all(_summary(per_point[w] - per_point[v])[1] for v in _sub_rules(w) if v in qualified):
+                qualified.add(w)
+                if objective(s) > objective(best[1]):
+                    best = (w, s)
         (w_off, w_scale, w_maml), scores = best
         weights.offset[d], weights.scale[d], weights.maml[d] = w_off, w_scale, w_maml
         total += objective(scores)
@@ -349,6 +357,7 @@ def _choose(
             "ccc_gain": scores[0],
             "rmse_change": scores[1],
             "pcc_change": scores[2],
+            "qualified": len(qualified),
             "unconstrained": {
                 "weights": dict(zip(COMPONENTS, best_free[0])),
                 "ccc_gain": best_free[1][0],
@@ -357,6 +366,20 @@ def _choose(
             },
         }
     return weights, dims, total
+
+
+def _components_used(w: tuple[float, ...]) -> int:
+    return sum(x != 0 for x in w)
+
+
+def _sub_rules(w: tuple[float, ...]) -> list[tuple[float, ...]]:
+    """The rules made of a proper, non-empty subset of ``w``'s components (the others switched off)."""
+    on = [i for i, x in enumerate(w) if x]
+    out = []
+    for k in range(1, len(on)):
+        for keep in itertools.combinations(on, k):
+            out.append(tuple(x if i in keep else 0.0 for i, x in enumerate(w)))
+    return out
 
 
 def describe(weights: Weights, use: np.ndarray) -> str:

@@ -278,3 +278,29 @@ def test_grid_scores_equal_one_point_at_a_time():
                     got[k, i], want, rtol=1e-9, atol=1e-12, err_msg=f"point {w}, part {i}, dim {d}"
                 )
     assert kept_any and gated_any  # both branches were exercised
+
+
+def test_a_component_is_kept_only_if_it_costs_nothing_the_simpler_rule_had():
+    """The listener's level carries over (offset: far lower RMSE); their support moves more than the
+    generic curve only through noise, so a scale component raises CCC a little (more variance) but
+    gives back RMSE the offset alone had. Against generic both pass, and offset + scale scores the
+    higher objective; against the offset-only rule it is worse in RMSE, so the rule keeps the offset alone."""
+    from pdmer.personalize import _dim_scores, _summary, objective
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for i in range(80):
+        off = rng.normal(0, 0.4, 2)
+        g_s, g_q = generic_curve(60, i), generic_curve(80, i + 100)
+        y_s = listener_curve(g_s, off, [0.5, 0.5]) + rng.normal(0, 0.3, g_s.shape)
+        y_q = listener_curve(g_q, off, [0.5, 0.5]) + rng.normal(0, 0.3, g_q.shape)
+        parts.append(Parts(Support.fit(y_s, g_s), None, {"q": (y_q, g_q, g_q)}, listener=str(i)))
+    w, report = choose_weights(parts, use_gate=False)
+    assert w.offset == [1.0, 1.0] and w.scale == [0.0, 0.0] and w.maml == [0.0, 0.0]
+    for d in range(2):
+        offset_only, safe = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0), False))
+        assert safe
+        with_scale = [_summary(_dim_scores(parts, d, (1.0, s, 0.0), False)) for s in (0.25, 0.5)]
+        assert all(ok for _, ok in with_scale)  # no worse than generic ...
+        assert max(objective(s) for s, _ in with_scale) > objective(offset_only)  # ... and a higher objective
+        assert all(s[1] > offset_only[1] for s, _ in with_scale)  # but worse RMSE than the offset alone
