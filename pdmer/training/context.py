@@ -126,7 +126,8 @@ def build_model(ctx: Context, fit_skip: bool = True) -> DSAML:
     started at its probe; ``fit_skip=False`` leaves an MLP skip path unfitted (weights loaded next)."""
     g_dim = next(iter(ctx.features.values())).global_.shape[1]
     model = DSAML(ctx.cfg.model, g_dim)
-    train_songs = sorted({c.song_id for cs in ctx.train_curves().values() for c in cs})
+    train_curves = [c for cs in ctx.train_curves().values() for c in cs]
+    train_songs = sorted({c.song_id for c in train_curves})
     local = torch.cat([ctx.features[s].local[::7] for s in train_songs])  # subsample steps: the statistics only
     glob = torch.cat([ctx.features[s].global_ for s in train_songs])
     model.fit_input_stats(local, glob)
@@ -134,7 +135,7 @@ def build_model(ctx: Context, fit_skip: bool = True) -> DSAML:
         from pdmer.references import consensus_steps
 
         try:
-            x, y, _ = consensus_steps([c for cs in ctx.train_curves().values() for c in cs], ctx.features)
+            x, y, _ = consensus_steps(train_curves, ctx.features)
         except ValueError:
             raise DataError("model.skip_hidden needs training curves to fit the skip path to") from None
         rmse = model.fit_skip(torch.from_numpy(x), torch.from_numpy(y), seed=ctx.cfg.train.seed)
