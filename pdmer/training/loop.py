@@ -234,8 +234,8 @@ def _train_in(
         if twin is not None:
             start = cfg.train.iterations
         start = distributed.share_state(model, optimizer, sampler, start)  # torchrun: rank 0's state on every rank
-        if start == 0 and cfg.train.select_start and cfg.train.iterations:
-            sel(0)  # the starting point is a candidate of the selection
+        if start == 0 and sel.best["iteration"] < 0 and cfg.train.select_start and cfg.train.iterations:
+            sel(0)  # the starting point is a candidate of the selection (not again on a resume from it)
         _iterate(sel, loss_fn, start)
         if sel.best["iteration"] < 0:  # iterations == 0: evaluate the initial model
             sel(0)
