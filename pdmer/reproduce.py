@@ -66,12 +66,17 @@ def aggregate(results: dict[int, dict]) -> dict:
     return {"test": table, "gain_ccc_mean": gain, "paired": aggregate_paired(results)}
 
 
+ROUNDING = 1e-9  # a paired difference this small is float error, not a difference
+
+
 def aggregate_paired(results: dict[int, dict]) -> dict:
     """Per condition compared with generic and per metric: the per-listener paired gains over seeds.
 
     ``mean``: mean ± std over seeds of each seed's mean per-listener difference; ``ci95``: each
     seed's 95 % bootstrap interval; ``worse_seeds``: the seeds whose interval lies wholly on the
     bad side (below 0 for CCC / PCC, above 0 for RMSE); ``better_seeds`` likewise on the good side.
+    An interval within ``ROUNDING`` of 0 is 0 (two curves that differ by rounding alone: an offset
+    or a scale leaves the PCC as it was, up to float error).
     """
     out: dict = {}
     per_seed = {s: r.get("paired") or {} for s, r in results.items()}
@@ -85,10 +90,10 @@ def aggregate_paired(results: dict[int, dict]) -> dict:
             lower_is_better = metric.startswith("rmse")
 
             def above(g: dict) -> bool:
-                return g["ci95"][0] > 0
+                return g["ci95"][0] > ROUNDING
 
             def below(g: dict) -> bool:
-                return g["ci95"][1] < 0
+                return g["ci95"][1] < -ROUNDING
 
             worse, better = (above, below) if lower_is_better else (below, above)
             out[cond][metric] = {

@@ -198,3 +198,15 @@ def test_the_readmes_calibration_table_is_the_generated_one():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start, end = CALIBRATION_MARK
     assert readme.split(start, 1)[1].split(end, 1)[0].strip() == calibration_section().strip()
+
+
+def test_an_interval_of_float_error_is_not_a_difference():
+    """An offset leaves PCC as it was up to float error: such an interval is neither worse nor better."""
+    from pdmer.reproduce import aggregate_paired
+
+    def seed(lo, hi):
+        return {"paired": {"personalized": {"pcc_valence": {"mean": (lo + hi) / 2, "ci95": [lo, hi]}}}}
+
+    out = aggregate_paired({0: seed(-3e-17, -1e-18), 1: seed(-0.02, -0.001), 2: seed(1e-18, 2e-17)})
+    g = out["personalized"]["pcc_valence"]
+    assert g["worse_seeds"] == [1] and g["better_seeds"] == []
