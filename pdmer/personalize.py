@@ -23,11 +23,12 @@ listeners' mean CCC gain plus mean RMSE reduction among those that make none of 
 PCC worse than the generic model's: no mean on the bad side, and a one-sided bound over the
 listeners within a small margin of zero (a non-inferiority test, :func:`choose_weights`), the
 bounds holding for all grid points at once (:func:`simultaneous_quantile`: the best of many
-points flatters itself on the listeners it was chosen on); none qualifying means ``w = 0``. The same audit holds each component to what it adds: a point
-qualifies only if it is also no worse than every qualifying rule made of a subset of its
-components (the others switched off), so a scale or MAML component is not kept for a CCC gain
-it buys with the RMSE that the offset alone already had. Each validation listener is scored with several support songs in
-turn where they rated enough, and votes once, with the mean over their draws.
+points flatters itself on the listeners it was chosen on); none qualifying means ``w = 0``.
+The same audit holds each component to what it adds: a point qualifies only if it is also no
+worse than every qualifying rule made of a subset of its components (the others switched off),
+so a scale or MAML component is not kept for a CCC gain it buys with the RMSE that the offset
+alone already had. Each validation listener is scored with several support songs in turn where
+they rated enough, and votes once, with the mean over their draws.
 
 The **held-out check** (per listener and dimension): the same rule, fitted on the first 2/3 of
 the support sequence (offset, scale, and a second adaptation), predicts its last third; unless
@@ -267,17 +268,22 @@ def _summary(changes: np.ndarray, quantile: float | None = None) -> tuple[tuple[
     default Student's at ``CHOICE_LEVEL`` with n - 1 degrees of freedom (a handful of listeners
     proves little). An unchanged metric (PCC under an offset or a scale) has sd 0 and passes.
     """
-    from scipy.stats import t as student
-
     n = len(changes)
     mean = changes.mean(0)
     if n < 2:  # no spread to test against: never "no worse with confidence"
         return (float(mean[0]), float(mean[1]), float(mean[2])), False
     se = changes.std(0, ddof=1) / np.sqrt(n)
-    q = student.ppf(CHOICE_LEVEL, n - 1) if quantile is None else quantile
+    q = _student_quantile(n) if quantile is None else quantile
     bad = BAD_SIDE * mean  # each metric's change toward the bad side
     safe = bool(np.all(bad <= TOL) and np.all(bad + q * se <= CHOICE_MARGIN + TOL))
     return (float(mean[0]), float(mean[1]), float(mean[2])), safe
+
+
+def _student_quantile(n: int) -> float:
+    """Student's one-sided ``CHOICE_LEVEL`` quantile for ``n`` listeners (n - 1 degrees of freedom)."""
+    from scipy.stats import t as student
+
+    return float(student.ppf(CHOICE_LEVEL, n - 1))
 
 
 def simultaneous_quantile(changes: np.ndarray, seed: int = 0) -> float:
@@ -293,10 +299,8 @@ def simultaneous_quantile(changes: np.ndarray, seed: int = 0) -> float:
     correlated the points are, which Bonferroni does not, and for few listeners' heavier tails).
     At least Student's per-point quantile.
     """
-    from scipy.stats import t as student
-
     p, n, _ = changes.shape
-    floor = float(student.ppf(CHOICE_LEVEL, n - 1)) if n > 1 else np.inf
+    floor = _student_quantile(n) if n > 1 else np.inf
     if n < 2 or p == 0:
         return floor
     mean = changes.mean(1)  # (P, 3)

@@ -406,7 +406,7 @@ def param_groups(model: DSAML, cfg: ExperimentConfig) -> list[dict]:
         return [{"params": list(model.parameters())}]
     ids = {id(p) for p in skip}
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
-    if skip and cfg.train.skip_lr_scale > 0:
+    if cfg.train.skip_lr_scale > 0:
         groups.append({"params": skip, "lr": cfg.train.outer_lr * cfg.train.skip_lr_scale})
     return groups
 
