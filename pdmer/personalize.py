@@ -18,17 +18,18 @@ over the predicted span, the personal curve is::
 
     p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_offset * o
 
-``w = 0`` is the generic curve. The weights are the grid point that maximizes the validation
-listeners' mean CCC gain plus mean RMSE reduction among those that make none of CCC, RMSE and
-PCC worse than the generic model's: no mean on the bad side, and a one-sided bound over the
-listeners within a small margin of zero (a non-inferiority test, :func:`choose_weights`), the
-bounds holding for all grid points at once (:func:`simultaneous_quantile`: the best of many
-points flatters itself on the listeners it was chosen on); none qualifying means ``w = 0``.
-The same audit holds each component to what it adds: a point qualifies only if it is also no
-worse than every qualifying rule made of a subset of its components (the others switched off),
-so a scale or MAML component is not kept for a CCC gain it buys with the RMSE that the offset
-alone already had. Each validation listener is scored with several support songs in turn where
-they rated enough, and votes once, with the mean over their draws.
+``w = 0`` is the generic curve. The weights are a grid point that raises the validation
+listeners' mean CCC gain plus mean RMSE reduction and makes none of CCC, RMSE and PCC worse
+than the generic model's: no mean on the bad side, and a one-sided bound over the listeners
+within a small margin of zero (a non-inferiority test). The same test holds each component to
+what it adds: a point qualifies only if it is also no worse than every qualifying rule made of
+a subset of its components (the others switched off), so a scale or MAML component is not kept
+for a CCC gain it buys with the RMSE that the offset alone already had. The best of many points
+flatters itself on the listeners it was chosen on (the winner's curse), so the choice is
+**cross-fitted** (:func:`cross_fit_choice`): each half of the validation listeners chooses, and
+the other half, which did not see that choice, audits it; a point that fails its audit is not
+used, and none passing means ``w = 0``. Each validation listener is scored with several support
+songs in turn where they rated enough, and votes once, with the mean over their draws.
 
 The **held-out check** (per listener and dimension): the same rule, fitted on the first 2/3 of
 the support sequence (offset, scale, and a second adaptation), predicts its last third; unless
@@ -64,7 +65,6 @@ CHOICE_MARGIN = 0.005
 RULE_DRAWS = 4  # support draws per validation listener for the choice (songs protocol; fewer if they rated fewer)
 TOL = 1e-9  # rounding allowed in "no worse"
 BAD_SIDE = np.array([-1.0, 1.0, -1.0])  # (CCC gain, RMSE change, PCC change) toward the bad side
-SIMULTANEOUS_DRAWS = 2000  # listener bootstrap draws of simultaneous_quantile
 
 
 @dataclass
@@ -258,22 +258,22 @@ def by_listener(changes: np.ndarray, listeners: list[str]) -> np.ndarray:
     return sums / np.bincount(idx)[:, None]
 
 
-def _summary(changes: np.ndarray, quantile: float | None = None) -> tuple[tuple[float, float, float], bool]:
+def _summary(changes: np.ndarray) -> tuple[tuple[float, float, float], bool]:
     """The mean (CCC gain, RMSE change, PCC change) over listeners and whether none of them is worse.
 
     "No worse" is a non-inferiority test over listeners, per metric: the mean is not on the bad
     side, and the one-sided bound ``mean -/+ q * sd / sqrt(n)`` on the bad side stays within
-    ``CHOICE_MARGIN`` of zero (CCC and PCC: mean - ...; RMSE: mean + ...). ``q``: ``quantile``
-    (the simultaneous one of :func:`simultaneous_quantile` when a point is chosen among many), by
-    default Student's at ``CHOICE_LEVEL`` with n - 1 degrees of freedom (a handful of listeners
-    proves little). An unchanged metric (PCC under an offset or a scale) has sd 0 and passes.
+    ``CHOICE_MARGIN`` of zero (CCC and PCC: mean - ...; RMSE: mean + ...), ``q`` Student's at
+    ``CHOICE_LEVEL`` with n - 1 degrees of freedom (a handful of listeners proves little). It holds
+    for one point fixed in advance, not for the best of many (:func:`cross_fit_choice`). An
+    unchanged metric (PCC under an offset or a scale) has sd 0 and passes.
     """
     n = len(changes)
     mean = changes.mean(0)
     if n < 2:  # no spread to test against: never "no worse with confidence"
         return (float(mean[0]), float(mean[1]), float(mean[2])), False
     se = changes.std(0, ddof=1) / np.sqrt(n)
-    q = _student_quantile(n) if quantile is None else quantile
+    q = _student_quantile(n)
     bad = BAD_SIDE * mean  # each metric's change toward the bad side
     safe = bool(np.all(bad <= TOL) and np.all(bad + q * se <= CHOICE_MARGIN + TOL))
     return (float(mean[0]), float(mean[1]), float(mean[2])), safe
@@ -284,32 +284,6 @@ def _student_quantile(n: int) -> float:
     from scipy.stats import t as student
 
     return float(student.ppf(CHOICE_LEVEL, n - 1))
-
-
-def simultaneous_quantile(changes: np.ndarray, seed: int = 0) -> float:
-    """The bound's quantile that holds for every candidate at once (max-t over a listener bootstrap).
-
-    ``changes`` (points, listeners, 3): each grid point's per-listener changes. The choice takes
-    the best of many points, and the best of many looks better than it is on the listeners it was
-    chosen on (on VGMIDI a valence point passing the per-point test at 95 % lowered the test
-    listeners' PCC with confidence). With ``q`` the ``CHOICE_LEVEL`` quantile of the bootstrap
-    distribution of the largest standardised bad-side error over all points and metrics, the
-    bounds hold for all points together at about that level, so also for the one chosen (the
-    single-step max-t method, each draw studentised by its own spread: it accounts for how
-    correlated the points are, which Bonferroni does not, and for few listeners' heavier tails).
-    At least Student's per-point quantile.
-    """
-    p, n, _ = changes.shape
-    floor = _student_quantile(n) if n > 1 else np.inf
-    if n < 2 or p == 0:
-        return floor
-    mean = changes.mean(1)  # (P, 3)
-    share = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=SIMULTANEOUS_DRAWS) / n  # (B, n)
-    boot = np.einsum("bn,pnk->bpk", share, changes)  # (B, P, 3) resampled means
-    boot_se = np.sqrt(np.maximum(np.einsum("bn,pnk->bpk", share, changes**2) - boot**2, 0.0) / (n - 1))
-    with np.errstate(divide="ignore", invalid="ignore"):  # studentised by each draw's own spread (bootstrap-t)
-        dev = np.where(boot_se > 1e-12, BAD_SIDE * (mean - boot) / boot_se, -np.inf)  # the estimate's bad-side excess
-    return max(floor, float(np.quantile(dev.reshape(len(boot), -1).max(1), CHOICE_LEVEL)))
 
 
 def objective(scores: tuple[float, float, float]) -> float:
@@ -323,16 +297,15 @@ def choose_weights(
     """The population weights, per dimension: the best CCC gain plus RMSE reduction, nothing worse.
 
     Every grid point ``w`` is scored on ``parts`` by each listener's change of CCC, RMSE and PCC
-    against the generic curve (a listener's parts averaged first, :func:`by_listener`); among the
-    points that make none of the three worse with confidence (a non-inferiority test over
-    listeners at ``CHOICE_LEVEL`` and ``CHOICE_MARGIN``, :func:`_summary`, with bounds simultaneous
-    over the grid, :func:`simultaneous_quantile`: an audit, not a mean that may be better by
-    chance alone) and none of them worse, by the same test, than any qualifying
-    point made of a subset of its components (what a component adds must not cost what the
-    simpler rule had), the one with the largest mean :func:`objective` wins (none:
-    ``w = 0``, the generic curve). Both
-    metrics count: within a song the listener's level carries over and mostly lowers RMSE, across
-    songs it does not and a CCC-only choice would miss it or trade it away.
+    against the generic curve (a listener's parts averaged first, :func:`by_listener`). The point
+    is chosen on one half of the listeners among those that make none of the three worse with
+    confidence (a non-inferiority test at ``CHOICE_LEVEL`` and ``CHOICE_MARGIN``, :func:`_summary`)
+    and none of them worse than any qualifying point made of a subset of its components (what a
+    component adds must not cost what the simpler rule had), by the largest mean :func:`objective`;
+    the other half audits it by the same tests, and the halves swap (:func:`cross_fit_choice`).
+    None passing: ``w = 0``, the generic curve. Both metrics count: within a song the listener's
+    level carries over and mostly lowers RMSE, across songs it does not and a CCC-only choice
+    would miss it or trade it away.
 
     With ``use_gate`` the held-out check is itself a candidate: the weights are chosen with and
     without it, and it stays on unless going without it scores better on these listeners
@@ -343,8 +316,9 @@ def choose_weights(
         grid: the values tried for each component.
 
     Returns:
-        (weights, report): the report lists, per dimension, the chosen point and its scores, and
-        the best point when the constraints are ignored (what they cost), with and without the check.
+        (weights, report): the report lists, per dimension, the chosen point and its scores on all
+        these listeners, each fold's choice and audit, and the best point when the constraints are
+        ignored (what they cost), with and without the check.
     """
     report: dict = {
         "grid": list(grid),
@@ -375,37 +349,96 @@ def _choose(
     who = [p.listener for p in parts]
     points = sorted((w for w in itertools.product(grid, repeat=len(COMPONENTS)) if any(w)), key=_components_used)
     for d, label in enumerate(LABELS):
-        zero = (0.0, 0.0, 0.0)
-        best, best_free = (zero, zero), (zero, zero)
-        per_point = dict(zip(points, (by_listener(c, who) for c in _grid_scores(parts, d, np.array(points), use_gate))))
-        q = simultaneous_quantile(np.stack(list(per_point.values())))
-        qualified: set[tuple[float, ...]] = set()
-        for w in points:  # fewer components first: a point's sub-rules are decided before it
-            s, safe = _summary(per_point[w], q)
-            if objective(s) > objective(best_free[1]):
-                best_free = (w, s)
-            if safe and all(_summary(per_point[w] - per_point[v], q)[1] for v in _sub_rules(w) if v in qualified):
-                qualified.add(w)
-                if objective(s) > objective(best[1]):
-                    best = (w, s)
-        (w_off, w_scale, w_maml), scores = best
-        weights.offset[d], weights.scale[d], weights.maml[d] = w_off, w_scale, w_maml
+        changes = np.stack([by_listener(c, who) for c in _grid_scores(parts, d, np.array(points), use_gate)])
+        w, folds = cross_fit_choice(changes, points)
+        scores = _summary(changes[points.index(w)])[0] if w in points else (0.0, 0.0, 0.0)
+        free = max(range(len(points)), key=lambda k: objective(_summary(changes[k])[0]))
+        free_scores = _summary(changes[free])[0]
+        weights.offset[d], weights.scale[d], weights.maml[d] = w
         total += objective(scores)
         dims[label] = {
-            "weights": dict(zip(COMPONENTS, best[0])),
+            "weights": dict(zip(COMPONENTS, w)),
             "ccc_gain": scores[0],
             "rmse_change": scores[1],
             "pcc_change": scores[2],
-            "qualified": len(qualified),
-            "bound_quantile": q,
+            "folds": folds,
             "unconstrained": {
-                "weights": dict(zip(COMPONENTS, best_free[0])),
-                "ccc_gain": best_free[1][0],
-                "rmse_change": best_free[1][1],
-                "pcc_change": best_free[1][2],
+                "weights": dict(zip(COMPONENTS, points[free])),
+                "ccc_gain": free_scores[0],
+                "rmse_change": free_scores[1],
+                "pcc_change": free_scores[2],
             },
         }
     return weights, dims, total
+
+
+def halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of ``n`` listeners (a fixed random order, dealt alternately)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[0::2]), np.sort(order[1::2])
+
+
+def best_qualifying(changes: np.ndarray, points: list[tuple[float, ...]]) -> int | None:
+    """The point with the best mean :func:`objective` among those that pass the non-inferiority test
+    on these listeners, against generic and against each qualifying sub-rule (its index; None: none).
+
+    ``changes`` (points, listeners, 3), ``points`` ordered by how many components they use (a
+    point's sub-rules are decided before it). In-sample: the winner flatters itself on the listeners
+    it was chosen on, so :func:`cross_fit_choice` audits it on others.
+    """
+    index = {w: k for k, w in enumerate(points)}
+    qualified: set[tuple[float, ...]] = set()
+    best, best_obj = None, 0.0
+    for k, w in enumerate(points):
+        s, safe = _summary(changes[k])
+        if safe and all(_summary(changes[k] - changes[index[v]])[1] for v in _sub_rules(w) if v in qualified):
+            qualified.add(w)
+            if objective(s) > best_obj:
+                best, best_obj = k, objective(s)
+    return best
+
+
+def audit(changes: np.ndarray, points: list[tuple[float, ...]], k: int) -> bool:
+    """Does point ``k``, fixed beforehand, pass on these listeners? No worse than generic and no worse
+    than any of its sub-rules that is itself no worse than generic (the per-point test of :func:`_summary`)."""
+    index = {w: j for j, w in enumerate(points)}
+    if not _summary(changes[k])[1]:
+        return False
+    subs = [index[v] for v in _sub_rules(points[k])]
+    return all(_summary(changes[k] - changes[j])[1] for j in subs if _summary(changes[j])[1])
+
+
+def cross_fit_choice(changes: np.ndarray, points: list[tuple[float, ...]]) -> tuple[tuple[float, ...], list[dict]]:
+    """The weights for one dimension, chosen on one half of the listeners and audited on the other.
+
+    ``changes`` (points, listeners, 3): each point's per-listener (CCC gain, RMSE change, PCC change).
+    Each half in turn chooses its best qualifying point (:func:`best_qualifying`), and the other half,
+    which did not see the choice, audits it with the per-point test (:func:`audit`): one point fixed in
+    advance, so Student's bound holds for it, and the winner's curse of the best of many points is paid
+    for with half the listeners instead of a bound over all of them. Of the points that pass their
+    audit, the one with the better audited objective wins; none: the generic curve (all zeros).
+
+    Returns:
+        (weights, folds): the point, and per fold what was chosen, its audited means and whether it passed.
+    """
+    zero = tuple(0.0 for _ in COMPONENTS)
+    n = changes.shape[1]
+    folds, passed = [], []
+    a, b = halves(n)
+    for pick, check in ((a, b), (b, a)):
+        k = best_qualifying(changes[:, pick], points) if len(pick) else None
+        fold = {"chosen_on": len(pick), "audited_on": len(check), "weights": dict(zip(COMPONENTS, zero))}
+        if k is not None:
+            s = _summary(changes[k][check])[0]
+            ok = len(check) > 1 and audit(changes[:, check], points, k)
+            fold.update(weights=dict(zip(COMPONENTS, points[k])), passed=ok)
+            fold.update(ccc_gain=s[0], rmse_change=s[1], pcc_change=s[2])
+            if ok:
+                passed.append((objective(s), points[k]))
+        folds.append(fold)
+    if not passed:
+        return zero, folds
+    return max(passed, key=lambda x: (x[0], -_components_used(x[1])))[1], folds  # a tie: fewer components
 
 
 def _components_used(w: tuple[float, ...]) -> int:

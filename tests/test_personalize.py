@@ -148,7 +148,8 @@ def test_evaluate_listener_end_to_end_noise_and_response():
 
 def test_where_levels_carry_over_the_rule_is_at_least_as_good_as_the_offset_shift():
     """Within a song a listener's level carries over: the chosen rule must not trail the plain offset
-    shift (weight 1, no check) in RMSE or CCC on the listeners it is chosen on."""
+    shift (weight 1, no check) in RMSE or CCC on the listeners it is chosen on, beyond what choosing
+    on half of them costs (a neighbouring weight that the halves preferred)."""
     from pdmer.personalize import _dim_scores, _summary
 
     parts = parts_population(carry=0.9, seed=5)
@@ -157,8 +158,9 @@ def test_where_levels_carry_over_the_rule_is_at_least_as_good_as_the_offset_shif
         (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0), False))
         assert rmse < 0  # the shift helps here
         chosen = report[label]
-        assert chosen["ccc_gain"] - chosen["rmse_change"] >= ccc - rmse - 1e-12
+        assert chosen["ccc_gain"] - chosen["rmse_change"] >= ccc - rmse - 0.01
         assert chosen["rmse_change"] <= rmse + 0.01
+        assert chosen["weights"]["offset"] >= 0.75
     assert "with_check" in report or "without_check" in report  # both were tried
 
 
@@ -306,25 +308,24 @@ def test_a_component_is_kept_only_if_it_costs_nothing_the_simpler_rule_had():
         assert all(s[1] > offset_only[1] for s, _ in with_scale)  # but worse RMSE than the offset alone
 
 
-def test_simultaneous_bound_covers_the_best_of_many_candidates():
-    """Candidates with no true effect: the per-point 95 % bound is beaten by the best-looking one in
-    most trials (the winner's curse); the simultaneous quantile holds for all of them at once in
-    about 95 % of trials, and with identical candidates it is the per-point one."""
-    from scipy.stats import t as student
-
-    from pdmer.personalize import BAD_SIDE, simultaneous_quantile
+def test_cross_fitted_choice_is_not_fooled_by_the_best_of_many_candidates():
+    """Every candidate raises CCC and PCC but costs RMSE exactly the margin (no better than "worse"):
+    choosing the best-looking of many on the same listeners passes one in most trials (the winner's
+    curse); the cross-fitted choice, audited on the half that did not choose, about one trial in ten
+    at most (two one-sided 5 % audits). Where the gain is real and RMSE unchanged, it is taken."""
+    from pdmer.personalize import CHOICE_MARGIN, _summary, best_qualifying, cross_fit_choice
 
     rng = np.random.default_rng(0)
-    n, points, trials = 60, 40, 150
-    per_point_miss = simultaneous_miss = 0
-    for trial in range(trials):
-        changes = rng.normal(0, 1, (points, n, 3))  # true mean change 0 on every metric
-        est = BAD_SIDE * changes.mean(1)
-        se = changes.std(1, ddof=1) / np.sqrt(n)
-        q = simultaneous_quantile(changes, seed=trial)
-        per_point_miss += bool(np.any(est + student.ppf(0.95, n - 1) * se < 0))  # a bound below the truth
-        simultaneous_miss += bool(np.any(est + q * se < 0))
-    assert per_point_miss > 0.8 * trials
-    assert simultaneous_miss < 0.12 * trials
-    same = np.repeat(rng.normal(0, 1, (1, n, 3)), 10, axis=0)
-    assert simultaneous_quantile(same) == pytest.approx(student.ppf(0.95, n - 1), abs=0.6)
+    n, trials = 60, 150
+    points = [(0.0, 0.0, w) for w in np.linspace(0.025, 1.0, 40)]
+    in_sample = cross_fit = 0
+    for _ in range(trials):
+        changes = rng.normal(0, 0.05, (len(points), n, 3)) + [0.05, CHOICE_MARGIN, 0.05]
+        in_sample += best_qualifying(changes, points) is not None
+        cross_fit += any(cross_fit_choice(changes, points)[0])
+    assert in_sample > 0.6 * trials
+    assert cross_fit < 0.12 * trials
+    real = rng.normal(0, 0.03, (len(points), n, 3)) + [0.05, -0.03, 0.05]
+    w, folds = cross_fit_choice(real, points)
+    assert any(w) and all(f["passed"] for f in folds)
+    assert _summary(real[points.index(w)])[1]
