@@ -34,7 +34,7 @@ RTOL, ATOL = (
 # and their rounding spreads (measured: the first convolution's gradient differs by 3 % at step 4 of 8).
 STEPS_COMPARED = 3
 OUTER_LR = 1e-3  # the experiments' train.outer_lr
-GRAD_RTOL, GRAD_ATOL, NULL_GRAD = 1e-4, 1e-5, 1e-6  # the averaged meta-gradient before each step
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # the averaged meta-gradient before each step
 
 CASES = {  # (experiment, overrides, iterations): tasks_per_batch=3 so the two shares differ (2 + 1 tasks)
     "pdmer": ("pdmer.synthetic.dsaml", [], 8),
@@ -71,7 +71,20 @@ def _recording(out: Path, tag: str):
     step, snaps = t.outer_step, {}
 
     def recorded(model, optimizer, sampler, loss_fn, cfg, iteration):
-        res = step(model, optimizer, sampler, loss_fn, cfg, iteration)
+        state = model.state_dict()
+        null = [p for k, p in model.named_parameters() if _null_gradient(k, state)]
+        adam_step = optimizer.step
+
+        def without_null_gradients(*args, **kwargs):  # see _null_gradient
+            for p in null:
+                p.grad = None
+            return adam_step(*args, **kwargs)
+
+        optimizer.step = without_null_gradients
+        try:
+            res = step(model, optimizer, sampler, loss_fn, cfg, iteration)
+        finally:
+            optimizer.step = adam_step
         snaps.update({f"{iteration}/{k}": v.detach().clone() for k, v in model.state_dict().items()})
         snaps.update(
             {f"{iteration}/grad.{k}": p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -138,20 +151,31 @@ def runs(session_tmp):
     return out
 
 
+def _null_gradient(name: str, state: dict) -> bool:
+    """Is ``name``'s gradient zero in exact arithmetic? Known by the model's structure: a bias right
+    before a BatchNorm (which removes any per-channel constant) and attention's key bias (a constant
+    added to every key's score of one query)."""
+    if name.endswith("attention.key.bias"):
+        return True
+    prefix, _, last = name.rpartition(".")
+    module, _, index = prefix.rpartition(".")
+    return last == "bias" and index.isdigit() and f"{module}.{int(index) + 1}.running_mean" in state
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_take_the_one_process_steps(runs, case):
     w = runs[case]["weights"]
     iterations = CASES[case][2]
     assert sorted(w["single"]) == sorted(w["rank0"]) == sorted(w["rank1"]) == list(range(1, iterations + 1))
-    # A gradient that is zero in exact arithmetic (a convolution's bias before BatchNorm, attention's key bias)
-    # holds float noise, which Adam's first steps turn into +-outer_lr: such parameters are left out of the
-    # weight comparison (their gradients are compared, and they do not change the outputs).
-    null = {
-        k.removeprefix("grad.")
-        for k in w["single"][1]
-        if k.startswith("grad.") and max(float(w["single"][it][k].abs().max()) for it in w["single"]) < NULL_GRAD
-    }
-    assert len(null) < 6, null
+    # A gradient that is zero in exact arithmetic holds float noise, which Adam's first step turns into
+    # +-outer_lr, and the rounding of those steps spreads to every weight within a step or two (how fast
+    # varies between machines). Such parameters change no output, so both runs leave them as they were
+    # (_recording drops their gradients before the optimiser's step); the rest must then agree.
+    null = {k for k in w["single"][1] if _null_gradient(k, w["single"][1])}
+    assert 0 < len(null) < 6, null
+    for k in null:
+        assert f"grad.{k}" not in w["single"][1]
+        assert all(torch.equal(w[run][it][k], w["single"][1][k]) for run in w for it in w[run]), k
     worst = 0.0
     for it in range(1, min(iterations, STEPS_COMPARED) + 1):
         for k, ref in w["single"][it].items():
@@ -166,7 +190,7 @@ def test_two_processes_take_the_one_process_steps(runs, case):
                 torch.testing.assert_close(
                     got, ref, rtol=0, atol=OUTER_LR * it, msg=lambda m, where=where: f"{where}: {m}"
                 )
-            elif k not in null:
+            else:
                 torch.testing.assert_close(
                     got, ref, rtol=RTOL, atol=ATOL * it, msg=lambda m, where=where: f"{where}: {m}"
                 )
