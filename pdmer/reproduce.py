@@ -142,18 +142,87 @@ def format_reproduction(table: dict) -> str:
             "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
             "|" + "---|" * (len(METRICS) + 1),
         ]
-        for cond, by_metric in paired.items():
-            cells = []
-            for m in METRICS:
-                g = by_metric.get(m)
-                if g is None:
-                    cells.append("")
-                    continue
-                cis = "; ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in g["ci95"].values())
-                mark = " ✗" * bool(g["worse_seeds"]) or " ✓" * (len(g["better_seeds"]) == len(g["ci95"]))
-                cells.append(f"{format_cell(g['mean'])}{mark} ({cis})")
-            lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+        lines += [f"| {cond} | " + " | ".join(_paired_cells(by_metric)) + " |" for cond, by_metric in paired.items()]
     return "\n".join(lines)
+
+
+def _paired_cells(by_metric: dict) -> list[str]:
+    """Per metric of ``METRICS``: mean ± std over seeds, ✗ / ✓, and each seed's interval."""
+    cells = []
+    for m in METRICS:
+        g = by_metric.get(m)
+        if g is None:
+            cells.append("")
+            continue
+        cis = "; ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in g["ci95"].values())
+        mark = " ✗" * bool(g["worse_seeds"]) or " ✓" * (len(g["better_seeds"]) == len(g["ci95"]))
+        cells.append(f"{format_cell(g['mean'])}{mark} ({cis})")
+    return cells
+
+
+COMPARISONS = (  # (experiment, reference): their generic models, paired per test listener and seed
+    ("pdmer.vgmidi.dsaml", "dmer.vgmidi.dsaml"),
+    ("pdmer.synthetic.dsaml", "dmer.synthetic.dsaml"),
+)
+
+
+def compare_generic(table: dict, reference: dict) -> dict:
+    """The generic model of ``table`` minus that of ``reference``, per test listener, as
+    :func:`aggregate_paired` reports a condition (mean over seeds, each seed's bootstrap interval,
+    the seeds wholly on either side), from the published per-listener metrics of both.
+
+    Only the seeds both have, and per seed the listeners scored on the same support and query songs
+    in both (one split and one support draw per seed: all of them where the two share data and split).
+    """
+    from pdmer.evaluation.report import gain_summary
+
+    a, b = table.get("generic_per_listener") or {}, reference.get("generic_per_listener") or {}
+    per_seed, listeners = {}, {}
+    for seed in sorted(set(a) & set(b), key=int):
+        same = [w for w in a[seed] if w in b[seed] and a[seed][w]["support"] == b[seed][w]["support"]]
+        listeners[seed] = len(same)
+        per_seed[seed] = {"paired": {"generic": {}}}
+        for m in METRICS:
+            diffs = []
+            for w in same:
+                sa, sb = a[seed][w]["songs"], b[seed][w]["songs"]
+                d = [sa[s][m] - sb[s][m] for s in sa if s in sb and np.isfinite(sa[s][m]) and np.isfinite(sb[s][m])]
+                if d:
+                    diffs.append(float(np.mean(d)))
+            per_seed[seed]["paired"]["generic"][m] = gain_summary(np.array(diffs), m)
+    if not per_seed:
+        return {}
+    return {"by_metric": aggregate_paired(per_seed).get("generic", {}), "listeners": listeners}
+
+
+def comparisons_section(tables: dict[str, dict]) -> list[str]:
+    """Markdown lines: each of ``COMPARISONS`` whose two tables carry per-listener metrics."""
+    lines = []
+    for name, ref in COMPARISONS:
+        t = tables.get(f"{name}\0{base_hash(load_config(name))}")
+        r = tables.get(f"{ref}\0{base_hash(load_config(ref))}")
+        c = compare_generic(t, r) if t is not None and r is not None else {}
+        if not c:
+            continue
+        n = ", ".join(f"seed {s}: {k}" for s, k in c["listeners"].items())
+        lines += [
+            f"| `{name}` − `{ref}` | " + " | ".join(_paired_cells(c["by_metric"])) + f" | {n} |",
+        ]
+    if not lines:
+        return []
+    return [
+        "## Generic against generic",
+        "",
+        "The generic (listener-blind) models of two experiments on the same test listeners, paired per listener "
+        "and seed: mean ± std over seeds of each seed's mean difference (first minus second), each seed's 95 % "
+        "bootstrap CI over listeners; ✗ = a seed's CI lies wholly on the first model's bad side, ✓ = every seed's "
+        "wholly on its good side.",
+        "",
+        "| models | " + " | ".join(m.replace("_", " ") for m in METRICS) + " | listeners |",
+        "|" + "---|" * (len(METRICS) + 2),
+        *lines,
+        "",
+    ]
 
 
 def _commit(git: dict | None) -> str:
@@ -400,30 +469,121 @@ def describe(path: Path) -> str:
     return (m.group(1) if m else text.rstrip(":") + ".").replace("|", "\\|")
 
 
-def find_tables(runs_dir: Path) -> dict[str, dict]:
-    """The newest reproduction table of each experiment, by (experiment, config hash without overrides)."""
+RESULTS_DIR = EXPERIMENTS_DIR / "results"  # the published tables (committed): `run.py tables` copies them here
+
+
+def find_tables(runs_dir: Path, results_dir: Path | None = None) -> dict[str, dict]:
+    """The newest reproduction table of each experiment, by (experiment, config hash without overrides).
+
+    From ``runs_dir/reproduce/*/table.json`` (this machine's reproductions) and the published copies in
+    ``results_dir`` (committed, so the tables regenerate on a machine that never ran them).
+    """
     found: dict[tuple[str, str], dict] = {}
-    for p in sorted((runs_dir / "reproduce").glob("*/table.json")):
+    paths_ = sorted((runs_dir / "reproduce").glob("*/table.json"))
+    if results_dir is not None:
+        paths_ += sorted(Path(results_dir).glob("*.json"))
+    for p in paths_:
         try:
             t = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         t["_path"] = p
         key = (t.get("experiment"), t.get("config_hash"))
-        if key not in found or (len(t["seeds"]), t["date"], p.stat().st_mtime) > (
-            len(found[key]["seeds"]),
-            found[key]["date"],
-            found[key]["_path"].stat().st_mtime,
-        ):
+        if key not in found or _newness(t) > _newness(found[key]):
             found[key] = t
     return {f"{name}\0{h}": t for (name, h), t in found.items()}
 
 
-def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = None) -> tuple[Path, int, int]:
-    """Regenerate ``experiments/README.md``; returns (path, experiments, experiments with results)."""
+def _newness(t: dict) -> tuple:
+    """Which of two tables of one experiment wins: more seeds, then the later date, then the one written
+    here (a reproduction on this machine over its published copy), then the later file."""
+    published = t["_path"].name != "table.json"
+    return len(t["seeds"]), t["date"], not published, t["_path"].stat().st_mtime
+
+
+def publish_tables(tables: dict[str, dict], results_dir: Path) -> list[Path]:
+    """Copy each table found under ``runs/`` into ``results_dir`` (``<experiment>-<hash>.json``), with what
+    the README needs of its run folders (per-seed minutes, the generic model's per-listener metrics) kept
+    inside it; the published files are what the tables regenerate from elsewhere."""
+    written = []
+    for t in tables.values():
+        if t["_path"].name != "table.json":  # already a published copy
+            continue
+        out = dict(t)
+        out.pop("_path")
+        out.setdefault("minutes", _run_minutes(t))
+        out.setdefault("generic_per_listener", _generic_per_listener(t))
+        results_dir.mkdir(parents=True, exist_ok=True)
+        dest = results_dir / f"{t['experiment']}-{t['config_hash']}.json"
+        atomic_write_text(dest, json.dumps(out, indent=1, default=float, sort_keys=True) + "\n")
+        written.append(dest)
+    return written
+
+
+def _generic_per_listener(table: dict) -> dict[str, dict]:
+    """Per seed and test listener: the support songs and the generic model's metrics per query song
+    (from the seed's results.json; what a paired comparison of two experiments needs)."""
+    out: dict[str, dict] = {}
+    for seed, run in table["runs"].items():
+        try:
+            per = json.loads((REPO / run / "results.json").read_text()).get("per_listener") or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        out[seed] = {
+            who: {
+                "support": r.get("support", []),
+                "songs": {
+                    song: {m: v for m, v in metrics.items() if m in METRICS}
+                    for song, metrics in (r.get("generic") or {}).items()
+                },
+            }
+            for who, r in per.items()
+        }
+    return out
+
+
+def _previous_rows(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The measured rows and full tables of an earlier ``experiments/README.md``, by experiment."""
+    rows: dict[str, str] = {}
+    details: dict[str, list[str]] = {}
+    if not path.exists():
+        return rows, details
+    text = path.read_text()
+    for line in text.splitlines():
+        m = re.match(r"\| `([^`]+)` \|", line)
+        if m and "not run yet" not in line:
+            rows[m.group(1)] = line
+    full = text.split("\n## Full tables\n", 1)
+    if len(full) == 2:
+        for block in re.split(r"\n(?=### )", "\n" + full[1]):
+            if block.startswith("### "):
+                name = block.splitlines()[0][4:].strip()
+                details[name] = ["", *block.rstrip("\n").splitlines()]
+    return rows, details
+
+
+KEPT_NOTE = (
+    "*Kept from the previous `experiments/README.md`: this table's `table.json` is neither under `runs/reproduce/` "
+    "nor in `experiments/results/` here (it was measured on a machine whose runs are gone, before tables were "
+    "published); its numbers are the ones generated then.*"
+)
+
+
+def write_experiments_readme(
+    runs_dir: Path | None = None, path: Path | None = None, results_dir: Path | None = None
+) -> tuple[Path, int, int]:
+    """Regenerate ``experiments/README.md``; returns (path, experiments, experiments with results).
+
+    The tables found under ``runs_dir`` are first published into ``results_dir`` (default: ``results/``
+    beside ``path``, i.e. ``experiments/results/``, committed), and the README is written from both. An
+    experiment with no table in either keeps its measured row of the previous README, marked as kept.
+    """
     runs_dir = Path(runs_dir) if runs_dir else REPO / "runs"
     path = Path(path) if path else EXPERIMENTS_DIR / "README.md"
-    tables = find_tables(runs_dir)
+    results_dir = Path(results_dir) if results_dir else path.parent / "results"
+    publish_tables(find_tables(runs_dir), results_dir)
+    tables = find_tables(runs_dir, results_dir)
+    old_rows, old_details = _previous_rows(path)
     rows, details, measured = [], [], 0
     files = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
     for f in files:
@@ -431,6 +591,12 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
         cfg = load_config(name)
         t = tables.get(f"{name}\0{base_hash(cfg)}")
         command = f"`python run.py reproduce {name} --seeds 0 1 2`"
+        if t is None and name in old_rows and name in old_details:
+            measured += 1
+            rows.append(old_rows[name])
+            kept = old_details[name]
+            details += kept if KEPT_NOTE in "\n".join(kept) else [*kept[:4], "", KEPT_NOTE, *kept[4:]]
+            continue
         if t is None:
             data = {"deam": "DEAM", "pmemo": "PMEmo", "generic": "dataset", "vgmidi": "VGMIDI"}.get(cfg.data.source)
             needs = f" (needs the {data} data)" if data else ""
@@ -446,12 +612,12 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
                 str(len(t["seeds"])),
                 f"{t['date']}, {short_commit(t)}",
             ]
-            rel = t["_path"].parent
+            rel = t["_path"] if t["_path"].name != "table.json" else t["_path"].parent / "table.md"
             try:
                 rel = rel.relative_to(REPO)
             except ValueError:
                 pass
-            details += ["", f"### {name}", "", f"`{rel}/table.md`:", "", format_reproduction(t)]
+            details += ["", f"### {name}", "", f"`{rel}`:", "", format_reproduction(t)]
         rows.append(f"| `{name}` | {describe(f)} | {command} | " + " | ".join(cells) + " |")
     data_note = (
         "DEAM / PMEmo rows need the datasets (see the main README, 'Real datasets'); run the listed "
@@ -476,7 +642,9 @@ def write_experiments_readme(runs_dir: Path | None = None, path: Path | None = N
             "CI of personalized minus generic lies wholly on the bad side (the full tables list every CI).",
             "",
             "Regenerate: `python run.py tables`.",
-            *(["", notes.read_text().strip()] if notes.exists() else []),
+            "",
+            *comparisons_section(tables),
+            *([notes.read_text().strip()] if notes.exists() else []),
             "",
             "## Full tables",
             *(details or ["", "None yet."]),
@@ -500,21 +668,43 @@ HEADLINE = (  # (experiment, what the row shows), in the order the README lists 
 HEADLINE_METRICS = ("ccc_mean", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence")
 
 
-def headline_section(tables: dict[str, dict]) -> str:
-    """Markdown of the headline rows (mean ± std over seeds), from the reproductions' tables."""
+def _previous_headline(section: str) -> dict[str, list[str]]:
+    """The measured rows of an earlier headline section, by experiment (its first row names it)."""
+    blocks: dict[str, list[str]] = {}
+    name = None
+    for line in section.splitlines():
+        m = re.match(r"\| `([^`]+)` \|", line)
+        if m:
+            name = m.group(1)
+            blocks[name] = [line]
+        elif name and line.startswith("| ") and not line.startswith("| experiment"):
+            blocks[name].append(line)
+        else:
+            name = None
+    return blocks
+
+
+def headline_section(tables: dict[str, dict], previous: str = "") -> str:
+    """Markdown of the headline rows (mean ± std over seeds), from the reproductions' tables; an
+    experiment with no table keeps its rows of the ``previous`` section."""
     lines = [
         "| experiment | rows | condition | "
         + " | ".join(m.replace("_", " ") for m in HEADLINE_METRICS)
         + " | personalized worse than generic on | seeds, training commit |",
         "|" + "---|" * (len(HEADLINE_METRICS) + 5),
     ]
-    missing = []
+    missing, kept = [], []
+    kept_rows = _previous_headline(previous)
     for name, what in HEADLINE:
         try:
             cfg = load_config(name)
         except ConfigError:
             continue
         t = tables.get(f"{name}\0{base_hash(cfg)}")
+        if t is None and name in kept_rows:
+            lines += kept_rows[name]
+            kept.append(name)
+            continue
         if t is None:
             missing.append(name)
             continue
@@ -542,6 +732,12 @@ def headline_section(tables: dict[str, dict]) -> str:
             + ", ".join(f"`{m}`" for m in missing)
             + " (`python run.py reproduce EXPERIMENT --seeds 0 1 2`, then `python run.py tables`).",
         ]
+    if kept:
+        lines += [
+            "",
+            "Kept from the previous version of this section (their tables are not on this machine, nor published in "
+            "`experiments/results/`): " + ", ".join(f"`{m}`" for m in kept) + ".",
+        ]
     default = tables.get(f"{HEADLINE[0][0]}\0{base_hash(load_config(HEADLINE[0][0]))}")
     if default is not None and (times := _run_minutes(default)):
         lines += [
@@ -555,7 +751,10 @@ def headline_section(tables: dict[str, dict]) -> str:
 
 
 def _run_minutes(table: dict) -> dict[str, float]:
-    """Per seed: the run's training plus evaluation time in minutes (its results.json), where recorded."""
+    """Per seed: the run's training plus evaluation time in minutes (its results.json), where recorded
+    (a published table keeps them)."""
+    if table.get("minutes"):
+        return table["minutes"]
     out = {}
     for seed, run in table["runs"].items():
         try:
@@ -612,11 +811,21 @@ def _write_section(readme: Path, mark: tuple[str, str], body: str) -> bool:
     return True
 
 
-def write_readme_results(runs_dir: Path | None = None, readme: Path | None = None) -> bool:
+def _section(text: str, mark: tuple[str, str]) -> str:
+    start, end = mark
+    return text.split(start, 1)[1].split(end, 1)[0] if start in text and end in text else ""
+
+
+def write_readme_results(
+    runs_dir: Path | None = None, readme: Path | None = None, results_dir: Path | None = None
+) -> bool:
     """Rewrite the main README's generated sections (results between ``README_MARK``, the benchmark's
-    calibration between ``CALIBRATION_MARK``); False if it has no results section."""
+    calibration between ``CALIBRATION_MARK``); False if it has no results section. The tables come from
+    ``runs_dir`` and the published ones in ``results_dir`` (default ``experiments/results/``)."""
     runs_dir = Path(runs_dir) if runs_dir else paths.runs_dir()
     readme = Path(readme) if readme else REPO / "README.md"
+    results_dir = Path(results_dir) if results_dir else RESULTS_DIR
     if CALIBRATION_MARK[0] in readme.read_text():
         _write_section(readme, CALIBRATION_MARK, calibration_section())
-    return _write_section(readme, README_MARK, headline_section(find_tables(runs_dir)))
+    previous = _section(readme.read_text(), README_MARK)
+    return _write_section(readme, README_MARK, headline_section(find_tables(runs_dir, results_dir), previous))

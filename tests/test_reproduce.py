@@ -179,13 +179,62 @@ def test_readme_results_section_is_generated_between_its_markers(tmp_path):
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n{README_MARK[0]}\nstale numbers 0.123\n{README_MARK[1]}\nafter\n")
-    assert write_readme_results(tmp_path / "runs", readme)
+    assert write_readme_results(tmp_path / "runs", readme, tmp_path / "results")
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{README_MARK[1]}\nafter\n")
     assert "stale numbers" not in text and "Not measured yet" in text and "`pdmer.vgmidi.dsaml`" in text
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
-    assert not write_readme_results(tmp_path / "runs", plain) and plain.read_text() == "no markers\n"
+    assert not write_readme_results(tmp_path / "runs", plain, tmp_path / "results")
+    assert plain.read_text() == "no markers\n"
+
+
+def test_published_tables_regenerate_without_the_runs_and_old_rows_are_kept(reproduction, tmp_path):
+    """`tables` publishes each table (with the generic model's per-listener metrics) into results/; with the
+    runs gone the README regenerates the same row from it, an experiment with neither keeps its previous
+    measured row (marked), and two published tables give a paired generic-against-generic comparison."""
+    from pdmer.reproduce import KEPT_NOTE, compare_generic, find_tables, write_readme_results
+
+    out, _ = reproduction
+    runs, readme, results = tmp_path / "runs", tmp_path / "README.md", tmp_path / "results"
+    table = json.loads((out / "table.json").read_text())
+    table["config_hash"] = base_hash(load_config(NAME))
+    (runs / "reproduce" / out.name).mkdir(parents=True)
+    (runs / "reproduce" / out.name / "table.json").write_text(json.dumps(table))
+    write_experiments_readme(runs, readme, results)
+    first = readme.read_text()
+    published = json.loads((results / f"{NAME}-{table['config_hash']}.json").read_text())
+    assert published["test"] == table["test"] and set(published["generic_per_listener"]) == {"0", "1"}
+    some = next(iter(published["generic_per_listener"]["0"].values()))
+    assert some["support"] and all("ccc_mean" in m for m in some["songs"].values())
+    # another experiment's measured row, as an earlier README had it (its table is nowhere here)
+    other = "pdmer.synthetic.no_local_branch"
+    row = next(line for line in first.splitlines() if line.startswith(f"| `{other}` |"))
+    fake = row.replace("not run yet", "0.123 ± 0.004")
+    first = first.replace(row, fake) + f"\n### {other}\n\n`runs/reproduce/x/table.md`:\n\n**{other}**: a table\n"
+    readme.write_text(first)
+    shutil.rmtree(runs)
+    write_experiments_readme(runs, readme, results)
+    text = readme.read_text()
+    ours = next(line for line in text.splitlines() if line.startswith(f"| `{NAME}` |"))
+    assert ours == next(line for line in first.splitlines() if line.startswith(f"| `{NAME}` |"))
+    assert fake in text and f"**{other}**: a table" in text and text.count(KEPT_NOTE) == 1
+    assert f"`{results / (NAME + '-' + table['config_hash'] + '.json')}`:" in text  # where its full table is from
+    # the same experiment against itself: every paired difference is 0, over the listeners of both seeds
+    t = find_tables(runs, results)[f"{NAME}\0{table['config_hash']}"]
+    c = compare_generic(t, t)
+    assert set(c["listeners"]) == {"0", "1"} and all(k > 0 for k in c["listeners"].values())
+    assert all(g["mean"]["mean"] == 0 and not g["worse_seeds"] for g in c["by_metric"].values())
+    from pdmer.reproduce import README_MARK
+
+    main = tmp_path / "MAIN.md"
+    kept = ["| `pdmer.vgmidi.dsaml` | real listeners | generic | 0.5 | | | | | none | 3, abc |", "|  |  | maml | 0.4 |"]
+    main.write_text(f"{README_MARK[0]}\n| experiment | rows |\n|---|---|\n" + "\n".join(kept) + f"\n{README_MARK[1]}\n")
+    assert write_readme_results(runs, main, results)
+    text = main.read_text()
+    g = table["test"]["generic"]["ccc_mean"]
+    assert f"| `{NAME}` |" in text and f"{g['mean']:.3f} ± {g['std']:.3f}" in text  # from the published table
+    assert "\n".join(kept) in text and "Kept from the previous version of this section" in text
 
 
 def test_the_readmes_calibration_table_is_the_generated_one():

@@ -60,9 +60,14 @@ def paired_gain(
         {"metric", "mean", "ci95": [lo, hi], "listeners_improved", "listeners_worse", "listeners"};
         empty when undefined.
     """
+    return gain_summary(listener_means(results, cond, base, metric), metric, n_boot, seed)
+
+
+def gain_summary(gains: np.ndarray, metric: str, n_boot: int = 10000, seed: int = 0) -> dict:
+    """:func:`paired_gain`'s summary of per-listener differences ``gains`` (empty: {})."""
     from scipy.stats import bootstrap
 
-    gains = listener_means(results, cond, base, metric)
+    gains = np.asarray(gains, dtype=float)
     if len(gains) == 0:
         return {}
     sign = -1 if metric.startswith("rmse") else 1
