@@ -417,9 +417,11 @@ One file per table row: `<problem>.<dataset>.<variant>.yaml`. Every file is smok
 test suite (`tests/test_experiments.py`).
 
 **This file is generated**: `python run.py tables` rewrites it from the `table.json` files that
-`python run.py reproduce EXPERIMENT` writes under `runs/reproduce/`. A row reads "not run yet"
-until its reproduction (with the experiment's own config: no overrides but `runtime.*` ones,
-which are listed with each full table) has finished; no number here is typed by hand.
+`python run.py reproduce EXPERIMENT` writes under `runs/reproduce/`, after publishing each of them
+into `experiments/results/` (committed: the file regenerates on a machine that has no runs). A
+row reads "not run yet" until its reproduction (with the experiment's own config: no overrides
+but `runtime.*` ones, which are listed with each full table) has finished; no number here is
+typed by hand.
 
 Columns: test-set mean CCC (mean of arousal and valence), mean ± std over training seeds
 (`train.seed`; data and split fixed; which songs are the support follows the seed). Conditions (`pdmer/evaluation/protocol.py`):
@@ -431,7 +433,8 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
   validation listeners under the test protocol, per dimension (each listener scored with up to
   {draws} support songs in turn; only weights that make none of CCC, RMSE, PCC worse, on average
   and by a one-sided {level} % non-inferiority test over those listeners at a margin of
-  {margin}, are eligible), and, where that choice keeps
+  {margin}, are eligible; cross-fitted: each half of the listeners chooses, the other half audits
+  that choice by the same test), and, where that choice keeps
   it, only where a held-out later part of the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
   fine-tuned on the support song.
 - **maml**: plain MAML, the model after the inner loop on the listener's support song (in `dmer.*`
