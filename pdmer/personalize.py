@@ -26,9 +26,10 @@ what it adds: a point qualifies only if it is also no worse than every qualifyin
 a subset of its components (the others switched off), so a scale or MAML component is not kept
 for a CCC gain it buys with the RMSE that the offset alone already had. The best of many points
 flatters itself on the listeners it was chosen on (the winner's curse), so the choice is
-**cross-fitted** (:func:`cross_fit_choice`): each half of the validation listeners chooses, and
-the other half, which did not see that choice, audits it; a point that fails its audit is not
-used, and none passing means ``w = 0``. Each validation listener is scored with several support
+**audited by cross-fitting** (:func:`cross_fit_choice`): each half of the validation listeners
+chooses in turn, and the other half, which did not see that choice, scores it; the choosing
+procedure is used only if these out-of-sample scores gain on average and pass the same test,
+and none passing means ``w = 0``. Each validation listener is scored with several support
 songs in turn where they rated enough, and votes once, with the mean over their draws.
 
 The **held-out check** (per listener and dimension): the same rule, fitted on the first 2/3 of
@@ -302,8 +303,9 @@ def choose_weights(
     confidence (a non-inferiority test at ``CHOICE_LEVEL`` and ``CHOICE_MARGIN``, :func:`_summary`)
     and none of them worse than any qualifying point made of a subset of its components (what a
     component adds must not cost what the simpler rule had), by the largest mean :func:`objective`;
-    the other half audits it by the same tests, and the halves swap (:func:`cross_fit_choice`).
-    None passing: ``w = 0``, the generic curve. Both metrics count: within a song the listener's
+    the other half scores that choice, the halves swap, and only if these out-of-sample scores gain
+    and pass the same test is the choice made on all listeners used (:func:`cross_fit_choice`);
+    otherwise ``w = 0``, the generic curve. Both metrics count: within a song the listener's
     level carries over and mostly lowers RMSE, across songs it does not and a CCC-only choice
     would miss it or trade it away.
 
@@ -350,7 +352,7 @@ def _choose(
     points = sorted((w for w in itertools.product(grid, repeat=len(COMPONENTS)) if any(w)), key=_components_used)
     for d, label in enumerate(LABELS):
         changes = np.stack([by_listener(c, who) for c in _grid_scores(parts, d, np.array(points), use_gate)])
-        w, folds = cross_fit_choice(changes, points)
+        w, audit_report = cross_fit_choice(changes, points)
         scores = _summary(changes[points.index(w)])[0] if w in points else (0.0, 0.0, 0.0)
         free = max(range(len(points)), key=lambda k: objective(_summary(changes[k])[0]))
         free_scores = _summary(changes[free])[0]
@@ -361,7 +363,7 @@ def _choose(
             "ccc_gain": scores[0],
             "rmse_change": scores[1],
             "pcc_change": scores[2],
-            "folds": folds,
+            **audit_report,
             "unconstrained": {
                 "weights": dict(zip(COMPONENTS, points[free])),
                 "ccc_gain": free_scores[0],
@@ -398,47 +400,44 @@ def best_qualifying(changes: np.ndarray, points: list[tuple[float, ...]]) -> int
     return best
 
 
-def audit(changes: np.ndarray, points: list[tuple[float, ...]], k: int) -> bool:
-    """Does point ``k``, fixed beforehand, pass on these listeners? No worse than generic and no worse
-    than any of its sub-rules that is itself no worse than generic (the per-point test of :func:`_summary`)."""
-    index = {w: j for j, w in enumerate(points)}
-    if not _summary(changes[k])[1]:
-        return False
-    subs = [index[v] for v in _sub_rules(points[k])]
-    return all(_summary(changes[k] - changes[j])[1] for j in subs if _summary(changes[j])[1])
-
-
-def cross_fit_choice(changes: np.ndarray, points: list[tuple[float, ...]]) -> tuple[tuple[float, ...], list[dict]]:
-    """The weights for one dimension, chosen on one half of the listeners and audited on the other.
+def cross_fit_choice(changes: np.ndarray, points: list[tuple[float, ...]]) -> tuple[tuple[float, ...], dict]:
+    """The weights for one dimension: the choice on all listeners, used only if choosing passes a
+    cross-fitted audit.
 
     ``changes`` (points, listeners, 3): each point's per-listener (CCC gain, RMSE change, PCC change).
-    Each half in turn chooses its best qualifying point (:func:`best_qualifying`), and the other half,
-    which did not see the choice, audits it with the per-point test (:func:`audit`): one point fixed in
-    advance, so Student's bound holds for it, and the winner's curse of the best of many points is paid
-    for with half the listeners instead of a bound over all of them. Of the points that pass their
-    audit, the one with the better audited objective wins; none: the generic curve (all zeros).
+    The choice (:func:`best_qualifying`) takes the best of many points, and the best of many flatters
+    itself on the listeners it was chosen on. So each half of the listeners chooses in turn, and every
+    listener is then scored by the point the *other* half chose (generic where that half chose none):
+    out-of-sample changes of the choosing procedure itself, one per listener. They must raise the
+    :func:`objective` on average and pass the per-point non-inferiority test of :func:`_summary` (the
+    point each listener sees was fixed without them, so Student's bound holds). Then the same procedure
+    on all the listeners gives the weights (as cross-validation scores a procedure, then fits it on all
+    the data); otherwise the generic curve (all zeros).
 
     Returns:
-        (weights, folds): the point, and per fold what was chosen, its audited means and whether it passed.
+        (weights, report): the point, and what each half chose (with its means on the other half) and
+        the cross-fitted means and verdict.
     """
     zero = tuple(0.0 for _ in COMPONENTS)
     n = changes.shape[1]
-    folds, passed = [], []
     a, b = halves(n)
+    folds, out_of_fold = [], np.zeros((n, changes.shape[2]))
     for pick, check in ((a, b), (b, a)):
         k = best_qualifying(changes[:, pick], points) if len(pick) else None
-        fold = {"chosen_on": len(pick), "audited_on": len(check), "weights": dict(zip(COMPONENTS, zero))}
+        fold = {"chosen_on": len(pick), "scored_on": len(check), "weights": dict(zip(COMPONENTS, zero))}
         if k is not None:
+            out_of_fold[check] = changes[k][check]
             s = _summary(changes[k][check])[0]
-            ok = len(check) > 1 and audit(changes[:, check], points, k)
-            fold.update(weights=dict(zip(COMPONENTS, points[k])), passed=ok)
-            fold.update(ccc_gain=s[0], rmse_change=s[1], pcc_change=s[2])
-            if ok:
-                passed.append((objective(s), points[k]))
+            fold.update(weights=dict(zip(COMPONENTS, points[k])), ccc_gain=s[0], rmse_change=s[1], pcc_change=s[2])
         folds.append(fold)
-    if not passed:
-        return zero, folds
-    return max(passed, key=lambda x: (x[0], -_components_used(x[1])))[1], folds  # a tie: fewer components
+    scores, safe = _summary(out_of_fold)
+    passed = bool(safe and objective(scores) > TOL)
+    report = {
+        "folds": folds,
+        "cross_fitted": {"ccc_gain": scores[0], "rmse_change": scores[1], "pcc_change": scores[2], "passed": passed},
+    }
+    k = best_qualifying(changes, points) if passed else None
+    return (points[k] if k is not None else zero), report
 
 
 def _components_used(w: tuple[float, ...]) -> int:
