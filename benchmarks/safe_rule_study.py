@@ -206,7 +206,7 @@ CHOICES = {
 
 def score_test(parts, w: P.Weights) -> dict:
     who = [p.listener for p in parts]
-    per = [P.by_listener(P._dim_scores(parts, d, w.of(d), w.gate), who) for d in range(2)]  # 2 x (n, 3)
+    per = [P.by_listener(P._dim_scores(parts, d, w.of(d), w.gate[d]), who) for d in range(2)]  # 2 x (n, 3)
     ccc = (per[0][:, 0] + per[1][:, 0]) / 2
     out = {
         "gain": float(ccc.mean()),
@@ -239,7 +239,7 @@ def compare(runs: list[Path], tag: str = "") -> None:
             s = score_test(test, w)
             ws = " ".join(f"{c}={getattr(w, c)}" for c in P.COMPONENTS)
             print(
-                f"  {name:26s} gate={int(w.gate)} {ws}\n      test gain {s['gain']:+.4f} "
+                f"  {name:26s} gate={''.join(str(int(g)) for g in w.gate)} {ws}\n      test gain {s['gain']:+.4f} "
                 f"[{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] rmse change {s['rmse'][0]:+.4f}/{s['rmse'][1]:+.4f} "
                 f"worse: {', '.join(s['worse']) or 'none'}"
             )

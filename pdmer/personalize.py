@@ -76,7 +76,14 @@ class Weights:
     scale: list[float] = field(default_factory=lambda: [0.0, 0.0])
     maml: list[float] = field(default_factory=lambda: [0.0, 0.0])
     chosen_on: str = ""  # what chose them, e.g. "val listeners (188), protocol songs"
-    gate: bool = True  # apply the held-out check
+    gate: list[bool] = field(default_factory=lambda: [True, True])  # apply the held-out check, per dimension
+
+    def __post_init__(self) -> None:
+        if isinstance(
+            self.gate, bool
+        ):  # one value for both dimensions (and profiles written before it was per dimension)
+            self.gate = [self.gate, self.gate]
+        self.gate = [bool(g) for g in self.gate]
 
     def of(self, d: int) -> tuple[float, float, float]:
         return self.offset[d], self.scale[d], self.maml[d]
@@ -162,9 +169,9 @@ def gate(check: Check | None, weights: Weights) -> np.ndarray:
     sqrt(H) < 0`` (a one-sided test at about 2.5 %), and it must not lower the CCC there. No
     check possible (support too short): True.
     """
-    if check is None or not weights.gate:
+    if check is None:
         return np.ones(2, dtype=bool)
-    return np.array([_gate_1d(check, d, weights.of(d)) for d in range(2)])
+    return np.array([not weights.gate[d] or _gate_1d(check, d, weights.of(d)) for d in range(2)])
 
 
 @dataclass
@@ -309,8 +316,8 @@ def choose_weights(
     level carries over and mostly lowers RMSE, across songs it does not and a CCC-only choice
     would miss it or trade it away.
 
-    With ``use_gate`` the held-out check is itself a candidate: the weights are chosen with and
-    without it, and it stays on unless going without it scores better on these listeners
+    With ``use_gate`` the held-out check is itself a candidate, per dimension: the weights are chosen
+    with and without it, and it stays on unless going without it scores better on these listeners
     (a tie keeps it: it is what protects a listener whose support says little).
 
     Args:
@@ -320,7 +327,9 @@ def choose_weights(
     Returns:
         (weights, report): the report lists, per dimension, the chosen point and its scores on all
         these listeners, each fold's choice and audit, and the best point when the constraints are
-        ignored (what they cost), with and without the check.
+        ignored (what they cost), with and without the check (chosen per dimension: where a
+        listener's level carries over the check turns away listeners the shift would help, and it may
+        do so in one dimension more than in the other).
     """
     report: dict = {
         "grid": list(grid),
@@ -334,20 +343,27 @@ def choose_weights(
         return Weights(chosen_on=chosen_on, gate=use_gate), report
     options = {}
     for gated in (True, False) if use_gate else (False,):
-        options[gated] = _choose(parts, grid, gated, Weights(chosen_on=chosen_on, gate=gated))
-    gated = max(options, key=lambda g: (round(options[g][2], 12), g))  # the check wins ties
-    weights, dims, _ = options[gated]
-    report.update(gate=gated, **dims)
-    if len(options) > 1:
-        report["without_check" if gated else "with_check"] = options[not gated][1]
+        options[gated] = _choose(parts, grid, gated)
+    weights = Weights(chosen_on=chosen_on, gate=False)
+    for d, label in enumerate(LABELS):  # per dimension: with or without the check, whichever scores better
+        gated = max(options, key=lambda g: (round(objective(_scores(options[g][label])), 12), g))  # the check wins ties
+        dim = options[gated][label]
+        weights.offset[d], weights.scale[d], weights.maml[d] = (dim["weights"][c] for c in COMPONENTS)
+        weights.gate[d] = gated
+        report[label] = {"check": gated, **dim}
+        if len(options) > 1:
+            report[label]["without_check" if gated else "with_check"] = options[not gated][label]
+    report["gate"] = list(weights.gate)
     return weights, report
 
 
-def _choose(
-    parts: list[Parts], grid: tuple[float, ...], use_gate: bool, weights: Weights
-) -> tuple[Weights, dict, float]:
+def _scores(dim: dict) -> tuple[float, float, float]:
+    return dim["ccc_gain"], dim["rmse_change"], dim["pcc_change"]
+
+
+def _choose(parts: list[Parts], grid: tuple[float, ...], use_gate: bool) -> dict:
+    """Per dimension: the cross-fitted choice (:func:`cross_fit_choice`) with or without the check, and its report."""
     dims: dict = {}
-    total = 0.0
     who = [p.listener for p in parts]
     points = sorted((w for w in itertools.product(grid, repeat=len(COMPONENTS)) if any(w)), key=_components_used)
     for d, label in enumerate(LABELS):
@@ -356,8 +372,6 @@ def _choose(
         scores = _summary(changes[points.index(w)])[0] if w in points else (0.0, 0.0, 0.0)
         free = max(range(len(points)), key=lambda k: objective(_summary(changes[k])[0]))
         free_scores = _summary(changes[free])[0]
-        weights.offset[d], weights.scale[d], weights.maml[d] = w
-        total += objective(scores)
         dims[label] = {
             "weights": dict(zip(COMPONENTS, w)),
             "ccc_gain": scores[0],
@@ -371,7 +385,7 @@ def _choose(
                 "pcc_change": free_scores[2],
             },
         }
-    return weights, dims, total
+    return dims
 
 
 def halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -161,7 +161,8 @@ def test_where_levels_carry_over_the_rule_is_at_least_as_good_as_the_offset_shif
         assert chosen["ccc_gain"] - chosen["rmse_change"] >= ccc - rmse - 0.01
         assert chosen["rmse_change"] <= rmse + 0.01
         assert chosen["weights"]["offset"] >= 0.75
-    assert "with_check" in report or "without_check" in report  # both were tried
+    assert all("with_check" in report[label] or "without_check" in report[label] for label in ("arousal", "valence"))
+    assert report["gate"] == w.gate == [report[label]["check"] for label in ("arousal", "valence")]
 
 
 def maml_population(n: int, rmse_shift: float, seed: int = 0, copies: int = 1) -> list[Parts]:
@@ -329,3 +330,23 @@ def test_cross_fitted_choice_is_not_fooled_by_the_best_of_many_candidates():
     w, report = cross_fit_choice(real, points)
     assert any(w) and report["cross_fitted"]["passed"] and all(any(f["weights"].values()) for f in report["folds"])
     assert _summary(real[points.index(w)])[1]
+
+
+def test_the_check_is_chosen_per_dimension_and_old_profiles_still_read():
+    """Arousal levels carry over (the shift helps every listener: the check only turns some away),
+    valence is noise around the generic curve: arousal goes without the check, recorded per dimension;
+    weights written with one check flag for both dimensions read as before."""
+    rng = np.random.default_rng(2)
+    parts = []
+    for i in range(80):
+        g_s, g_q = generic_curve(60, i), generic_curve(80, i + 100)
+        off = np.array([rng.normal(0, 0.4), 0.0])
+        y_s = listener_curve(g_s, off, [1, 1]) + rng.normal(0, [0.05, 0.3], g_s.shape)
+        y_q = listener_curve(g_q, off, [1, 1]) + rng.normal(0, [0.05, 0.3], g_q.shape)
+        check = check_for(y_s[:40], y_s[40:], g_s[:40], g_s[40:], g_s[40:])
+        parts.append(Parts(Support.fit(y_s, g_s), check, {"q": (y_q, g_q, g_q)}, listener=str(i)))
+    w, report = choose_weights(parts)
+    assert w.offset[0] >= 0.75 and w.gate[0] is False and report["arousal"]["check"] is False
+    assert w.offset[1] == 0.0
+    assert Weights.from_json({"offset": [1, 0], "gate": True}).gate == [True, True]
+    assert Weights(gate=False).gate == [False, False] and Weights.from_json(w.to_json()) == w
