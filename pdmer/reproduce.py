@@ -433,8 +433,8 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
   validation listeners under the test protocol, per dimension (each listener scored with up to
   {draws} support songs in turn; only weights that make none of CCC, RMSE, PCC worse, on average
   and by a one-sided {level} % non-inferiority test over those listeners at a margin of
-  {margin}, are eligible; cross-fitted: each half of the listeners chooses, the other half audits
-  that choice by the same test), and, where that choice keeps
+  {margin}, are eligible; the choice is used only if, chosen by each half of the listeners and
+  scored on the other half, it passes the same test), and, in each dimension where that choice keeps
   it, only where a held-out later part of the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
   fine-tuned on the support song.
 - **maml**: plain MAML, the model after the inner loop on the listener's support song (in `dmer.*`
