@@ -176,7 +176,8 @@ def compare_generic(table: dict, reference: dict) -> dict:
     """
     from pdmer.evaluation.report import gain_summary
 
-    a, b = table.get("generic_per_listener") or {}, reference.get("generic_per_listener") or {}
+    a = table.get("generic_per_listener") or _generic_per_listener(table)  # published, or from the run folders
+    b = reference.get("generic_per_listener") or _generic_per_listener(reference)
     per_seed, listeners = {}, {}
     for seed in sorted(set(a) & set(b), key=int):
         same = [w for w in a[seed] if w in b[seed] and a[seed][w]["support"] == b[seed][w]["support"]]
