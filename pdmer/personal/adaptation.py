@@ -120,7 +120,9 @@ def _safe_rule(
     stats = Support.fit(ratings, np.concatenate([generic[c.song_id] for c in curves]))
     held_n = [int(round(c.n_steps * CHECK_SHARE)) for c in curves]
     check = None
-    if any(weights.gate) and all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(held_n, curves)):
+    if any(weights.gate) and all(
+        n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(held_n, curves)
+    ):
         fit = [
             Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(curves, held_n)
         ]
