@@ -124,8 +124,7 @@ def format_reproduction(table: dict) -> str:
         f"**{table['experiment']}**: test metrics, mean ± std (ddof=1) over seeds {seeds}; "
         f"{table['date']}, trained at commit {short_commit(table)}" + (f"; overrides `{over}`" if over else ""),
         "",
-        "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
-        "|" + "---|" * (len(METRICS) + 1),
+        *_metrics_header("condition"),
     ]
     for cond, m in table["test"].items():
         lines.append(f"| {cond} | " + " | ".join(format_cell(m[k]) if k in m else "" for k in METRICS) + " |")
@@ -139,11 +138,16 @@ def format_reproduction(table: dict) -> str:
             "✓ = wholly on the good side); `personalized-offset` is the safe rule's difference from the "
             "offset-only baseline instead:",
             "",
-            "| condition | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
-            "|" + "---|" * (len(METRICS) + 1),
+            *_metrics_header("condition"),
         ]
         lines += [f"| {cond} | " + " | ".join(_paired_cells(by_metric)) + " |" for cond, by_metric in paired.items()]
     return "\n".join(lines)
+
+
+def _metrics_header(first: str, *last: str) -> list[str]:
+    """A Markdown table's header and rule: ``first``, one column per metric of ``METRICS``, then ``last``."""
+    cols = [first, *(m.replace("_", " ") for m in METRICS), *last]
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
 
 def _paired_cells(by_metric: dict) -> list[str]:
@@ -176,8 +180,7 @@ def compare_generic(table: dict, reference: dict) -> dict:
     """
     from pdmer.evaluation.report import gain_summary
 
-    a = table.get("generic_per_listener") or _generic_per_listener(table)  # published, or from the run folders
-    b = reference.get("generic_per_listener") or _generic_per_listener(reference)
+    a, b = table.get("generic_per_listener") or {}, reference.get("generic_per_listener") or {}
     per_seed, listeners = {}, {}
     for seed in sorted(set(a) & set(b), key=int):
         same = [w for w in a[seed] if w in b[seed] and a[seed][w]["support"] == b[seed][w]["support"]]
@@ -219,8 +222,7 @@ def comparisons_section(tables: dict[str, dict]) -> list[str]:
         "bootstrap CI over listeners; ✗ = a seed's CI lies wholly on the first model's bad side, ✓ = every seed's "
         "wholly on its good side.",
         "",
-        "| models | " + " | ".join(m.replace("_", " ") for m in METRICS) + " | listeners |",
-        "|" + "---|" * (len(METRICS) + 2),
+        *_metrics_header("models", "listeners"),
         *lines,
         "",
     ]
@@ -506,17 +508,17 @@ def _newness(t: dict) -> tuple:
 
 
 def publish_tables(tables: dict[str, dict], results_dir: Path) -> list[Path]:
-    """Copy each table found under ``runs/`` into ``results_dir`` (``<experiment>-<hash>.json``), with what
-    the README needs of its run folders (per-seed minutes, the generic model's per-listener metrics) kept
-    inside it; the published files are what the tables regenerate from elsewhere."""
+    """Copy each of ``tables`` found under ``runs/`` (the newest of its experiment) into ``results_dir``
+    (``<experiment>-<hash>.json``), with what the README needs of its run folders (per-seed minutes, the
+    generic model's per-listener metrics) added to it; the published files are what the tables
+    regenerate from elsewhere."""
     written = []
     for t in tables.values():
         if t["_path"].name != "table.json":  # already a published copy
             continue
-        out = dict(t)
-        out.pop("_path")
-        out.setdefault("minutes", _run_minutes(t))
-        out.setdefault("generic_per_listener", _generic_per_listener(t))
+        t.setdefault("minutes", _run_minutes(t))  # kept in the table itself too, for the README written next
+        t.setdefault("generic_per_listener", _generic_per_listener(t))
+        out = {k: v for k, v in t.items() if k != "_path"}
         results_dir.mkdir(parents=True, exist_ok=True)
         dest = results_dir / f"{t['experiment']}-{t['config_hash']}.json"
         atomic_write_text(dest, json.dumps(out, indent=1, default=float, sort_keys=True) + "\n")
@@ -585,8 +587,8 @@ def write_experiments_readme(
     runs_dir = Path(runs_dir) if runs_dir else REPO / "runs"
     path = Path(path) if path else EXPERIMENTS_DIR / "README.md"
     results_dir = Path(results_dir) if results_dir else path.parent / "results"
-    publish_tables(find_tables(runs_dir), results_dir)
     tables = find_tables(runs_dir, results_dir)
+    publish_tables(tables, results_dir)
     old_rows, old_details = _previous_rows(path)
     rows, details, measured = [], [], 0
     files = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
