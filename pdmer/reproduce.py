@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SEEDS = (0, 1, 2)
 METRICS = ("ccc_mean", "ccc_arousal", "ccc_valence", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence")
 ROW_CONDITIONS = ("generic", "personalized", "maml", "offset", "others", "ridge")  # the columns of the summary table
+CONDITION_ORDER = (*ROW_CONDITIONS, "consensus", "oracle")  # the rows of a full table (others after, by name)
 
 
 def base_hash(cfg: ExperimentConfig) -> str:
@@ -116,6 +117,10 @@ def format_cell(s: dict) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}" if np.isfinite(s["std"]) else f"{s['mean']:.3f}"
 
 
+def _condition_rank(cond: str) -> tuple[int, str]:
+    return (CONDITION_ORDER.index(cond) if cond in CONDITION_ORDER else len(CONDITION_ORDER), cond)
+
+
 def format_reproduction(table: dict) -> str:
     """Markdown: one row per condition, mean ± std over seeds of every metric."""
     seeds = ", ".join(str(s) for s in table["seeds"])
@@ -126,7 +131,8 @@ def format_reproduction(table: dict) -> str:
         "",
         *_metrics_header("condition"),
     ]
-    for cond, m in table["test"].items():
+    for cond in sorted(table["test"], key=_condition_rank):  # a published table's keys are sorted
+        m = table["test"][cond]
         lines.append(f"| {cond} | " + " | ".join(format_cell(m[k]) if k in m else "" for k in METRICS) + " |")
     lines += ["", f"personalization gain (personalized - generic, mean CCC): {format_cell(table['gain_ccc_mean'])}"]
     paired = table.get("paired") or {}
@@ -714,7 +720,7 @@ def headline_section(tables: dict[str, dict], previous: str = "") -> str:
         if t is None:
             missing.append(name)
             continue
-        conds = [c for c in ("generic", "personalized", "maml", "offset", "others", "ridge") if c in t["test"]]
+        conds = [c for c in ROW_CONDITIONS if c in t["test"]]
         for i, c in enumerate(conds):
             cells = [format_cell(t["test"][c][m]) if m in t["test"][c] else "" for m in HEADLINE_METRICS]
             first = i == 0

@@ -220,6 +220,11 @@ def test_published_tables_regenerate_without_the_runs_and_old_rows_are_kept(repr
     assert ours == next(line for line in first.splitlines() if line.startswith(f"| `{NAME}` |"))
     assert fake in text and f"**{other}**: a table" in text and text.count(KEPT_NOTE) == 1
     assert f"`{results / (NAME + '-' + table['config_hash'] + '.json')}`:" in text  # where its full table is from
+
+    def full_table(readme_text: str) -> str:  # its full table's rows, in order
+        return readme_text.split(f"**{NAME}**: test metrics", 1)[1].split("personalization gain", 1)[0]
+
+    assert full_table(text) == full_table(first)  # the published copy (keys sorted) renders in the same order
     # the same experiment against itself: every paired difference is 0, over the listeners of both seeds
     t = find_tables(runs, results)[f"{NAME}\0{table['config_hash']}"]
     c = compare_generic(t, t)
