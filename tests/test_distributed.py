@@ -202,7 +202,7 @@ def test_two_processes_take_the_one_process_steps(runs, case):
     assert metrics_of(two)["best_iteration"] == metrics_of(runs[case]["single"])["best_iteration"]
 
 
-def test_killed_two_process_run_resumes(runs, session_tmp):
+def test_killed_two_process_run_resumes(session_tmp):
     """torchrun, 2 processes, killed (SIGKILL to all) after a saved state, resumed: the uninterrupted run's metrics.
 
     The reference is an uninterrupted torchrun run, not the fixture's spawned one: that one is recorded
@@ -219,7 +219,7 @@ def test_killed_two_process_run_resumes(runs, session_tmp):
         command("runs-dist-uninterrupted"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert whole.returncode == 0, whole.stderr[-3000:]
-    reference = session_tmp / "runs-dist-uninterrupted" / runs["pdmer"]["two"].name
+    reference = Path(whole.stdout.split("run folder: ", 1)[1].splitlines()[0])
     cmd = command("runs-dist-killed")
     run = session_tmp / "runs-dist-killed" / reference.name
     killed_at = kill_after_saved_state(cmd, run / STATE_FILE, 2, env, with_descendants=True)  # both ranks, torchrun
