@@ -67,7 +67,10 @@ def aggregate(results: dict[int, dict]) -> dict:
     return {"test": table, "gain_ccc_mean": gain, "paired": aggregate_paired(results)}
 
 
-ROUNDING = 1e-9  # a paired difference this small is float error, not a difference
+# A paired difference this small is float error, not a difference: the curves are float32 (machine
+# epsilon 1.2e-7), so an offset's PCC differs from the generic one's by about 1e-8 (the tables show
+# three decimals)
+ROUNDING = 1e-6
 
 
 def aggregate_paired(results: dict[int, dict]) -> dict:

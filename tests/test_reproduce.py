@@ -264,3 +264,7 @@ def test_an_interval_of_float_error_is_not_a_difference():
     out = aggregate_paired({0: seed(-3e-17, -1e-18), 1: seed(-0.02, -0.001), 2: seed(1e-18, 2e-17)})
     g = out["personalized"]["pcc_valence"]
     assert g["worse_seeds"] == [1] and g["better_seeds"] == []
+    # float32 curves: an offset's PCC interval of a VGMIDI within-song seed (was marked worse)
+    out = aggregate_paired({0: seed(-4.9e-8, -1.0e-8), 1: seed(-2e-5, -1e-5), 2: seed(1.0e-8, 4.6e-8)})
+    g = out["personalized"]["pcc_valence"]
+    assert g["worse_seeds"] == [1] and g["better_seeds"] == []
