@@ -19,12 +19,13 @@ over the predicted span, the personal curve is::
     p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_offset * o
 
 ``w = 0`` is the generic curve. The weights are a grid point that raises the validation
-listeners' mean CCC gain plus mean RMSE reduction and makes none of CCC, RMSE and PCC worse
-than the generic model's: no mean on the bad side, and a one-sided bound over the listeners
-within a small margin of zero (a non-inferiority test). The same test holds each component to
-what it adds: a point qualifies only if it is also no worse than every qualifying rule made of
-a subset of its components (the others switched off), so a scale or MAML component is not kept
-for a CCC gain it buys with the RMSE that the offset alone already had. The best of many points
+listeners' mean CCC gain plus mean RMSE reduction, makes none of CCC, RMSE and PCC worse than
+the generic model's on average, and raises that objective with confidence (a one-sided bound
+over the listeners above zero). The same test holds each component to what it adds: a point
+qualifies only if it also passes it against every qualifying rule made of a subset of its
+components (the others switched off), so a scale or MAML component is kept only for a gain the
+simpler rule did not have, and not for a CCC gain it buys with the RMSE that the offset alone
+already had. The best of many points
 flatters itself on the listeners it was chosen on (the winner's curse), so the choice is
 **audited by cross-fitting** (:func:`cross_fit_choice`): each half of the validation listeners
 chooses in turn, and the other half, which did not see that choice, scores it; the choosing
@@ -56,13 +57,14 @@ SCALE_CLIP = (0.25, 4.0)
 CHECK_SHARE = 1 / 3  # the held-out later part of the support sequence
 MIN_CHECK_STEPS = 4
 GATE_Z = 2.0  # the held-out check's one-sided z
-CHOICE_LEVEL = 0.95  # the weights' one-sided "not worse" test over validation listeners (Student t, n - 1 df)
-# The change of a metric the choice accepts as "no worse" (non-inferiority margin): RMSE on the
-# [-1, 1] scale, CCC and PCC. A small fraction of the changes a listener could see (RMSE 0.005 is
-# about 1 % of a generic model's RMSE; listeners' own ratings of a piece differ by 0.3-0.4 per
-# step); without one, a component that leaves a metric unchanged in truth (MAML's RMSE on the
-# embedded benchmark) fails the test about as often as it passes, however many listeners vote.
-CHOICE_MARGIN = 0.005
+# The weights' test over validation listeners (Student t, n - 1 df): no metric's mean worse than the
+# generic curve's, and the objective (CCC gain plus RMSE reduction) above 0 at this one-sided level.
+# A non-inferiority margin per metric (the rule of sessions 9-12, at 0.005) asked for what these
+# samples cannot give: a listener's level shift moves their CCC both ways (CCC follows the sign of
+# the covariance), so within a piece the shift that lowers RMSE by 0.1 for nearly every listener
+# could not certify its CCC change (+0.004 on 188 VGMIDI listeners, standard error about 0.006)
+# and the rule fell back to the held-out check, which turned away half the listeners.
+CHOICE_LEVEL = 0.95
 RULE_DRAWS = 4  # support draws per validation listener for the choice (songs protocol; fewer if they rated fewer)
 TOL = 1e-9  # rounding allowed in "no worse"
 BAD_SIDE = np.array([-1.0, 1.0, -1.0])  # (CCC gain, RMSE change, PCC change) toward the bad side
@@ -267,24 +269,25 @@ def by_listener(changes: np.ndarray, listeners: list[str]) -> np.ndarray:
 
 
 def _summary(changes: np.ndarray) -> tuple[tuple[float, float, float], bool]:
-    """The mean (CCC gain, RMSE change, PCC change) over listeners and whether none of them is worse.
+    """The mean (CCC gain, RMSE change, PCC change) over listeners and whether the point is safe.
 
-    "No worse" is a non-inferiority test over listeners, per metric: the mean is not on the bad
-    side, and the one-sided bound ``mean -/+ q * sd / sqrt(n)`` on the bad side stays within
-    ``CHOICE_MARGIN`` of zero (CCC and PCC: mean - ...; RMSE: mean + ...), ``q`` Student's at
-    ``CHOICE_LEVEL`` with n - 1 degrees of freedom (a handful of listeners proves little). It holds
-    for one point fixed in advance, not for the best of many (:func:`cross_fit_choice`). An
-    unchanged metric (PCC under an offset or a scale) has sd 0 and passes.
+    Safe: no metric's mean is on the bad side (CCC or PCC lower, RMSE higher), and the listeners'
+    :func:`objective` (CCC gain minus RMSE change, per listener) is above 0 at the one-sided bound
+    ``mean - q * sd / sqrt(n)``, ``q`` Student's at ``CHOICE_LEVEL`` with n - 1 degrees of freedom
+    (a handful of listeners proves little). The bound is on the objective, not per metric: a metric
+    that changes little and noisily (an offset's CCC) cannot veto a clear gain in another, and a
+    gain too small to tell from noise is not taken. It holds for one point fixed in advance, not
+    for the best of many (:func:`cross_fit_choice`).
     """
     n = len(changes)
     mean = changes.mean(0)
-    if n < 2:  # no spread to test against: never "no worse with confidence"
-        return (float(mean[0]), float(mean[1]), float(mean[2])), False
-    se = changes.std(0, ddof=1) / np.sqrt(n)
-    q = _student_quantile(n)
-    bad = BAD_SIDE * mean  # each metric's change toward the bad side
-    safe = bool(np.all(bad <= TOL) and np.all(bad + q * se <= CHOICE_MARGIN + TOL))
-    return (float(mean[0]), float(mean[1]), float(mean[2])), safe
+    scores = (float(mean[0]), float(mean[1]), float(mean[2]))
+    if n < 2:  # no spread to test against: never "better with confidence"
+        return scores, False
+    gain = changes[:, 0] - changes[:, 1]
+    bound = gain.mean() - _student_quantile(n) * gain.std(ddof=1) / np.sqrt(n)
+    safe = bool(np.all(BAD_SIDE * mean <= TOL) and bound > TOL)
+    return scores, safe
 
 
 def _student_quantile(n: int) -> float:
@@ -306,10 +309,10 @@ def choose_weights(
 
     Every grid point ``w`` is scored on ``parts`` by each listener's change of CCC, RMSE and PCC
     against the generic curve (a listener's parts averaged first, :func:`by_listener`). The point
-    is chosen on one half of the listeners among those that make none of the three worse with
-    confidence (a non-inferiority test at ``CHOICE_LEVEL`` and ``CHOICE_MARGIN``, :func:`_summary`)
-    and none of them worse than any qualifying point made of a subset of its components (what a
-    component adds must not cost what the simpler rule had), by the largest mean :func:`objective`;
+    is chosen on one half of the listeners among those that make none of the three worse on average
+    and raise the :func:`objective` with confidence (at ``CHOICE_LEVEL``, :func:`_summary`), and do
+    so against every qualifying point made of a subset of its components too (what a component
+    adds must be a gain, not cost what the simpler rule had), by the largest mean :func:`objective`;
     the other half scores that choice, the halves swap, and only if these out-of-sample scores gain
     and pass the same test is the choice made on all listeners used (:func:`cross_fit_choice`);
     otherwise ``w = 0``, the generic curve. Both metrics count: within a song the listener's
@@ -336,7 +339,7 @@ def choose_weights(
         "listeners": len({p.listener or f"#{i}" for i, p in enumerate(parts)}),
         "parts": len(parts),
         "objective": "ccc_gain - rmse_change",
-        "margin": CHOICE_MARGIN,
+        "test": f"no mean worse; objective above 0 at a one-sided {CHOICE_LEVEL:g} bound",
     }
     if not parts:
         report["note"] = "no listener to choose on: generic"
@@ -395,7 +398,7 @@ def halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def best_qualifying(changes: np.ndarray, points: list[tuple[float, ...]]) -> int | None:
-    """The point with the best mean :func:`objective` among those that pass the non-inferiority test
+    """The point with the best mean :func:`objective` among those that pass the test of :func:`_summary`
     on these listeners, against generic and against each qualifying sub-rule (its index; None: none).
 
     ``changes`` (points, listeners, 3), ``points`` ordered by how many components they use (a
@@ -423,7 +426,7 @@ def cross_fit_choice(changes: np.ndarray, points: list[tuple[float, ...]]) -> tu
     itself on the listeners it was chosen on. So each half of the listeners chooses in turn, and every
     listener is then scored by the point the *other* half chose (generic where that half chose none):
     out-of-sample changes of the choosing procedure itself, one per listener. They must raise the
-    :func:`objective` on average and pass the per-point non-inferiority test of :func:`_summary` (the
+    :func:`objective` on average and pass the per-point test of :func:`_summary` (the
     point each listener sees was fixed without them, so Student's bound holds). Then the same procedure
     on all the listeners gives the weights (as cross-validation scores a procedure, then fits it on all
     the data); otherwise the generic curve (all zeros).

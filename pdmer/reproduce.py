@@ -443,10 +443,10 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
 - **personalized**: the safe personalization rule (`pdmer/personalize.py`): the listener's
   offset, movement scale and MAML adaptation, each weighted by a population weight chosen on
   validation listeners under the test protocol, per dimension (each listener scored with up to
-  {draws} support songs in turn; only weights that make none of CCC, RMSE, PCC worse, on average
-  and by a one-sided {level} % non-inferiority test over those listeners at a margin of
-  {margin}, are eligible; the choice is used only if, chosen by each half of the listeners and
-  scored on the other half, it passes the same test), and, in each dimension where that choice keeps
+  {draws} support songs in turn; only weights that make none of CCC, RMSE, PCC worse on average
+  and raise the CCC gain plus RMSE reduction at a one-sided {level} % bound over those listeners
+  are eligible, each component only for what it adds; the choice is used only if, chosen by each
+  half of the listeners and scored on the other half, it passes the same test), and, in each dimension where that choice keeps
   it, only where a held-out later part of the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
   fine-tuned on the support song.
 - **maml**: plain MAML, the model after the inner loop on the listener's support song (in `dmer.*`
@@ -462,13 +462,9 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
 
 
 def _readme_head() -> str:
-    from pdmer.personalize import CHOICE_LEVEL, CHOICE_MARGIN, RULE_DRAWS
+    from pdmer.personalize import CHOICE_LEVEL, RULE_DRAWS
 
-    return (
-        README_HEAD.replace("{draws}", str(RULE_DRAWS))
-        .replace("{margin}", f"{CHOICE_MARGIN:g}")
-        .replace("{level}", f"{100 * CHOICE_LEVEL:g}")
-    )
+    return README_HEAD.replace("{draws}", str(RULE_DRAWS)).replace("{level}", f"{100 * CHOICE_LEVEL:g}")
 
 
 def describe(path: Path) -> str:
