@@ -284,7 +284,7 @@ def _summary(changes: np.ndarray) -> tuple[tuple[float, float, float], bool]:
     scores = (float(mean[0]), float(mean[1]), float(mean[2]))
     if n < 2:  # no spread to test against: never "better with confidence"
         return scores, False
-    gain = changes[:, 0] - changes[:, 1]
+    gain = objective(changes.T)  # per listener
     bound = gain.mean() - _student_quantile(n) * gain.std(ddof=1) / np.sqrt(n)
     safe = bool(np.all(BAD_SIDE * mean <= TOL) and bound > TOL)
     return scores, safe
@@ -297,8 +297,10 @@ def _student_quantile(n: int) -> float:
     return float(student.ppf(CHOICE_LEVEL, n - 1))
 
 
-def objective(scores: tuple[float, float, float]) -> float:
-    """What the weights maximize: the mean CCC gain plus the mean RMSE reduction (both in rating units)."""
+def objective(scores):
+    """What the weights maximize: the mean CCC gain plus the mean RMSE reduction (both in rating units).
+
+    ``scores``: (CCC gain, RMSE change, PCC change), means or per-listener arrays (:func:`_summary`)."""
     return scores[0] - scores[1]
 
 
