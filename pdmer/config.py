@@ -239,6 +239,11 @@ class TrainConfig:
     # validate the model before the first outer step too, so that the starting point (the fitted
     # skip path, the network's output at zero) is a candidate of the checkpoint selection
     select_start: bool = False
+    # pdmer: the first `warmup` outer steps are plain DMER steps (the listener-blind loss on
+    # train.target, the DMER run's batches of the same seed), meta-training takes over after them:
+    # the meta-learned start begins at a trained listener-blind model (pre-train, then meta-train)
+    # and the selection sees the DMER checkpoints as candidates too; 0 = meta-train from the start
+    warmup: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; losses and norms stay fp32)
     eval_every: int = 50
     val_listeners_max: int = 12  # validation listeners scored at each evaluation
@@ -486,6 +491,7 @@ SETTINGS: dict[str, Bound] = {
     "meta.generic_loss_weight": NONNEGATIVE,
     "train.flat_std": NONNEGATIVE,
     "train.iterations": COUNT,
+    "train.warmup": COUNT,  # pdmer: plain DMER steps before meta-training
     "train.outer_lr": POSITIVE,
     "train.batch_songs": AT_LEAST_1,
     "train.seq_len": AT_LEAST_1,
@@ -571,6 +577,13 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.deam.clip_steps must be >= 1 (or null to keep whole curves)")
     if d.flat_mad is not None and not Bound(ge=0).accepts(d.flat_mad):
         raise ConfigError(f"data.deam.flat_mad={d.flat_mad!r} must be a finite number >= 0 (or null: off)")
+    if cfg.train.warmup and cfg.problem != "pdmer":
+        raise ConfigError(f"train.warmup={cfg.train.warmup} is for problem=pdmer (DMER steps before meta-training)")
+    if cfg.train.warmup > cfg.train.iterations:
+        raise ConfigError(
+            f"train.warmup={cfg.train.warmup} must not exceed train.iterations={cfg.train.iterations}"
+            " (the warm-up steps are among the outer steps)"
+        )
     lw = cfg.train.loss_weights
     if len(lw) != 3 or not all(Bound(ge=0).accepts(x) for x in lw) or sum(lw) <= 0:
         raise ConfigError(
@@ -607,7 +620,7 @@ def _drop_inactive(d: dict) -> None:
     ``model.skip_hidden`` where it changes nothing (no skip path, or the linear one it was
     before the option existed, so those runs keep their hashes), and the training options added
     later at the values that change nothing (``train.skip_lr_scale`` 1 or without a skip path,
-    ``train.select_start`` off)."""
+    ``train.select_start`` off, ``train.warmup`` 0)."""
     data = d["data"]
     for source in ("generic", "deam", "pmemo", "vgmidi"):
         if data.get("source") != source:
@@ -619,6 +632,8 @@ def _drop_inactive(d: dict) -> None:
         train.pop("skip_lr_scale", None)
     if not train.get("select_start", False):
         train.pop("select_start", None)
+    if not train.get("warmup", 0):
+        train.pop("warmup", None)
 
 
 def from_dict(d: dict) -> ExperimentConfig:

@@ -37,7 +37,7 @@ The **held-out check** (per listener and dimension): the same rule, fitted on th
 the support sequence (offset, scale, and a second adaptation), predicts its last third; unless
 it beats the generic curve there clearly in squared error (a one-sided test over the held-out
 steps) and does not lower the CCC, that dimension stays generic (:func:`gate`). Whether the check is applied is chosen on the
-validation listeners too: where the population weights alone already help (a listener's level
+validation listeners too, by each procedure's cross-fitted score: where the population weights alone already help (a listener's level
 within a song) the check only turns away listeners it would have helped. A support song that says little about its listener (ratings unrelated to the
 music, or a listener who matches the generic curve) thus leaves the generic curve as it was.
 """
@@ -322,8 +322,9 @@ def choose_weights(
     would miss it or trade it away.
 
     With ``use_gate`` the held-out check is itself a candidate, per dimension: the weights are chosen
-    with and without it, and it stays on unless going without it scores better on these listeners
-    (a tie keeps it: it is what protects a listener whose support says little).
+    with and without it, and it stays on unless going without it scores better out of sample (the
+    cross-fitted objective of each procedure, :func:`_out_of_sample`; a tie keeps it: it is what
+    protects a listener whose support says little).
 
     Args:
         parts: validation listeners' predictions (:class:`Parts`).
@@ -351,7 +352,7 @@ def choose_weights(
         options[gated] = _choose(parts, grid, gated)
     weights = Weights(chosen_on=chosen_on, gate=False)
     for d, label in enumerate(LABELS):  # per dimension: with or without the check, whichever scores better
-        gated = max(options, key=lambda g: (round(objective(_scores(options[g][label])), 12), g))  # the check wins ties
+        gated = max(options, key=lambda g: (_out_of_sample(options[g][label]), g))  # the check wins ties
         dim = options[gated][label]
         weights.offset[d], weights.scale[d], weights.maml[d] = (dim["weights"][c] for c in COMPONENTS)
         weights.gate[d] = gated
@@ -360,6 +361,15 @@ def choose_weights(
             report[label]["without_check" if gated else "with_check"] = options[not gated][label]
     report["gate"] = list(weights.gate)
     return weights, report
+
+
+def _out_of_sample(dim: dict) -> float:
+    """How well choosing with (or without) the check does on listeners the choice did not see: the
+    cross-fitted :func:`objective` where the audit passed, else 0 (the procedure gives the generic
+    curve). Comparing the two procedures by their in-sample objectives would favour the one whose
+    choice flatters itself more on the listeners it was made on."""
+    cf = dim["cross_fitted"]
+    return round(objective(_scores(cf)), 12) if cf["passed"] else 0.0
 
 
 def _scores(dim: dict) -> tuple[float, float, float]:

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_overrides
 from official_layouts import official_overrides
 
-from pdmer.config import EXPERIMENTS_DIR, load_config
+from pdmer.config import EXPERIMENTS_DIR, ConfigError, load_config
 from pdmer.evaluation import evaluate_run
 from pdmer.training import train
 
@@ -139,3 +139,41 @@ def test_frozen_skip_path_and_the_start_as_a_selection_candidate(problem, sessio
     # trained like the rest (the default): the skip path moves
     moved, _ = load_tensors(train(base) / "checkpoints" / "last.safetensors")
     assert any(not torch.equal(moved[k], start[k]) for k in skip)
+
+
+def test_warmup_steps_are_the_dmer_runs_steps(session_tmp):
+    """train.warmup: pdmer's first steps are a DMER run's steps of the same seed (same weights
+    after them); meta-training takes over after; the option enters the hash only when on."""
+    from pdmer.checkpoint import load_tensors
+    from pdmer.config import config_hash
+
+    ov = tiny_overrides(session_tmp, "warmup") + ["model.linear_skip=true", "train.target=consensus"]
+    dmer = train(load_config("pdmer.synthetic.dsaml", ov + ["problem=dmer"]))
+    warm = load_config("pdmer.synthetic.dsaml", ov + ["train.warmup=2"])
+    assert config_hash(warm) != config_hash(load_config("pdmer.synthetic.dsaml", ov))
+    assert config_hash(load_config("pdmer.synthetic.dsaml", ov + ["train.warmup=0"])) == config_hash(
+        load_config("pdmer.synthetic.dsaml", ov)
+    )
+    a, _ = load_tensors(dmer / "checkpoints" / "last.safetensors")
+    b, _ = load_tensors(train(warm) / "checkpoints" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # one meta-step after the warm-up moves the weights away from the DMER run's
+    c, _ = load_tensors(
+        train(load_config("pdmer.synthetic.dsaml", ov + ["train.warmup=2", "train.iterations=3"]))
+        / "checkpoints"
+        / "last.safetensors"
+    )
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["problem=dmer", "train.warmup=1"], "is for problem=pdmer"),
+        (["train.warmup=3"], "must not exceed train.iterations=2"),
+        (["train.warmup=-1"], "train.warmup"),
+    ],
+)
+def test_warmup_refuses_what_it_cannot_do(extra, match, session_tmp):
+    with pytest.raises(ConfigError, match=match):
+        load_config("pdmer.synthetic.dsaml", tiny_overrides(session_tmp, "warmup-bad") + extra)

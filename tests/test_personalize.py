@@ -350,3 +350,31 @@ def test_the_check_is_chosen_per_dimension_and_old_profiles_still_read():
     assert w.offset[1] == 0.0
     assert Weights.from_json({"offset": [1, 0], "gate": True}).gate == [True, True]
     assert Weights(gate=False).gate == [False, False] and Weights.from_json(w.to_json()) == w
+
+
+def test_with_or_without_the_check_is_decided_out_of_sample(monkeypatch):
+    """The check's choice compares the two procedures' cross-fitted objectives, not their in-sample
+    scores (there the choice made with the check flattered itself more); a tie keeps the check, and
+    a procedure whose audit failed counts as the generic curve (0)."""
+    import pdmer.personalize as personalize
+
+    def dim(w, in_sample, cross, passed=True):
+        return {
+            "weights": {"offset": w, "scale": 0.0, "maml": 0.0},
+            "ccc_gain": in_sample,
+            "rmse_change": 0.0,
+            "pcc_change": 0.0,
+            "cross_fitted": {"ccc_gain": cross, "rmse_change": 0.0, "pcc_change": 0.0, "passed": passed},
+        }
+
+    fake = {
+        True: {"arousal": dim(0.5, 0.09, 0.01), "valence": dim(0.5, 0.03, 0.02, passed=False)},
+        False: {"arousal": dim(1.0, 0.05, 0.04), "valence": dim(0.0, 0.0, 0.0, passed=False)},
+    }
+    monkeypatch.setattr(personalize, "_choose", lambda parts, grid, gated: fake[gated])
+    from types import SimpleNamespace
+
+    parts = [SimpleNamespace(listener="a")]  # counted only: _choose is replaced
+    w, report = personalize.choose_weights(parts)
+    assert w.gate == [False, True] and w.offset == [1.0, 0.5]  # valence: both 0 out of sample, the check kept
+    assert report["arousal"]["check"] is False and report["arousal"]["with_check"]["ccc_gain"] == 0.09

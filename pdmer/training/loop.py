@@ -79,6 +79,9 @@ def outer_step(
 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """One outer step: zero the gradients, one meta-batch (PDMER) or batch (DMER), clip, step.
 
+    PDMER's first ``train.warmup`` steps are DMER steps: the same batch and loss as a DMER run's
+    step of the same seed (pre-training, then meta-training).
+
     Under torchrun (:mod:`pdmer.distributed`) every rank draws the whole meta-batch, so the
     sampler stays in step with a one-process run's, computes the meta-gradient of its share of
     the tasks, and the gradients are averaged over all tasks before the step: each rank takes the
@@ -90,7 +93,7 @@ def outer_step(
     model.zero_grad(set_to_none=True)  # a frozen skip path (train.skip_lr_scale=0) is not in the optimiser
     distributed.seed_step(cfg.train.seed, iteration)
     stats: dict = {}
-    if cfg.problem == "pdmer":
+    if cfg.problem == "pdmer" and iteration > cfg.train.warmup:
         tasks = [
             sampler.task(cfg.meta.query_songs, cfg.meta.task_sampling == "listener")
             for _ in range(cfg.meta.tasks_per_batch)
@@ -326,7 +329,7 @@ def _iterate(sel: _Selection, loss_fn, start: int) -> None:
     model.train()
     for it in bar:
         loss, stats, grad_norm = outer_step(model, sel.optimizer, sel.sampler, loss_fn, cfg, it)
-        if cfg.problem == "pdmer":
+        if "inner_losses" in stats:  # a meta-step (not a DMER step, nor a warm-up step)
             inner = stats["inner_losses"].cpu()  # one host sync per meta-batch
             writer.add_scalar("train/inner_loss_first", inner[0].item(), it)
             writer.add_scalar("train/inner_loss_last", inner[-1].item(), it)
