@@ -444,8 +444,8 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
   offset, movement scale and MAML adaptation, each weighted by a population weight chosen on
   validation listeners under the test protocol, per dimension (each listener scored with up to
   {draws} support songs in turn; only weights that make none of CCC, RMSE, PCC worse on average
-  and raise the CCC gain plus RMSE reduction at a one-sided {level} % bound over those listeners
-  are eligible, each component only for what it adds; the choice is used only if, chosen by each
+  and raise the CCC gain plus RMSE reduction, with an RMSE change below {rmse_margin}, at one-sided
+  {level} % bounds over those listeners are eligible, each component only for what it adds; the choice is used only if, chosen by each
   half of the listeners and scored on the other half, it passes the same test), and, in each dimension where that choice keeps
   it, only where a held-out later part of the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
   fine-tuned on the support song.
@@ -462,9 +462,13 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
 
 
 def _readme_head() -> str:
-    from pdmer.personalize import CHOICE_LEVEL, RULE_DRAWS
+    from pdmer.personalize import CHOICE_LEVEL, RMSE_MARGIN, RULE_DRAWS
 
-    return README_HEAD.replace("{draws}", str(RULE_DRAWS)).replace("{level}", f"{100 * CHOICE_LEVEL:g}")
+    return (
+        README_HEAD.replace("{draws}", str(RULE_DRAWS))
+        .replace("{level}", f"{100 * CHOICE_LEVEL:g}")
+        .replace("{rmse_margin}", f"{RMSE_MARGIN:g}")
+    )
 
 
 def describe(path: Path) -> str:
