@@ -4,19 +4,22 @@ One-shot adaptation learns whatever the support song shows: the listener's level
 how far they move the cursor, and how their curve bends (the MAML-adapted model). On real
 listeners, what carries over to another song differs by kind (VGMIDI, DEAM: a listener's level
 does not, r < 0.1; how far they move does, r about 0.4), and within the same song their level
-does. The rule below therefore personalizes in three separate components, each with a
+does. The rule below therefore personalizes in four separate components, each with a
 population weight chosen on validation listeners under the protocol it is used with, and
 checks every listener's personal curve on a held-out later part of the support sequence:
 
 - ``offset``: the listener's mean error of the generic model on the support, ``o``;
 - ``scale``: how far they move against how far the generic curve moves, ``s = std(ratings) /
   std(generic)`` on the support (clipped to [1/4, 4]);
-- ``maml``: the MAML-adapted model's change of the curve, ``a - g``.
+- ``maml``: the MAML-adapted model's change of the curve, ``a - g``;
+- ``shape``: the same change without its level, ``(a - g) - mean(a - g)`` over the predicted
+  span: how the adapted model bends the curve, without the support song's level that MAML
+  learns along with it (the level is the offset's to carry, or not).
 
 With the weights ``w`` (per dimension, each in [0, 1]) and ``m`` = the generic curve's mean
 over the predicted span, the personal curve is::
 
-    p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_offset * o
+    p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_shape * ((a - g) - mean(a - g)) + w_offset * o
 
 ``w = 0`` is the generic curve. The weights are a grid point that raises the validation
 listeners' mean CCC gain plus mean RMSE reduction, makes none of CCC, RMSE and PCC worse than
@@ -51,7 +54,7 @@ import numpy as np
 
 from pdmer.data.types import LABELS
 
-COMPONENTS = ("offset", "scale", "maml")
+COMPONENTS = ("offset", "scale", "maml", "shape")
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 SCALE_CLIP = (0.25, 4.0)
 CHECK_SHARE = 1 / 3  # the held-out later part of the support sequence
@@ -83,6 +86,7 @@ class Weights:
     offset: list[float] = field(default_factory=lambda: [0.0, 0.0])
     scale: list[float] = field(default_factory=lambda: [0.0, 0.0])
     maml: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    shape: list[float] = field(default_factory=lambda: [0.0, 0.0])  # absent from profiles before it: 0
     chosen_on: str = ""  # what chose them, e.g. "val listeners (188), protocol songs"
     gate: list[bool] = field(default_factory=lambda: [True, True])  # apply the held-out check, per dimension
 
@@ -93,18 +97,18 @@ class Weights:
             self.gate = [self.gate, self.gate]
         self.gate = [bool(g) for g in self.gate]
 
-    def of(self, d: int) -> tuple[float, float, float]:
-        return self.offset[d], self.scale[d], self.maml[d]
+    def of(self, d: int) -> tuple[float, float, float, float]:
+        return self.offset[d], self.scale[d], self.maml[d], self.shape[d]
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "Weights":
-        return cls(**{k: d[k] for k in ("offset", "scale", "maml", "chosen_on", "gate") if k in d})
+        return cls(**{k: d[k] for k in (*COMPONENTS, "chosen_on", "gate") if k in d})
 
     def is_generic(self) -> bool:
-        return not any(self.offset + self.scale + self.maml)
+        return not any(self.offset + self.scale + self.maml + self.shape)
 
 
 @dataclass
@@ -159,13 +163,11 @@ def _metrics_1d(p: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
     return float(rmse[0]), float(pcc[0]), float(ccc[0])
 
 
-def _personal_1d(
-    g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: tuple[float, float, float]
-) -> np.ndarray:
+def _personal_1d(g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: tuple[float, ...]) -> np.ndarray:
     return _personal_rows(g, a, offset, scale, np.array([w], dtype=np.float64))[0]
 
 
-def _gate_1d(check: Check, d: int, w: tuple[float, float, float]) -> bool:
+def _gate_1d(check: Check, d: int, w: tuple[float, ...]) -> bool:
     return bool(_gate_rows(check, d, np.array([w], dtype=np.float64))[0])
 
 
@@ -205,13 +207,14 @@ def _metrics_rows(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def _personal_rows(g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: np.ndarray) -> np.ndarray:
-    """The personal curve (module docstring) of one dimension for each row of weights ``w`` (G, 3): (G, T)."""
-    m = g.mean()
-    return m + scale ** w[:, 1:2] * (g - m) + w[:, 2:3] * (a - g) + w[:, 0:1] * offset
+    """The personal curve (module docstring) of one dimension for each row of weights ``w`` (G, 4): (G, T)."""
+    m, change = g.mean(), a - g
+    shape = change - change.mean()
+    return m + scale ** w[:, 1:2] * (g - m) + w[:, 2:3] * change + w[:, 3:4] * shape + w[:, 0:1] * offset
 
 
 def _gate_rows(check: Check, d: int, w: np.ndarray) -> np.ndarray:
-    """The held-out check (:func:`gate`) of one dimension for each row of weights ``w`` (G, 3): (G,) bool."""
+    """The held-out check (:func:`gate`) of one dimension for each row of weights ``w`` (G, 4): (G,) bool."""
     g, y = check.generic[:, d].astype(np.float64), check.ratings[:, d].astype(np.float64)
     p = _personal_rows(g, check.adapted[:, d], check.support.offset[d], check.support.scale[d], w)
     h = len(y)
@@ -227,7 +230,7 @@ def _gate_rows(check: Check, d: int, w: np.ndarray) -> np.ndarray:
 def _grid_scores(parts: list[Parts], d: int, w: np.ndarray, use_gate: bool) -> np.ndarray:
     """Per weights row and listener, (CCC gain, RMSE change, PCC change) in dimension ``d``: (G, n, 3).
 
-    ``w`` (G, 3): the grid points, scored together (one array operation per query song).
+    ``w`` (G, 4): the grid points, scored together (one array operation per query song).
     """
     w = np.asarray(w, dtype=np.float64).reshape(-1, len(COMPONENTS))
     out = np.zeros((len(w), len(parts), 3))
@@ -252,7 +255,7 @@ def _grid_scores(parts: list[Parts], d: int, w: np.ndarray, use_gate: bool) -> n
     return out
 
 
-def _dim_scores(parts: list[Parts], d: int, w: tuple[float, float, float], use_gate: bool) -> np.ndarray:
+def _dim_scores(parts: list[Parts], d: int, w: tuple[float, ...], use_gate: bool) -> np.ndarray:
     """Per listener, (CCC gain, RMSE change, PCC change) in dimension ``d`` for weights ``w``: (n, 3)."""
     return _grid_scores(parts, d, np.array([w]), use_gate)[0]
 
@@ -366,7 +369,8 @@ def choose_weights(
     for d, label in enumerate(LABELS):  # per dimension: with or without the check, whichever scores better
         gated = max(options, key=lambda g: (_out_of_sample(options[g][label]), g))  # the check wins ties
         dim = options[gated][label]
-        weights.offset[d], weights.scale[d], weights.maml[d] = (dim["weights"][c] for c in COMPONENTS)
+        for c in COMPONENTS:
+            getattr(weights, c)[d] = dim["weights"][c]
         weights.gate[d] = gated
         report[label] = {"check": gated, **dim}
         if len(options) > 1:
@@ -504,7 +508,7 @@ def describe(weights: Weights, use: np.ndarray) -> str:
         )
     parts = []
     for d, label in enumerate(LABELS):
-        w = dict(zip(("offset", "scale", "maml"), weights.of(d)))
+        w = dict(zip(COMPONENTS, weights.of(d)))
         if not any(w.values()):
             parts.append(f"{label}: generic (nothing carried over for validation listeners)")
         elif not use[d]:

@@ -155,7 +155,7 @@ def test_where_levels_carry_over_the_rule_is_at_least_as_good_as_the_offset_shif
     parts = parts_population(carry=0.9, seed=5)
     w, report = choose_weights(parts)
     for d, label in enumerate(("arousal", "valence")):
-        (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0), False))
+        (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0, 0.0), False))
         assert rmse < 0  # the shift helps here
         chosen = report[label]
         assert chosen["ccc_gain"] - chosen["rmse_change"] >= ccc - rmse - 0.01
@@ -232,7 +232,8 @@ def test_grid_scores_equal_one_point_at_a_time():
         return m["rmse_arousal"], m["pcc_arousal"], m["ccc_arousal"]
 
     def personal(g, a, offset, scale, w):  # the module docstring's formula
-        return g.mean() + scale ** w[1] * (g - g.mean()) + w[2] * (a - g) + w[0] * offset
+        shape = (a - g) - (a - g).mean()
+        return g.mean() + scale ** w[1] * (g - g.mean()) + w[2] * (a - g) + w[3] * shape + w[0] * offset
 
     def keeps(c, d, w):  # gate()'s docstring: a clear fall of the squared error, no fall of the CCC
         g, y = c.generic[:, d], c.ratings[:, d]
@@ -256,7 +257,7 @@ def test_grid_scores_equal_one_point_at_a_time():
             y = np.full_like(g, 0.2) if (i, j) == (3, 0) else g + rng.normal(0.2, 0.2, g.shape)
             queries[f"s{j}"] = (y, g, g + rng.normal(0, 0.1, g.shape))
         parts.append(Parts(Support.fit(y_s, g_s), check, queries, f"l{i % 5}"))
-    points = [w for w in itertools.product((0.0, 0.5, 1.0), repeat=3) if any(w)]
+    points = [w for w in itertools.product((0.0, 0.5, 1.0), repeat=4) if any(w)]
     kept_any, gated_any = False, False
     for d in range(2):
         got = _grid_scores(parts, d, np.array(points), use_gate=True)
@@ -301,9 +302,9 @@ def test_a_component_is_kept_only_if_it_costs_nothing_the_simpler_rule_had():
     w, report = choose_weights(parts, use_gate=False)
     assert w.offset == [1.0, 1.0] and w.scale == [0.0, 0.0] and w.maml == [0.0, 0.0]
     for d in range(2):
-        offset_only, safe = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0), False))
+        offset_only, safe = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0, 0.0), False))
         assert safe
-        with_scale = [_summary(_dim_scores(parts, d, (1.0, s, 0.0), False)) for s in (0.25, 0.5)]
+        with_scale = [_summary(_dim_scores(parts, d, (1.0, s, 0.0, 0.0), False)) for s in (0.25, 0.5)]
         assert all(ok for _, ok in with_scale)  # no worse than generic ...
         assert max(objective(s) for s, _ in with_scale) > objective(offset_only)  # ... and a higher objective
         assert all(s[1] > offset_only[1] for s, _ in with_scale)  # but worse RMSE than the offset alone
@@ -360,7 +361,7 @@ def test_with_or_without_the_check_is_decided_out_of_sample(monkeypatch):
 
     def dim(w, in_sample, cross, passed=True):
         return {
-            "weights": {"offset": w, "scale": 0.0, "maml": 0.0},
+            "weights": {"offset": w, "scale": 0.0, "maml": 0.0, "shape": 0.0},
             "ccc_gain": in_sample,
             "rmse_change": 0.0,
             "pcc_change": 0.0,
@@ -378,3 +379,32 @@ def test_with_or_without_the_check_is_decided_out_of_sample(monkeypatch):
     w, report = personalize.choose_weights(parts)
     assert w.gate == [False, True] and w.offset == [1.0, 0.5]  # valence: both 0 out of sample, the check kept
     assert report["arousal"]["check"] is False and report["arousal"]["with_check"]["ccc_gain"] == 0.09
+
+
+def test_the_shape_component_keeps_what_carries_over_and_drops_the_level():
+    """Each listener bends the curve their own way on every song (a response that carries over), and
+    their level is new on every song. The adapted model learned the bend and the support song's
+    level: its full change (``maml``) moves every query by a level that is wrong there, its change
+    without the level (``shape``) follows the listener. The rule takes the shape, not the level."""
+    from pdmer.personalize import _dim_scores, _summary
+
+    def bend(n, j):  # a shape of the music, the same for every listener; each scales it their own way
+        return np.stack([0.15 * np.sin(np.arange(n) / 4 + j), 0.15 * np.cos(np.arange(n) / 6 + j)], 1)
+
+    rng = np.random.default_rng(4)
+    parts = []
+    for i in range(80):
+        k = rng.normal(0, 1, 2)  # the listener's own response, carried over
+        g_s, g_q = generic_curve(60, i), generic_curve(80, i + 100)
+        level_s, level_q = rng.normal(0, 0.25, 2), rng.normal(0, 0.25, 2)  # new on every song
+        y_s = g_s + k * bend(60, i) + level_s + rng.normal(0, 0.05, g_s.shape)
+        y_q = g_q + k * bend(80, i + 100) + level_q + rng.normal(0, 0.05, g_q.shape)
+        a_q = g_q + k * bend(80, i + 100) + level_s  # what the support taught: the bend and that song's level
+        parts.append(Parts(Support.fit(y_s, g_s), None, {"q": (y_q, g_q, a_q)}, listener=str(i)))
+    w, report = choose_weights(parts, use_gate=False)
+    for d in range(2):
+        assert w.shape[d] >= 0.75 and w.maml[d] == 0.0 and w.offset[d] == 0.0, report
+        (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, w.of(d), False))
+        full, _ = _summary(_dim_scores(parts, d, (0.0, 0.0, 1.0, 0.0), False))
+        assert ccc > 0 and rmse < 0 and full[1] > 0  # the full change raises RMSE; the shape lowers it
+    assert Weights.from_json({"offset": [1, 0], "maml": [0, 1]}).shape == [0.0, 0.0]  # profiles from before it
