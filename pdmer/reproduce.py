@@ -446,7 +446,8 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
   {draws} support songs in turn; only weights that make none of CCC, RMSE, PCC worse on average
   and raise the CCC gain plus RMSE reduction, with an RMSE change below {rmse_margin}, at one-sided
   {level} % bounds over those listeners are eligible, each component only for what it adds; the choice is used only if, chosen by each
-  half of the listeners and scored on the other half, it passes the same test), and, in each dimension where that choice keeps
+  half of the listeners and scored on the other half, it passes the same test; among the nested
+  families of rules of at most 1, 2, ... components, the one with the best such score), and, in each dimension where that choice keeps
   it, only where a held-out later part of the support sequence confirms it. In `dmer.*` rows the adapted model is the DMER model
   fine-tuned on the support song.
 - **maml**: plain MAML, the model after the inner loop on the listener's support song (in `dmer.*`

@@ -408,3 +408,27 @@ def test_the_shape_component_keeps_what_carries_over_and_drops_the_level():
         full, _ = _summary(_dim_scores(parts, d, (0.0, 0.0, 1.0, 0.0), False))
         assert ccc > 0 and rmse < 0 and full[1] > 0  # the full change raises RMSE; the shape lowers it
     assert Weights.from_json({"offset": [1, 0], "maml": [0, 1]}).shape == [0.0, 0.0]  # profiles from before it
+
+
+def test_a_simpler_family_is_used_where_the_full_choice_fails_its_audit():
+    """A level shift lowers everyone's RMSE; adding a shape helps one half of the listeners' PCC and
+    hurts the other's. Choosing over all rules fails the cross-fitted audit (the half that gained
+    picks the shape, the other half pays for it), which sent the whole dimension back to generic;
+    the family of one-component rules passes, and its level shift is used."""
+    from pdmer.personalize import cross_fit_choice, halves, nested_choice
+
+    rng = np.random.default_rng(5)
+    n = 60
+    a, b = halves(n)
+    points = [(1.0, 0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.5)]
+    changes = np.zeros((2, n, 3))
+    changes[:, :, 0] = 0.01 + rng.normal(0, 0.005, (2, n))
+    changes[:, :, 1] = -0.1 + rng.normal(0, 0.01, (2, n))
+    changes[1, :, 0] = changes[0, :, 0] + 0.02 + rng.normal(0, 0.002, n)
+    changes[1, :, 1] = changes[0, :, 1] - 0.002  # the shape costs no RMSE
+    changes[1, a, 2], changes[1, b, 2] = 0.05, -0.05
+    full, report = cross_fit_choice(changes, points)
+    assert not any(full) and not report["cross_fitted"]["passed"]
+    w, report = nested_choice(changes, points)
+    assert w == points[0] and report["components_at_most"] == 1 and report["cross_fitted"]["passed"]
+    assert report["families"]["2"]["passed"] is False
