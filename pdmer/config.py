@@ -36,7 +36,7 @@ class SyntheticConfig:
     """The embedded benchmark: procedural songs rated by simulated listeners."""
 
     seed: int = 0
-    n_clips: int = 120  # 45 s clips, DEAM-like
+    n_clips: int = 300  # 45 s clips, DEAM-like (300: about 14 raters per song with 150 listeners, DEAM about 10)
     clip_s: float = 45.0
     n_long: int = 12  # longer songs for the long-song path
     long_min_s: float = 120.0
