@@ -618,13 +618,14 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
 
 def _drop_inactive(d: dict) -> None:
-    """Remove from a config dict what cannot change a result: the options of unused data sources,
+    """Remove from a config dict what cannot change a result: the options of unused data sources
+    (the embedded benchmark's among them, so that changing its defaults leaves real-data runs as they were),
     ``model.skip_hidden`` where it changes nothing (no skip path, or the linear one it was
     before the option existed, so those runs keep their hashes), and the training options added
     later at the values that change nothing (``train.skip_lr_scale`` 1 or without a skip path,
     ``train.select_start`` off, ``train.warmup`` 0)."""
     data = d["data"]
-    for source in ("generic", "deam", "pmemo", "vgmidi"):
+    for source in ("synthetic", "generic", "deam", "pmemo", "vgmidi"):
         if data.get("source") != source:
             data.pop(source, None)
     if not d["model"].get("linear_skip") or not d["model"].get("skip_hidden"):

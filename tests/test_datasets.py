@@ -95,6 +95,11 @@ def test_source_choices_and_hash_of_unused_options():
         load_config("pdmer.synthetic.dsaml", ["data.source=deam", "data.deam.flat_mad=null"])
     )
     assert config_hash(base) != config_hash(load_config("pdmer.synthetic.dsaml", ["data.split.kind=song"]))
+    # the embedded benchmark's options are a source's too: its defaults can change without moving real-data runs
+    assert config_hash(deam) == config_hash(
+        load_config("pdmer.synthetic.dsaml", ["data.source=deam", "data.synthetic.n_listeners=7"])
+    )
+    assert config_hash(base) != config_hash(load_config("pdmer.synthetic.dsaml", ["data.synthetic.n_listeners=7"]))
 
 
 # --------------------------------------------------------------------------------------------- loading
