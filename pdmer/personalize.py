@@ -4,7 +4,7 @@ One-shot adaptation learns whatever the support song shows: the listener's level
 how far they move the cursor, and how their curve bends (the MAML-adapted model). On real
 listeners, what carries over to another song differs by kind (VGMIDI, DEAM: a listener's level
 does not, r < 0.1; how far they move does, r about 0.4), and within the same song their level
-does. The rule below therefore personalizes in four separate components, each with a
+does. The rule below therefore personalizes in five separate components, each with a
 population weight chosen on validation listeners under the protocol it is used with, and
 checks every listener's personal curve on a held-out later part of the support sequence:
 
@@ -14,12 +14,18 @@ checks every listener's personal curve on a held-out later part of the support s
 - ``maml``: the MAML-adapted model's change of the curve, ``a - g``;
 - ``shape``: the same change without its level, ``(a - g) - mean(a - g)`` over the predicted
   span: how the adapted model bends the curve, without the support song's level that MAML
-  learns along with it (the level is the offset's to carry, or not).
+  learns along with it (the level is the offset's to carry, or not);
+- ``response``: the listener's linear response to the music, ``r`` (:mod:`pdmer.response`): a
+  ridge regression, on the support, of their residual from the generic curve on the step spectra
+  (a few principal axes, smoothed and lagged), applied to the other song's spectra with no level
+  of its own: how their curve follows the sound (brighter, louder, higher) where the population's
+  does not.
 
 With the weights ``w`` (per dimension, each in [0, 1]) and ``m`` = the generic curve's mean
 over the predicted span, the personal curve is::
 
     p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_shape * ((a - g) - mean(a - g)) + w_offset * o
+        + w_response * r
 
 ``w = 0`` is the generic curve. The weights are a grid point that raises the validation
 listeners' mean CCC gain plus mean RMSE reduction, makes none of CCC, RMSE and PCC worse than
@@ -57,7 +63,7 @@ import numpy as np
 
 from pdmer.data.types import LABELS
 
-COMPONENTS = ("offset", "scale", "maml", "shape")
+COMPONENTS = ("offset", "scale", "maml", "shape", "response")
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 SCALE_CLIP = (0.25, 4.0)
 CHECK_SHARE = 1 / 3  # the held-out later part of the support sequence
@@ -79,6 +85,7 @@ CHOICE_LEVEL = 0.95
 RMSE_MARGIN = 0.005
 RULE_DRAWS = 4  # support draws per validation listener for the choice (songs protocol; fewer if they rated fewer)
 TOL = 1e-9  # rounding allowed in "no worse"
+PAIR_CHUNK = 2048  # (point, sub-rule) pairs tested at once (memory: pairs x listeners x 3 floats)
 BAD_SIDE = np.array([-1.0, 1.0, -1.0])  # (CCC gain, RMSE change, PCC change) toward the bad side
 
 
@@ -90,6 +97,7 @@ class Weights:
     scale: list[float] = field(default_factory=lambda: [0.0, 0.0])
     maml: list[float] = field(default_factory=lambda: [0.0, 0.0])
     shape: list[float] = field(default_factory=lambda: [0.0, 0.0])  # absent from profiles before it: 0
+    response: list[float] = field(default_factory=lambda: [0.0, 0.0])  # absent from profiles before it: 0
     chosen_on: str = ""  # what chose them, e.g. "val listeners (188), protocol songs"
     gate: list[bool] = field(default_factory=lambda: [True, True])  # apply the held-out check, per dimension
 
@@ -100,8 +108,8 @@ class Weights:
             self.gate = [self.gate, self.gate]
         self.gate = [bool(g) for g in self.gate]
 
-    def of(self, d: int) -> tuple[float, float, float, float]:
-        return self.offset[d], self.scale[d], self.maml[d], self.shape[d]
+    def of(self, d: int) -> tuple[float, float, float, float, float]:
+        return self.offset[d], self.scale[d], self.maml[d], self.shape[d], self.response[d]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -111,7 +119,7 @@ class Weights:
         return cls(**{k: d[k] for k in (*COMPONENTS, "chosen_on", "gate") if k in d})
 
     def is_generic(self) -> bool:
-        return not any(self.offset + self.scale + self.maml + self.shape)
+        return not any(self.offset + self.scale + self.maml + self.shape + self.response)
 
 
 @dataclass
@@ -134,19 +142,32 @@ class Support:
 
 
 def combine(
-    generic: np.ndarray, adapted: np.ndarray, support: Support, weights: Weights, use: np.ndarray | None = None
+    generic: np.ndarray,
+    adapted: np.ndarray,
+    support: Support,
+    weights: Weights,
+    use: np.ndarray | None = None,
+    response: np.ndarray | None = None,
 ) -> np.ndarray:
     """The personal curve (T, 2) from the generic and adapted curves (module docstring).
 
     ``use`` (2,) bool: the dimensions that passed the held-out check (False: generic).
+    ``response`` (T, 2): the listener's linear response to the music on these steps
+    (:mod:`pdmer.response`); None: no response component (zeros).
     """
     out = generic.astype(np.float64).copy()
     for d in range(2):
         if use is not None and not use[d]:
             continue
-        out[:, d] = _personal_1d(
-            generic[:, d].astype(np.float64), adapted[:, d], support.offset[d], support.scale[d], weights.of(d)
-        )
+        r = None if response is None else response[:, d]
+        out[:, d] = _personal_rows(
+            generic[:, d].astype(np.float64),
+            adapted[:, d],
+            support.offset[d],
+            support.scale[d],
+            np.array([weights.of(d)], dtype=np.float64),
+            r,
+        )[0]
     return out
 
 
@@ -158,16 +179,13 @@ class Check:
     generic: np.ndarray  # (H, 2) generic prediction there
     adapted: np.ndarray  # (H, 2) prediction of the model adapted on the first part
     support: Support  # offset and scale from the first part
+    response: np.ndarray | None = None  # (H, 2) the response fitted on the first part, there (None: zeros)
 
 
 def _metrics_1d(p: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
     """(RMSE, PCC, CCC) of one dimension, as :func:`pdmer.metrics.song_metrics` computes them."""
     rmse, pcc, ccc = _metrics_rows(np.asarray(p)[None], t)
     return float(rmse[0]), float(pcc[0]), float(ccc[0])
-
-
-def _personal_1d(g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: tuple[float, ...]) -> np.ndarray:
-    return _personal_rows(g, a, offset, scale, np.array([w], dtype=np.float64))[0]
 
 
 def _gate_1d(check: Check, d: int, w: tuple[float, ...]) -> bool:
@@ -193,7 +211,7 @@ class Parts:
 
     support: Support
     check: Check | None
-    queries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # song -> (ratings, generic, adapted)
+    queries: dict[str, tuple]  # song -> (ratings, generic, adapted[, response]) (T, 2) each
     listener: str = ""  # whose: the choice's test averages a listener's parts first ("" = a listener of its own)
 
 
@@ -209,17 +227,25 @@ def _metrics_rows(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return np.sqrt(np.mean((p - t) ** 2, 1)), pcc, ccc
 
 
-def _personal_rows(g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: np.ndarray) -> np.ndarray:
-    """The personal curve (module docstring) of one dimension for each row of weights ``w`` (G, 4): (G, T)."""
+def _personal_rows(
+    g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: np.ndarray, r: np.ndarray | None = None
+) -> np.ndarray:
+    """The personal curve (module docstring) of one dimension for each row of weights ``w`` (G, 5): (G, T).
+
+    ``r`` (T,): the listener's response curve (:mod:`pdmer.response`); None: zeros."""
     m, change = g.mean(), a - g
     shape = change - change.mean()
-    return m + scale ** w[:, 1:2] * (g - m) + w[:, 2:3] * change + w[:, 3:4] * shape + w[:, 0:1] * offset
+    out = m + scale ** w[:, 1:2] * (g - m) + w[:, 2:3] * change + w[:, 3:4] * shape + w[:, 0:1] * offset
+    if r is not None:
+        out = out + w[:, 4:5] * np.asarray(r, dtype=np.float64)
+    return out
 
 
 def _gate_rows(check: Check, d: int, w: np.ndarray) -> np.ndarray:
     """The held-out check (:func:`gate`) of one dimension for each row of weights ``w`` (G, 4): (G,) bool."""
     g, y = check.generic[:, d].astype(np.float64), check.ratings[:, d].astype(np.float64)
-    p = _personal_rows(g, check.adapted[:, d], check.support.offset[d], check.support.scale[d], w)
+    r = None if check.response is None else check.response[:, d]
+    p = _personal_rows(g, check.adapted[:, d], check.support.offset[d], check.support.scale[d], w, r)
     h = len(y)
     if h < 2:
         return ~w.any(1)
@@ -233,17 +259,21 @@ def _gate_rows(check: Check, d: int, w: np.ndarray) -> np.ndarray:
 def _grid_scores(parts: list[Parts], d: int, w: np.ndarray, use_gate: bool) -> np.ndarray:
     """Per weights row and listener, (CCC gain, RMSE change, PCC change) in dimension ``d``: (G, n, 3).
 
-    ``w`` (G, 4): the grid points, scored together (one array operation per query song).
+    ``w`` (G, 5): the grid points, scored together (one array operation per query song). A query is
+    (ratings, generic, adapted) or (ratings, generic, adapted, response).
     """
     w = np.asarray(w, dtype=np.float64).reshape(-1, len(COMPONENTS))
     out = np.zeros((len(w), len(parts), 3))
     for i, p in enumerate(parts):
         kept = _gate_rows(p.check, d, w) if use_gate and p.check is not None else np.ones(len(w), dtype=bool)
         c, r, q, q_ok = [], [], [], []
-        for ratings, g, a in p.queries.values():
+        for ratings, g, a, *resp in p.queries.values():
             g1, y = g[:, d].astype(np.float64), ratings[:, d].astype(np.float64)
             rg, pg, cg = _metrics_1d(g1, y)
-            rp, pp, cp = _metrics_rows(_personal_rows(g1, a[:, d], p.support.offset[d], p.support.scale[d], w), y)
+            resp_d = resp[0][:, d] if resp and resp[0] is not None else None
+            rp, pp, cp = _metrics_rows(
+                _personal_rows(g1, a[:, d], p.support.offset[d], p.support.scale[d], w, resp_d), y
+            )
             c.append(cp - cg)
             r.append(rp - rg)
             ok = np.isfinite(pp) & np.isfinite(pg)
@@ -292,17 +322,22 @@ def _summary(changes: np.ndarray) -> tuple[tuple[float, float, float], bool]:
     gain too small to tell from noise is not taken. It holds for one point fixed in advance, not
     for the best of many (:func:`cross_fit_choice`).
     """
-    n = len(changes)
-    mean = changes.mean(0)
-    scores = (float(mean[0]), float(mean[1]), float(mean[2]))
+    means, safe = _summaries(np.asarray(changes)[None])
+    return (float(means[0, 0]), float(means[0, 1]), float(means[0, 2])), bool(safe[0])
+
+
+def _summaries(changes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_summary` of many points at once: ``changes`` (points, listeners, 3) -> means (points, 3), safe (points,)."""
+    n = changes.shape[1]
+    mean = changes.mean(1)
     if n < 2:  # no spread to test against: never "better with confidence"
-        return scores, False
+        return mean, np.zeros(len(changes), dtype=bool)
     q = _student_quantile(n) / np.sqrt(n)
-    gain = objective(changes.T)  # per listener
-    bound = gain.mean() - q * gain.std(ddof=1)
-    rmse_bound = mean[1] + q * changes[:, 1].std(ddof=1)
-    safe = bool(np.all(BAD_SIDE * mean <= TOL) and bound > TOL and rmse_bound <= RMSE_MARGIN + TOL)
-    return scores, safe
+    gain = objective(np.moveaxis(changes, 2, 0))  # (points, listeners)
+    bound = gain.mean(1) - q * gain.std(1, ddof=1)
+    rmse_bound = mean[:, 1] + q * changes[:, :, 1].std(1, ddof=1)
+    safe = np.all(BAD_SIDE * mean <= TOL, 1) & (bound > TOL) & (rmse_bound <= RMSE_MARGIN + TOL)
+    return mean, safe
 
 
 @functools.lru_cache(maxsize=None)
@@ -405,7 +440,7 @@ def _choose(parts: list[Parts], grid: tuple[float, ...], use_gate: bool) -> dict
         changes = np.stack([by_listener(c, who) for c in _grid_scores(parts, d, np.array(points), use_gate)])
         w, audit_report = nested_choice(changes, points)
         scores = _summary(changes[points.index(w)])[0] if w in points else (0.0, 0.0, 0.0)
-        free = max(range(len(points)), key=lambda k: objective(_summary(changes[k])[0]))
+        free = int(np.argmax(objective(changes.mean(1).T)))
         free_scores = _summary(changes[free])[0]
         dims[label] = {
             "weights": dict(zip(COMPONENTS, w)),
@@ -471,15 +506,20 @@ def best_qualifying(changes: np.ndarray, points: list[tuple[float, ...]]) -> int
     it was chosen on, so :func:`cross_fit_choice` audits it on others.
     """
     index = {w: k for k, w in enumerate(points)}
-    qualified: set[tuple[float, ...]] = set()
-    best, best_obj = None, 0.0
-    for k, w in enumerate(points):
-        s, safe = _summary(changes[k])
-        if safe and all(_summary(changes[k] - changes[index[v]])[1] for v in _sub_rules(w) if v in qualified):
-            qualified.add(w)
-            if objective(s) > best_obj:
-                best, best_obj = k, objective(s)
-    return best
+    used = np.array([_components_used(w) for w in points])
+    means, safe = _summaries(changes)
+    qualified = np.zeros(len(points), dtype=bool)
+    for level in np.unique(used):  # a point's sub-rules use fewer components: decided at an earlier level
+        cand = np.flatnonzero((used == level) & safe)
+        pairs = [(k, index[v]) for k in cand for v in _sub_rules(points[k]) if v in index and qualified[index[v]]]
+        ok = np.ones(len(points), dtype=bool)
+        for start in range(0, len(pairs), PAIR_CHUNK):  # against each qualifying sub-rule, in chunks
+            ks, vs = np.array(pairs[start : start + PAIR_CHUNK]).T
+            ok[ks[~_summaries(changes[ks] - changes[vs])[1]]] = False
+        qualified[cand] = ok[cand]
+    score = np.where(qualified, objective(means.T), -np.inf)
+    best = int(np.argmax(score)) if len(score) else 0  # the first of equal bests, in the order of ``points``
+    return best if len(score) and score[best] > 0.0 else None
 
 
 def cross_fit_choice(changes: np.ndarray, points: list[tuple[float, ...]]) -> tuple[tuple[float, ...], dict]:
@@ -526,6 +566,7 @@ def _components_used(w: tuple[float, ...]) -> int:
     return sum(x != 0 for x in w)
 
 
+@functools.lru_cache(maxsize=65536)
 def _sub_rules(w: tuple[float, ...]) -> list[tuple[float, ...]]:
     """The rules made of a proper, non-empty subset of ``w``'s components (the others switched off)."""
     on = [i for i, x in enumerate(w) if x]

@@ -155,7 +155,7 @@ def test_where_levels_carry_over_the_rule_is_at_least_as_good_as_the_offset_shif
     parts = parts_population(carry=0.9, seed=5)
     w, report = choose_weights(parts)
     for d, label in enumerate(("arousal", "valence")):
-        (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0, 0.0), False))
+        (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0, 0.0, 0.0), False))
         assert rmse < 0  # the shift helps here
         chosen = report[label]
         assert chosen["ccc_gain"] - chosen["rmse_change"] >= ccc - rmse - 0.01
@@ -231,13 +231,14 @@ def test_grid_scores_equal_one_point_at_a_time():
         m = song_metrics(np.c_[pred, pred], np.c_[target, target])
         return m["rmse_arousal"], m["pcc_arousal"], m["ccc_arousal"]
 
-    def personal(g, a, offset, scale, w):  # the module docstring's formula
+    def personal(g, a, offset, scale, w, r=0.0):  # the module docstring's formula
         shape = (a - g) - (a - g).mean()
-        return g.mean() + scale ** w[1] * (g - g.mean()) + w[2] * (a - g) + w[3] * shape + w[0] * offset
+        return g.mean() + scale ** w[1] * (g - g.mean()) + w[2] * (a - g) + w[3] * shape + w[0] * offset + w[4] * r
 
     def keeps(c, d, w):  # gate()'s docstring: a clear fall of the squared error, no fall of the CCC
         g, y = c.generic[:, d], c.ratings[:, d]
-        pc = personal(g, c.adapted[:, d], c.support.offset[d], c.support.scale[d], w)
+        r = 0.0 if c.response is None else c.response[:, d]
+        pc = personal(g, c.adapted[:, d], c.support.offset[d], c.support.scale[d], w, r)
         diff = (pc - y) ** 2 - (g - y) ** 2
         if len(y) < 2 or not diff.mean() + GATE_Z * diff.std(ddof=1) / np.sqrt(len(y)) < 0:
             return False
@@ -251,13 +252,18 @@ def test_grid_scores_equal_one_point_at_a_time():
         y_s = listener_curve(g_s, rng.normal(0, 0.3, 2), [1.5, 0.7]) + rng.normal(0, 0.1, g_s.shape)
         held = 1 if i == 1 else 15
         check = None if i == 2 else check_for(y_s[:25], y_s[-held:], g_s[:25], g_s[-held:], g_s[-held:] + 0.05)
+        with_response = i % 2 == 0  # queries with and without the response curve (older parts have none)
+        if check is not None and with_response:
+            check.response = rng.normal(0, 0.1, check.ratings.shape)
         queries = {}
         for j in range(2):
             g = generic_curve(50, 10 * i + j)
             y = np.full_like(g, 0.2) if (i, j) == (3, 0) else g + rng.normal(0.2, 0.2, g.shape)
             queries[f"s{j}"] = (y, g, g + rng.normal(0, 0.1, g.shape))
+            if with_response:
+                queries[f"s{j}"] += (y - g - 0.2 + rng.normal(0, 0.05, g.shape),)
         parts.append(Parts(Support.fit(y_s, g_s), check, queries, f"l{i % 5}"))
-    points = [w for w in itertools.product((0.0, 0.5, 1.0), repeat=4) if any(w)]
+    points = [w for w in itertools.product((0.0, 0.5, 1.0), repeat=5) if any(w)]
     kept_any, gated_any = False, False
     for d in range(2):
         got = _grid_scores(parts, d, np.array(points), use_gate=True)
@@ -268,10 +274,11 @@ def test_grid_scores_equal_one_point_at_a_time():
                 want = np.zeros(3)
                 if kept:
                     c, r, q = [], [], []
-                    for y, g, a in p.queries.values():
+                    for y, g, a, *resp in p.queries.values():
                         rg, pg, cg = metrics(g[:, d], y[:, d])
+                        resp_d = resp[0][:, d] if resp else 0.0
                         rp, pp, cp = metrics(
-                            personal(g[:, d], a[:, d], p.support.offset[d], p.support.scale[d], w), y[:, d]
+                            personal(g[:, d], a[:, d], p.support.offset[d], p.support.scale[d], w, resp_d), y[:, d]
                         )
                         c.append(cp - cg)
                         r.append(rp - rg)
@@ -302,9 +309,9 @@ def test_a_component_is_kept_only_if_it_costs_nothing_the_simpler_rule_had():
     w, report = choose_weights(parts, use_gate=False)
     assert w.offset == [1.0, 1.0] and w.scale == [0.0, 0.0] and w.maml == [0.0, 0.0]
     for d in range(2):
-        offset_only, safe = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0, 0.0), False))
+        offset_only, safe = _summary(_dim_scores(parts, d, (1.0, 0.0, 0.0, 0.0, 0.0), False))
         assert safe
-        with_scale = [_summary(_dim_scores(parts, d, (1.0, s, 0.0, 0.0), False)) for s in (0.25, 0.5)]
+        with_scale = [_summary(_dim_scores(parts, d, (1.0, s, 0.0, 0.0, 0.0), False)) for s in (0.25, 0.5)]
         assert all(ok for _, ok in with_scale)  # no worse than generic ...
         assert max(objective(s) for s, _ in with_scale) > objective(offset_only)  # ... and a higher objective
         assert all(s[1] > offset_only[1] for s, _ in with_scale)  # but worse RMSE than the offset alone
@@ -361,7 +368,7 @@ def test_with_or_without_the_check_is_decided_out_of_sample(monkeypatch):
 
     def dim(w, in_sample, cross, passed=True):
         return {
-            "weights": {"offset": w, "scale": 0.0, "maml": 0.0, "shape": 0.0},
+            "weights": {"offset": w, "scale": 0.0, "maml": 0.0, "shape": 0.0, "response": 0.0},
             "ccc_gain": in_sample,
             "rmse_change": 0.0,
             "pcc_change": 0.0,
@@ -405,7 +412,7 @@ def test_the_shape_component_keeps_what_carries_over_and_drops_the_level():
     for d in range(2):
         assert w.shape[d] >= 0.75 and w.maml[d] == 0.0 and w.offset[d] == 0.0, report
         (ccc, rmse, _), _ = _summary(_dim_scores(parts, d, w.of(d), False))
-        full, _ = _summary(_dim_scores(parts, d, (0.0, 0.0, 1.0, 0.0), False))
+        full, _ = _summary(_dim_scores(parts, d, (0.0, 0.0, 1.0, 0.0, 0.0), False))
         assert ccc > 0 and rmse < 0 and full[1] > 0  # the full change raises RMSE; the shape lowers it
     assert Weights.from_json({"offset": [1, 0], "maml": [0, 1]}).shape == [0.0, 0.0]  # profiles from before it
 
@@ -420,7 +427,7 @@ def test_a_simpler_family_is_used_where_the_full_choice_fails_its_audit():
     rng = np.random.default_rng(5)
     n = 60
     a, b = halves(n)
-    points = [(1.0, 0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.5)]
+    points = [(1.0, 0.0, 0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.5, 0.0)]
     changes = np.zeros((2, n, 3))
     changes[:, :, 0] = 0.01 + rng.normal(0, 0.005, (2, n))
     changes[:, :, 1] = -0.1 + rng.normal(0, 0.01, (2, n))

@@ -37,6 +37,10 @@ from pdmer.meta.tasks import make_batch
 from pdmer.metrics import song_metrics
 from pdmer.personalize import CHECK_SHARE, MIN_CHECK_STEPS, Check, Parts, Support, Weights, combine, gate
 from pdmer.references import References
+from pdmer.response import ResponseBasis
+from pdmer.response import curve as response_curve
+from pdmer.response import fit_songs as fit_response
+from pdmer.response import span as design_span
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,8 @@ class Adaptation:
         min_query_steps: the within-song protocol skips curves that leave fewer query steps.
         check: run the safe rule's held-out check (a second adaptation on the support's first part).
         draw: which support draw of the listener (:func:`choose_support`; 0 = the protocol's).
+        response: the run's basis of the step spectra for the safe rule's ``response`` component
+            (:mod:`pdmer.response`); None: that component is zero.
     """
 
     loss_fn: Callable
@@ -113,12 +119,27 @@ class Adaptation:
     min_query_steps: int = 2
     check: bool = True
     draw: int = 0
+    response: ResponseBasis | None = None
+
+
+def _design(features: dict, how: Adaptation, c: Curve) -> np.ndarray | None:
+    """The response design matrix on a curve's steps (None without a basis)."""
+    if how.response is None:
+        return None
+    return design_span(how.response.design(features[c.song_id].local), c.start_step, c.end_step)
+
+
+def _response_beta(features: dict, how: Adaptation, seqs: list[Curve], generic: list[np.ndarray]) -> np.ndarray | None:
+    """The listener's response (:func:`pdmer.response.fit_songs`) on support sequences, given the generic curves there."""
+    if how.response is None:
+        return None
+    return fit_response([_design(features, how, c) for c in seqs], [c.values - g for c, g in zip(seqs, generic)])
 
 
 def _support_parts(
     model, features: dict, support: list[Curve], how: Adaptation
-) -> tuple[Params, Support, Check | None]:
-    """Adapt on the support sequences; the safe rule's support statistics and held-out check."""
+) -> tuple[Params, Support, Check | None, np.ndarray | None]:
+    """Adapt on the support sequences; the safe rule's support statistics, held-out check and response."""
     device = next(model.parameters()).device
     seqs = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: min(how.seq_len, c.n_steps)]) for c in support]
     params, _ = adapt(
@@ -130,6 +151,7 @@ def _support_parts(
     )
     generic = [predict_curve(model, features[c.song_id], c, how.seq_len, how.hop) for c in seqs]
     stats = Support.fit(np.concatenate([c.values for c in seqs]), np.concatenate(generic))
+    beta = _response_beta(features, how, seqs, generic)
     check = None
     n_check = [int(round(c.n_steps * CHECK_SHARE)) for c in seqs]
     if how.check and all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(n_check, seqs)):
@@ -151,13 +173,18 @@ def _support_parts(
             predict_curve(model, features[c.song_id], c, how.seq_len, how.hop, p_fit)[f.n_steps :]
             for c, f in zip(seqs, fit)
         ]
+        r_held = None
+        if how.response is not None:
+            b_fit = _response_beta(features, how, fit, g_fit)
+            r_held = np.concatenate([response_curve(_design(features, how, h), b_fit) for h in held])
         check = Check(
             np.concatenate([h.values for h in held]),
             np.concatenate(g_held),
             np.concatenate(a_held),
             Support.fit(np.concatenate([f.values for f in fit]), np.concatenate(g_fit)),
+            r_held,
         )
-    return params, stats, check
+    return params, stats, check, beta
 
 
 def evaluate_listener(
@@ -184,7 +211,7 @@ def evaluate_listener(
     if queries is None:
         queries = [c for i, c in enumerate(curves) if i not in idx]
     model.eval()
-    params, stats, check = _support_parts(model, features, support, how)
+    params, stats, check, beta = _support_parts(model, features, support, how)
     offset = stats.offset.astype(np.float32)  # the offset condition's shift: mean support error of the generic model
     result = ListenerResult(
         listener, [c.song_id for c in support], {c: {} for c in CONDITIONS}, {c: {} for c in (*CONDITIONS, "ratings")}
@@ -192,7 +219,7 @@ def evaluate_listener(
     part = Parts(stats, check, {}, listener)
     for q in queries:
         part.queries[q.song_id] = _score_query(
-            model, dataset, features, listener, q, params, how, result, keep_curves, offset, references
+            model, dataset, features, listener, q, params, how, result, keep_curves, offset, references, beta
         )
     result.parts.append(part)
     return result
@@ -225,11 +252,11 @@ def evaluate_within_song(
             continue
         support = Curve(c.song_id, c.annotator_id, c.start_step, c.values[:seq_len])
         query = Curve(c.song_id, c.annotator_id, c.start_step + seq_len, c.values[seq_len:])
-        params, stats, check = _support_parts(model, features, [support], how)
+        params, stats, check, beta = _support_parts(model, features, [support], how)
         offset = stats.offset.astype(np.float32)
         part = Parts(stats, check, {}, listener)
         part.queries[query.song_id] = _score_query(
-            model, dataset, features, listener, query, params, how, result, keep_curves, offset, references
+            model, dataset, features, listener, query, params, how, result, keep_curves, offset, references, beta
         )
         result.parts.append(part)
         result.support.append(f"{c.song_id}[first {seq_len} steps]")
@@ -247,8 +274,8 @@ def apply_weights(results: list[ListenerResult], weights: Weights, keep_curves: 
         for part in r.parts:
             use = gate(part.check, weights)
             r.use.append(use.tolist())
-            for sid, (ratings, g, a) in part.queries.items():
-                p = combine(g, a, part.support, weights, use)
+            for sid, (ratings, g, a, *resp) in part.queries.items():
+                p = combine(g, a, part.support, weights, use, resp[0] if resp else None)
                 r.per_song["personalized"][sid] = song_metrics(p, ratings)
                 if keep_curves:
                     r.curves["personalized"][sid] = p.astype(np.float32)
@@ -266,11 +293,13 @@ def _score_query(
     keep_curves: bool,
     offset: np.ndarray | None = None,
     references: References | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    beta: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
     """Predict one query curve (every condition but the safe rule's) and score it.
 
     Returns:
-        (ratings, generic, adapted) of the query: what the safe rule combines.
+        (ratings, generic, adapted) of the query, and its response curve when ``beta`` is given
+        (the listener's response, :mod:`pdmer.response`): what the safe rule combines.
     """
     f = features[q.song_id]
     preds = {
@@ -297,7 +326,9 @@ def _score_query(
             result.curves[cond][q.song_id] = p
     if keep_curves:
         result.curves["ratings"][q.song_id] = q.values
-    return q.values, preds["generic"], preds["maml"]
+    if beta is None:
+        return q.values, preds["generic"], preds["maml"]
+    return q.values, preds["generic"], preds["maml"], response_curve(_design(features, how, q), beta)
 
 
 def _covers(reference: Curve, target: Curve) -> bool:

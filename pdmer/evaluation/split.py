@@ -24,7 +24,15 @@ from pdmer.evaluation.protocol import Adaptation, ListenerResult, apply_weights,
 from pdmer.evaluation.report import format_table, paired_gains, plot_listener, summarize
 from pdmer.personalize import COMPONENTS, RULE_DRAWS, Parts, Weights, choose_weights
 from pdmer.runs import git_info
-from pdmer.training.context import Context, build_context, build_model, make_loss_fn, references, selection_metric
+from pdmer.training.context import (
+    Context,
+    build_context,
+    build_model,
+    make_loss_fn,
+    references,
+    response_basis,
+    selection_metric,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,7 @@ def evaluate_split(
         MIN_QUERY_STEPS,
         cfg.eval.safe_check,
         draw,
+        response_basis(ctx),
     )
     refs = references(ctx)
     k, results = cfg.eval.support_songs, []
@@ -150,7 +159,12 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
     t0 = time.time()
     weights, rule_report = choose_rule(model, ctx)
     atomic_write_text(
-        run / RULE_FILE, json.dumps({"weights": weights.to_json(), "report": rule_report}, indent=2, default=float)
+        run / RULE_FILE,
+        json.dumps(
+            {"weights": weights.to_json(), "response": response_basis(ctx).to_json(), "report": rule_report},
+            indent=2,
+            default=float,
+        ),
     )
     test, per_listener = evaluate_split(model, ctx, "test", keep_curves=True, weights=weights)
     cond, metric = selection_metric(cfg)

@@ -21,6 +21,7 @@ from pdmer.meta.maml import attach_inner_lrs, call
 from pdmer.metrics import attention_loss, emotion_loss
 from pdmer.models.dsaml import DSAML
 from pdmer.references import References
+from pdmer.response import ResponseBasis, step_spectra
 from pdmer.runs import REPO, resolve_device
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Context:
     features: dict
     songs: dict[str, list[str]] | None = None  # song-disjoint split: "train", "val", "test" song ids
     refs: References | None = None  # built on first use (train.references)
+    response: ResponseBasis | None = None  # built on first use (response_basis)
 
     def split_record(self) -> dict:
         """What ``splits.json`` holds: kind, seed, protocol, the listener lists (and song lists)."""
@@ -167,6 +169,15 @@ def references(ctx: Context) -> References:
         train = [c for cs in ctx.train_curves().values() for c in cs]
         ctx.refs = References(ctx.dataset.curves, train, ctx.features, ctx.cfg.train.seed)
     return ctx.refs
+
+
+def response_basis(ctx: Context) -> ResponseBasis:
+    """The basis of the safe rule's ``response`` component (:mod:`pdmer.response`), fitted once on the
+    training songs' step spectra (deterministic: the same data and split give the same basis)."""
+    if ctx.response is None:
+        songs = sorted({c.song_id for cs in ctx.train_curves().values() for c in cs if c.song_id in ctx.features})
+        ctx.response = ResponseBasis.fit([step_spectra(ctx.features[s].local) for s in songs])
+    return ctx.response
 
 
 def make_loss_fn(cfg: ExperimentConfig):
