@@ -5,7 +5,7 @@ rated (chosen once, deterministically), query = all their other songs, whole cur
 Reported conditions:
 
 - ``generic``: the model without adaptation (one curve for every listener);
-- ``personalized``: the safe rule (:mod:`pdmer.personalize`): offset, scale and MAML components
+- ``personalized``: the safe rule (:mod:`pdmer.personalize`): offset, scale, MAML, shape and response components
   with population weights chosen on validation listeners, and a held-out check per listener;
 - ``maml``: plain MAML, the model after the inner loop on the support song(s);
 - ``offset``: offset-only personalization, no training: the generic curve shifted by the

@@ -100,11 +100,15 @@ def _safe_rule(
     lr: float,
     seq_len: int,
     hop: int,
+    basis=None,
 ) -> dict:
-    """The safe rule's per-listener part (:mod:`pdmer.personalize`): support statistics and the held-out check.
+    """The safe rule's per-listener part (:mod:`pdmer.personalize`): support statistics, the listener's
+    response to the music (with the base run's ``basis``, :mod:`pdmer.response`; None: none) and the
+    held-out check.
 
     The check adapts again on the first 2/3 of each rated span and scores the rule on the last third.
     """
+    from pdmer import response as R
     from pdmer.evaluation.inference import predict_steps
     from pdmer.meta.maml import adapt
     from pdmer.personalize import (
@@ -118,6 +122,13 @@ def _safe_rule(
 
     ratings = np.concatenate([c.values for c in curves])
     stats = Support.fit(ratings, np.concatenate([generic[c.song_id] for c in curves]))
+
+    def design(c: Curve) -> np.ndarray:
+        return R.span(basis.design(feats[c.song_id].local), c.start_step, c.end_step)
+
+    beta = None
+    if basis is not None:
+        beta = R.fit_songs([design(c) for c in curves], [c.values - generic[c.song_id] for c in curves])
     held_n = [int(round(c.n_steps * CHECK_SHARE)) for c in curves]
     check = None
     if any(weights.gate) and all(
@@ -141,6 +152,12 @@ def _safe_rule(
             )[f.n_steps :]
             for c, f in zip(curves, fit)
         ]
+        r_held = None
+        if basis is not None:
+            b_fit = R.fit_songs(
+                [design(f) for f in fit], [f.values - generic[c.song_id][: f.n_steps] for c, f in zip(curves, fit)]
+            )
+            r_held = np.concatenate([R.curve(design(c)[f.n_steps :], b_fit) for c, f in zip(curves, fit)])
         check = Check(
             np.concatenate([c.values[f.n_steps :] for c, f in zip(curves, fit)]),
             np.concatenate([generic[c.song_id][f.n_steps :] for c, f in zip(curves, fit)]),
@@ -149,19 +166,25 @@ def _safe_rule(
                 np.concatenate([f.values for f in fit]),
                 np.concatenate([generic[c.song_id][: f.n_steps] for c, f in zip(curves, fit)]),
             ),
+            r_held,
         )
     use = gate(check, weights)
     return {
         "weights": weights,
         "stats": stats,
+        "basis": basis,
+        "response": beta,  # (P, 2) or None
+        "response_curves": {c.song_id: R.curve(design(c), beta) for c in curves} if beta is not None else {},
         "use": use,
         "held_out_steps": 0 if check is None else len(check.ratings),
         "summary": describe(weights, use),
     }
 
 
-def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.ndarray) -> np.ndarray:
-    """A profile's personal curve: the safe rule with the weights, support statistics and checks it recorded."""
+def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.ndarray, local=None) -> np.ndarray:
+    """A profile's personal curve: the safe rule with the weights, support statistics, response and checks
+    it recorded. ``local``: the song's log-Mel patches (T, frames, mels), for the response component."""
+    from pdmer import response as R
     from pdmer.personalize import Support, Weights, combine
 
     rule = profile.info.get("personalization")
@@ -172,7 +195,24 @@ def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.nda
         )
     stats = Support(np.asarray(rule["support"]["offset"], float), np.asarray(rule["support"]["scale"], float))
     use = np.array([bool(rule["use"]["arousal"]), bool(rule["use"]["valence"])])
-    return combine(generic, adapted, stats, Weights.from_json(rule["weights"]), use).astype(np.float32)
+    weights = Weights.from_json(rule["weights"])
+    resp = None
+    if any(weights.response) and rule.get("response") is not None:  # profiles before it have none: zeros
+        try:
+            basis = R.ResponseBasis.from_json(rule["response"]["basis"])
+            beta = np.asarray(rule["response"]["beta"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProfileError(f"profile {profile.name!r} ({profile.path}): unreadable response record ({e})") from None
+        if local is None:
+            raise ProfileError(f"profile {profile.name!r}: its response component needs the song's features")
+        design = basis.design(local)
+        if beta.shape != (design.shape[1], 2) or not np.isfinite(beta).all():
+            raise ProfileError(
+                f"profile {profile.name!r} ({profile.path}): response beta of shape {beta.shape} does not fit "
+                f"its basis ({design.shape[1]} features x 2)"
+            )
+        resp = R.curve(design[: len(generic)], beta)
+    return combine(generic, adapted, stats, weights, use, resp).astype(np.float32)
 
 
 def _support_batches(curves: list[Curve], feats: dict, seq_len: int, device) -> list[tuple]:

@@ -190,6 +190,22 @@ class BaseModel:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ProfileError(f"{path}: unreadable safe personalization weights ({e})") from None
 
+    @property
+    def response_basis(self):
+        """The basis of the safe rule's response component the run fitted (``personalization.json``), or None
+        (runs evaluated before it: that component stays zero, as its weights are)."""
+        from pdmer.evaluation.split import RULE_FILE
+        from pdmer.response import ResponseBasis
+
+        path = self.run / RULE_FILE
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text()).get("response")
+            return None if record is None else ResponseBasis.from_json(record)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ProfileError(f"{path}: unreadable response basis ({e})") from None
+
     def describe(self) -> dict:
         return {
             "run": _display(self.run),

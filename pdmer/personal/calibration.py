@@ -320,9 +320,13 @@ def _support_curves(
             net, f, c.start_step, c.end_step, seq_len, hop, ad.params, batch_windows=PREDICT_BATCH_WINDOWS
         )
     check_finite_adaptation(curves=adapted, what=what, advice=advice)
-    safe = _safe_rule(net, feats, curves, generic, base.rule, ad.support_loss, steps, lr, seq_len, hop)
+    safe = _safe_rule(
+        net, feats, curves, generic, base.rule, ad.support_loss, steps, lr, seq_len, hop, base.response_basis
+    )
     personal = {
-        sid: combine(generic[sid], adapted[sid], safe["stats"], safe["weights"], safe["use"]).astype(np.float32)
+        sid: combine(
+            generic[sid], adapted[sid], safe["stats"], safe["weights"], safe["use"], safe["response_curves"].get(sid)
+        ).astype(np.float32)
         for sid in generic
     }
     return _SupportCurves(generic, adapted, personal, safe)
@@ -430,10 +434,14 @@ def _songs_info(curves: list[Curve], feats: dict, audio_map: dict[str, Path]) ->
 
 def _personalization_info(safe: dict) -> dict:
     """profile.json's ``personalization``: the safe rule's weights, support statistics and checks (predict reuses them)."""
+    response = None
+    if safe.get("response") is not None:
+        response = {"beta": safe["response"].tolist(), "basis": safe["basis"].to_json()}
     return {
-        "rule": "pdmer.personalize: generic + the offset, scale and MAML components, weighted by the base run's "
-        "weights and kept per dimension where a held-out last third of the rated span confirms them",
+        "rule": "pdmer.personalize: generic + the offset, scale, MAML, shape and response components, weighted by "
+        "the base run's weights and kept per dimension where a held-out last third of the rated span confirms them",
         "weights": safe["weights"].to_json(),
+        "response": response,  # the listener's linear response to the music (pdmer.response); None: none
         "use": {label: bool(u) for label, u in zip(("arousal", "valence"), safe["use"])},
         "support": safe["stats"].to_json(),
         "held_out_steps": safe["held_out_steps"],

@@ -179,7 +179,7 @@ def _predict_song(
             what=f"profile {name!r}",
             advice=f"Nothing was written; calibrate {name!r} again, with a lower --inner-lr.",
         )
-        personal = _apply_profile_rule(profile, generic, personal)  # as calibrate chose it (pdmer.personalize)
+        personal = _apply_profile_rule(profile, generic, personal, f.local)  # as calibrate chose it (pdmer.personalize)
     pred = SongPrediction(sid, path, np.arange(f.n_steps) * STEP_S, generic, personal, name, base.run, base.how)
     log.debug("%s: %d steps predicted in %.1f s", sid, len(generic), time.perf_counter() - t0)
     return pred
