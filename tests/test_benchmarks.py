@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,3 +69,25 @@ def test_fit_study_scores_model_probe_and_ceiling(tmp_path):
         assert start["val model"][k] == pytest.approx(probe["val ridge"][k], abs=1e-4), k
         assert start["train fit model"][k] == pytest.approx(probe["train fit ridge"][k], abs=1e-4), k
     assert probe["val consensus"]["rmse_arousal"] != probe["val ridge"]["rmse_arousal"]
+
+
+def test_response_study_measures_the_default_response(tmp_path, capsys):
+    """``benchmarks/response_study.py --quick`` on the tiny benchmark: one row, the module's constants,
+    finite changes over the listeners (its figures are not these)."""
+    import importlib.util
+
+    from conftest import tiny_overrides
+
+    from pdmer import response as R
+
+    spec = importlib.util.spec_from_file_location("response_study", REPO / "benchmarks" / "response_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for protocol in ("across", "within"):
+        table = study.main(
+            ["pdmer.synthetic.dsaml", *tiny_overrides(tmp_path, "resp"), "--quick", "--protocol", protocol]
+        )
+        ((key, row),) = table.items()
+        assert key == ((R.K, R.TAU_STEPS, R.LAGS), R.LAMBDA)
+        assert row["listeners"] >= 5 and np.isfinite(row["mean"]).all()
+    assert "| 4 | 3 | 0,4 | 0.1 |" in capsys.readouterr().out
