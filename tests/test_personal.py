@@ -1004,3 +1004,55 @@ def test_a_synthetic_only_model_warns_on_audio_that_is_not_the_benchmarks(base, 
     real = copy.copy(base)
     real.cfg = dataclasses.replace(base.cfg, data=dataclasses.replace(base.cfg.data, source="vgmidi"))
     assert real.synthetic_warning([elsewhere]) is None
+
+
+def test_the_response_component_is_recorded_and_applied_by_predict(tiny, tmp_path):
+    """A base run whose rule uses the response component (set by hand here): calibrate records the
+    listener's response and its basis in profile.json, and predict's personal curve on another song
+    is the generic one plus that response on the song's spectra (pdmer.response), as evaluation adds it."""
+    from pdmer import response as R
+    from pdmer.evaluation.split import RULE_FILE
+    from pdmer.personalize import Weights
+
+    run = tmp_path / tiny.run.name
+    shutil.copytree(tiny.run, run)
+    rule = json.loads((run / RULE_FILE).read_text())
+    assert "response" in rule  # written by evaluation: the basis fitted on the training songs
+    rule["weights"] = Weights(response=[1.0, 1.0], gate=False, chosen_on="by hand (test)").to_json()
+    (run / RULE_FILE).write_text(json.dumps(rule))
+    lid = tiny.splits["test"][0]
+    c = curves_of(tiny.ds, [lid])[lid][0]
+    ratings = write_ratings(tmp_path / "r.csv", c)
+    calibrate("resp", song(tiny, c.song_id), ratings, run, annotators_dir=tmp_path / "ann")
+    rec = json.loads((tmp_path / "ann" / "resp" / "profile.json").read_text())["personalization"]
+    beta = np.asarray(rec["response"]["beta"])
+    assert beta.shape == (R.K * len(R.LAGS), 2) and np.abs(beta).max() > 0
+    assert rec["personalized"] and "response 1" in rec["summary"]
+
+    other = next(s for s in ("clip_003", "clip_004", "clip_005") if s != c.song_id)
+    base = load_base_model(run)
+    (p,) = predict(song(tiny, other), model=run, name="resp", annotators_dir=tmp_path / "ann", write=False)
+    feats = base.features(song(tiny, other))
+    want = p.generic + R.curve(R.ResponseBasis.from_json(rec["response"]["basis"]).design(feats.local), beta)
+    np.testing.assert_allclose(p.personal, want, atol=1e-5)
+    assert np.abs(p.personal - p.generic).max() > 1e-4
+
+    # a profile written before the component (no response record, no response weight) reads as none
+    from types import SimpleNamespace
+
+    from pdmer.personal.adaptation import _apply_profile_rule
+
+    old = copy.deepcopy(rec)
+    del old["response"]
+    old["weights"].pop("response")
+    fake = SimpleNamespace(info={"personalization": old}, name="resp", path=tmp_path)
+    np.testing.assert_allclose(_apply_profile_rule(fake, p.generic, p.generic, feats.local), p.generic, atol=1e-6)
+    broken = copy.deepcopy(rec)
+    broken["response"]["beta"] = beta[:-1].tolist()
+    with pytest.raises(ProfileError, match="response beta"):
+        _apply_profile_rule(
+            SimpleNamespace(info={"personalization": broken}, name="resp", path=tmp_path),
+            p.generic,
+            p.generic,
+            feats.local,
+        )
