@@ -42,10 +42,11 @@ def _flatten(parts: list[P.Parts]) -> dict[str, np.ndarray]:
         out[f"{i}_support"] = np.stack([p.support.offset, p.support.scale])
         if p.check is not None:
             c = p.check
-            out[f"{i}_check"] = np.stack([c.ratings, c.generic, c.adapted]).astype(np.float64)
+            extra = [] if c.response is None else [c.response]  # the response component's curve, when computed
+            out[f"{i}_check"] = np.stack([c.ratings, c.generic, c.adapted, *extra]).astype(np.float64)
             out[f"{i}_check_support"] = np.stack([c.support.offset, c.support.scale])
-        for j, (r, g, a) in enumerate(p.queries.values()):
-            out[f"{i}_q{j}"] = np.stack([r, g, a]).astype(np.float64)
+        for j, q in enumerate(p.queries.values()):  # (ratings, generic, adapted[, response])
+            out[f"{i}_q{j}"] = np.stack([x for x in q if x is not None]).astype(np.float64)
     out["n"] = np.array(len(parts))
     out["listeners"] = np.array([p.listener for p in parts], dtype=str)
     return out
@@ -58,11 +59,11 @@ def _unflatten(z) -> list[P.Parts]:
         check = None
         if f"{i}_check" in z:
             c, cs = z[f"{i}_check"], z[f"{i}_check_support"]
-            check = P.Check(c[0], c[1], c[2], P.Support(cs[0], cs[1]))
+            check = P.Check(c[0], c[1], c[2], P.Support(cs[0], cs[1]), c[3] if len(c) > 3 else None)
         queries, j = {}, 0
         while f"{i}_q{j}" in z:
             q = z[f"{i}_q{j}"]
-            queries[f"q{j}"] = (q[0], q[1], q[2])
+            queries[f"q{j}"] = tuple(q)  # (ratings, generic, adapted[, response])
             j += 1
         who = str(z["listeners"][i]) if "listeners" in z else ""
         parts.append(P.Parts(P.Support(s[0], s[1]), check, queries, who))
@@ -164,7 +165,8 @@ def choose(parts, safe, use_gate=True, objective=P.objective, grid=P.GRID):
         for d in range(2):
             best = ((0.0, 0.0, 0.0), 0.0)
             points = [pt for pt in itertools.product(grid, repeat=3) if any(pt)]
-            for pt, changes in zip(points, P._grid_scores(parts, d, np.array(points), gated)):
+            padded = np.array([pt + (0.0,) * (len(P.COMPONENTS) - 3) for pt in points])  # offset, scale, maml only
+            for pt, changes in zip(points, P._grid_scores(parts, d, padded, gated)):
                 ch = P.by_listener(changes, [p.listener for p in parts])
                 if not safe(ch):
                     continue
