@@ -43,12 +43,6 @@ SUPPORT = 60  # steps: 30 s, the paper's support sequence
 Z95 = 1.96
 
 
-def design_of(basis: R.ResponseBasis, local, k: int, tau: float, lags: tuple[int, ...]) -> np.ndarray:
-    z = (R.step_spectra(local) - basis.mean) @ basis.axes[:k].T
-    z = R._smooth(z, tau)
-    return np.concatenate([R._lag(z, lag) for lag in lags], 1)
-
-
 def tasks(ctx, protocol: str, seed: int, listeners: list[str]) -> list[tuple[Curve, list[Curve]]]:
     """(support sequence, queries) per listener."""
     by: dict[str, list[Curve]] = {}
@@ -102,7 +96,7 @@ def main(argv=None) -> dict:
     designs = {(c.song_id, g): None for c in ctx.dataset.curves for g in grid}
     for sid, g in list(designs):
         if sid in ctx.features:
-            designs[sid, g] = design_of(basis, ctx.features[sid].local, *g)
+            designs[sid, g] = basis.design_with(ctx.features[sid].local, *g)
 
     rows = {(g, lam): [] for g in grid for lam in lams}
     for sup, queries in work:

@@ -58,10 +58,11 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from pdmer.data.types import LABELS
+from pdmer.data.types import LABELS, Curve
 
 COMPONENTS = ("offset", "scale", "maml", "shape", "response")
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -180,6 +181,52 @@ class Check:
     adapted: np.ndarray  # (H, 2) prediction of the model adapted on the first part
     support: Support  # offset and scale from the first part
     response: np.ndarray | None = None  # (H, 2) the response fitted on the first part, there (None: zeros)
+
+
+def held_out_check(
+    curves: list[Curve],
+    generic: list[np.ndarray],
+    adapted_on: Callable[[list[Curve]], list[np.ndarray]],
+    designs: list[np.ndarray] | None = None,
+) -> Check | None:
+    """One listener's held-out check (:func:`gate`): the rule fitted on the first part of each support curve.
+
+    The last ``CHECK_SHARE`` of every support curve is held out; offset, scale, a second adaptation
+    and the response are fitted on the rest, and predict the held-out steps.
+
+    Args:
+        curves: the listener's support curves.
+        generic: the generic curve on each one's steps, (T_i, 2).
+        adapted_on: adapts on the given first parts of the curves; returns the adapted model's curve
+            over each whole support curve, (T_i, 2) (the held-out part predicted in the context of
+            the whole curve, as the generic one is).
+        designs: the response design matrix on each curve's steps (:mod:`pdmer.response`); None: no
+            response component.
+
+    Returns:
+        the check, or None where a curve leaves fewer than ``MIN_CHECK_STEPS`` on either side.
+    """
+    held = [int(round(c.n_steps * CHECK_SHARE)) for c in curves]
+    if not all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(held, curves)):
+        return None
+    cut = [c.n_steps - n for c, n in zip(curves, held)]
+    fit = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[:k]) for c, k in zip(curves, cut)]
+    adapted = adapted_on(fit)
+    response = None
+    if designs is not None:
+        from pdmer import response as R
+
+        beta = R.fit_songs(
+            [x[:k] for x, k in zip(designs, cut)], [f.values - g[:k] for f, g, k in zip(fit, generic, cut)]
+        )
+        response = np.concatenate([R.curve(x[k:], beta) for x, k in zip(designs, cut)])
+    return Check(
+        np.concatenate([c.values[k:] for c, k in zip(curves, cut)]),
+        np.concatenate([g[k:] for g, k in zip(generic, cut)]),
+        np.concatenate([a[k:] for a, k in zip(adapted, cut)]),
+        Support.fit(np.concatenate([f.values for f in fit]), np.concatenate([g[:k] for g, k in zip(generic, cut)])),
+        response,
+    )
 
 
 def _metrics_1d(p: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:

@@ -90,13 +90,20 @@ class ResponseBasis:
         hit = self._cache.get(key)
         if hit is not None and hit[0] is local:
             return hit[1]
-        z = (step_spectra(local) - self.mean) @ self.axes.T  # (T, K)
-        z = _smooth(z, TAU_STEPS)
-        x = np.concatenate([_lag(z, lag) for lag in LAGS], 1)
+        x = self.design_with(local)
         if len(self._cache) >= DESIGN_CACHE:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = (local, x)  # holding ``local`` keeps its id from being reused while cached
         return x
+
+    def design_with(
+        self, local: torch.Tensor | np.ndarray, k: int | None = None, tau: float = TAU_STEPS, lags=LAGS
+    ) -> np.ndarray:
+        """:meth:`design` with other settings, not cached: the first ``k`` axes (None: all), smoothing
+        ``tau`` steps, ``lags`` (for studies of the design, ``benchmarks/response_study.py``)."""
+        z = (step_spectra(local) - self.mean) @ self.axes[:k].T  # (T, k)
+        z = _smooth(z, tau)
+        return np.concatenate([_lag(z, lag) for lag in lags], 1)
 
 
 def _smooth(x: np.ndarray, tau: float) -> np.ndarray:

@@ -157,3 +157,55 @@ def test_support_draws_are_distinct_and_draw_0_is_the_protocols():
     draws = [choose_support(curves, 2, 0, "L001", draw=j) for j in range(3)]
     assert len({i for d in draws for i in d}) == 6  # no song is a support twice
     assert choose_support(curves, 2, 0, "L001", draw=3) is None  # one song left: not enough for a draw
+
+
+def test_generic_curves_are_predicted_once_per_span_and_change_nothing(monkeypatch):
+    """Listeners of one evaluation share the generic curves (Adaptation.generic): same results, fewer passes."""
+    from pathlib import Path
+
+    from pdmer.data.types import Curve, Dataset
+    from pdmer.evaluation import protocol
+    from pdmer.evaluation.protocol import Adaptation, evaluate_listener
+
+    m = model()
+    feats = {"s1": Feats(90, seed=1), "s2": Feats(70, seed=2), "s3": Feats(60, seed=3)}
+    rng = np.random.default_rng(0)
+
+    def curves(listener):
+        return [
+            Curve("s1", listener, 0, rng.uniform(-1, 1, (90, 2)).astype(np.float32)),
+            Curve("s2", listener, 0, rng.uniform(-1, 1, (70, 2)).astype(np.float32)),
+            Curve("s3", listener, 0, rng.uniform(-1, 1, (60, 2)).astype(np.float32)),
+        ]
+
+    pools = {a: curves(a) for a in ("L1", "L2", "L3")}
+    dataset = Dataset("test", Path("."), {}, [c for cs in pools.values() for c in cs])
+
+    def loss_fn(model_, params, buffers, batch):
+        from pdmer.meta.maml import call
+
+        local, glob, target = batch
+        return ((call(model_, params, buffers, local, glob).pred - target) ** 2).mean()
+
+    calls = []
+    real = protocol.predict_curve
+    monkeypatch.setattr(protocol, "predict_curve", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+
+    def run(generic):
+        calls.clear()
+        how = Adaptation(loss_fn, 1, 0.01, 30, 15, 1, 0, generic=generic)
+        out = [evaluate_listener(m, dataset, feats, a, pool, how, True) for a, pool in pools.items()]
+        return out, len(calls)
+
+    alone, n_alone = run(None)
+    shared, n_shared = run({})
+    assert n_shared < n_alone
+    for a, b in zip(alone, shared):
+        assert a.support == b.support and a.per_song == b.per_song
+        for pa, pb in zip(a.parts, b.parts):
+            assert pa.queries.keys() == pb.queries.keys()
+            for sid in pa.queries:
+                for x, y in zip(pa.queries[sid], pb.queries[sid]):
+                    np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(pa.check.generic, pb.check.generic)
+            np.testing.assert_array_equal(pa.check.adapted, pb.check.adapted)

@@ -35,7 +35,7 @@ from pdmer.evaluation.inference import predict_curve
 from pdmer.meta.maml import Params, adapt
 from pdmer.meta.tasks import make_batch
 from pdmer.metrics import song_metrics
-from pdmer.personalize import CHECK_SHARE, MIN_CHECK_STEPS, Check, Parts, Support, Weights, combine, gate
+from pdmer.personalize import Check, Parts, Support, Weights, combine, gate, held_out_check
 from pdmer.references import References
 from pdmer.response import ResponseBasis
 from pdmer.response import curve as response_curve
@@ -107,6 +107,10 @@ class Adaptation:
         draw: which support draw of the listener (:func:`choose_support`; 0 = the protocol's).
         response: the run's basis of the step spectra for the safe rule's ``response`` component
             (:mod:`pdmer.response`); None: that component is zero.
+        generic: the generic curves already predicted, ``(song, start step, stop step) -> (T, 2)``
+            (read-only arrays): the listeners and support draws of one evaluation with the same
+            weights share them, so each span is predicted once (:func:`generic_curve`); None:
+            none kept. Never share one between different weights.
     """
 
     loss_fn: Callable
@@ -120,6 +124,20 @@ class Adaptation:
     check: bool = True
     draw: int = 0
     response: ResponseBasis | None = None
+    generic: dict | None = None
+
+
+def generic_curve(model, features: dict, c: Curve, how: Adaptation) -> np.ndarray:
+    """The generic model's curve on ``c``'s steps, predicted once per span where ``how.generic`` keeps them."""
+    if how.generic is None:
+        return predict_curve(model, features[c.song_id], c, how.seq_len, how.hop)
+    key = (c.song_id, c.start_step, c.end_step)
+    hit = how.generic.get(key)
+    if hit is None:
+        hit = predict_curve(model, features[c.song_id], c, how.seq_len, how.hop)
+        hit.setflags(write=False)  # shared between listeners: nobody may change it in place
+        how.generic[key] = hit
+    return hit
 
 
 def _design(features: dict, how: Adaptation, c: Curve) -> np.ndarray | None:
@@ -127,13 +145,6 @@ def _design(features: dict, how: Adaptation, c: Curve) -> np.ndarray | None:
     if how.response is None:
         return None
     return design_span(how.response.design(features[c.song_id].local), c.start_step, c.end_step)
-
-
-def _response_beta(features: dict, how: Adaptation, seqs: list[Curve], generic: list[np.ndarray]) -> np.ndarray | None:
-    """The listener's response (:func:`pdmer.response.fit_songs`) on support sequences, given the generic curves there."""
-    if how.response is None:
-        return None
-    return fit_response([_design(features, how, c) for c in seqs], [c.values - g for c, g in zip(seqs, generic)])
 
 
 def _support_parts(
@@ -149,16 +160,12 @@ def _support_parts(
         how.inner_steps,
         how.inner_lr,
     )
-    generic = [predict_curve(model, features[c.song_id], c, how.seq_len, how.hop) for c in seqs]
+    generic = [generic_curve(model, features, c, how) for c in seqs]
     stats = Support.fit(np.concatenate([c.values for c in seqs]), np.concatenate(generic))
-    beta = _response_beta(features, how, seqs, generic)
-    check = None
-    n_check = [int(round(c.n_steps * CHECK_SHARE)) for c in seqs]
-    if how.check and all(n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(n_check, seqs)):
-        fit = [Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(seqs, n_check)]
-        held = [
-            Curve(c.song_id, c.annotator_id, c.end_step - n, c.values[c.n_steps - n :]) for c, n in zip(seqs, n_check)
-        ]
+    designs = None if how.response is None else [_design(features, how, c) for c in seqs]
+    beta = None if designs is None else fit_response(designs, [c.values - g for c, g in zip(seqs, generic)])
+
+    def adapted_on(fit: list[Curve]) -> list[np.ndarray]:
         p_fit, _ = adapt(
             model,
             support_batch(fit, features, how.seq_len, device),
@@ -166,24 +173,9 @@ def _support_parts(
             how.inner_steps,
             how.inner_lr,
         )
-        g_fit = [g[: c.n_steps] for g, c in zip(generic, fit)]
-        g_held = [g[c.n_steps :] for g, c in zip(generic, fit)]
-        # the held-out part predicted in the context of the whole support sequence, as the generic curve
-        a_held = [
-            predict_curve(model, features[c.song_id], c, how.seq_len, how.hop, p_fit)[f.n_steps :]
-            for c, f in zip(seqs, fit)
-        ]
-        r_held = None
-        if how.response is not None:
-            b_fit = _response_beta(features, how, fit, g_fit)
-            r_held = np.concatenate([response_curve(_design(features, how, h), b_fit) for h in held])
-        check = Check(
-            np.concatenate([h.values for h in held]),
-            np.concatenate(g_held),
-            np.concatenate(a_held),
-            Support.fit(np.concatenate([f.values for f in fit]), np.concatenate(g_fit)),
-            r_held,
-        )
+        return [predict_curve(model, features[c.song_id], c, how.seq_len, how.hop, p_fit) for c in seqs]
+
+    check = held_out_check(seqs, generic, adapted_on, designs) if how.check else None
     return params, stats, check, beta
 
 
@@ -303,7 +295,7 @@ def _score_query(
     """
     f = features[q.song_id]
     preds = {
-        "generic": predict_curve(model, f, q, how.seq_len, how.hop),
+        "generic": generic_curve(model, features, q, how),
         "maml": predict_curve(model, f, q, how.seq_len, how.hop, params),
     }
     if offset is not None:

@@ -51,6 +51,7 @@ def evaluate_split(
     weights: Weights | None = None,
     protocol: str | None = None,
     draw: int = 0,
+    generic: dict | None = None,
 ) -> tuple[dict, list[ListenerResult]]:
     """Score every listener of ``split`` (at most ``limit``); see :mod:`pdmer.evaluation.protocol`.
 
@@ -65,6 +66,9 @@ def evaluate_split(
 
     ``draw`` (songs protocol): which support draw of each listener (:func:`pdmer.evaluation.protocol.choose_support`;
     0 = the protocol's); listeners who rated too few songs for it are left out.
+
+    ``generic``: the generic curves predicted so far with this model's weights (shared by calls
+    on the same weights, :class:`pdmer.evaluation.protocol.Adaptation`); None: kept for this call only.
     """
     cfg = ctx.cfg
     protocol = protocol or (cfg.eval.protocol if split == "test" else "songs")
@@ -82,6 +86,7 @@ def evaluate_split(
         cfg.eval.safe_check,
         draw,
         response_basis(ctx),
+        {} if generic is None else generic,
     )
     refs = references(ctx)
     k, results = cfg.eval.support_songs, []
@@ -111,32 +116,37 @@ def evaluate_split(
     return summarize(results), results
 
 
-def rule_parts(model: nn.Module, ctx: Context) -> tuple[list[Parts], str]:
+def rule_parts(model: nn.Module, ctx: Context, generic: dict | None = None) -> tuple[list[Parts], str]:
     """What the safe rule is chosen on: every validation listener under the test protocol.
 
     Songs protocol: each listener is scored with up to ``RULE_DRAWS`` different support songs in
     turn (the protocol's draw first), so that their vote does not hang on one song's luck; the
     choice averages a listener's draws (:func:`pdmer.personalize.by_listener`).
 
+    ``generic``: see :func:`evaluate_split` (the draws share one in any case).
+
     Returns:
         (parts, what they are, for the report).
     """
     protocol = ctx.cfg.eval.protocol
+    generic = {} if generic is None else generic
     try:
-        _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol=protocol)
+        _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol=protocol, generic=generic)
     except DataError as e:  # e.g. DEAM's validation clips are no longer than one support sequence
         if protocol == "songs":
             raise
         log.warning("safe personalization: %s; the weights are chosen under the songs protocol instead", e)
         protocol = f"songs (no validation listener can be scored {protocol})"
-        _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol="songs")
+        _, results = evaluate_split(model, ctx, "val", weights=Weights(), protocol="songs", generic=generic)
     listeners = len(results)
     parts = [p for r in results for p in r.parts]
     draws = 1
     if protocol == "songs":
         for draw in range(1, RULE_DRAWS):
             try:
-                _, more = evaluate_split(model, ctx, "val", weights=Weights(), protocol="songs", draw=draw)
+                _, more = evaluate_split(
+                    model, ctx, "val", weights=Weights(), protocol="songs", draw=draw, generic=generic
+                )
             except DataError:  # no validation listener rated enough songs for another draw
                 break
             parts += [p for r in more for p in r.parts]
@@ -145,9 +155,9 @@ def rule_parts(model: nn.Module, ctx: Context) -> tuple[list[Parts], str]:
     return parts, what + (f", up to {draws} support draws each ({len(parts)} in all)" if draws > 1 else "")
 
 
-def choose_rule(model: nn.Module, ctx: Context) -> tuple[Weights, dict]:
+def choose_rule(model: nn.Module, ctx: Context, generic: dict | None = None) -> tuple[Weights, dict]:
     """The safe rule's population weights, chosen on every validation listener under the test protocol."""
-    parts, what = rule_parts(model, ctx)
+    parts, what = rule_parts(model, ctx, generic)
     weights, report = choose_weights(parts, what, use_gate=ctx.cfg.eval.safe_check)
     log.info("safe personalization: weights %s (%s)", {k: getattr(weights, k) for k in COMPONENTS}, weights.chosen_on)
     return weights, report
@@ -157,7 +167,8 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
     """Score test listeners once, write results.json / results.md / curves.png."""
     cfg = ctx.cfg
     t0 = time.time()
-    weights, rule_report = choose_rule(model, ctx)
+    generic: dict = {}  # the generic curves, predicted once for the choice and the test alike
+    weights, rule_report = choose_rule(model, ctx, generic)
     atomic_write_text(
         run / RULE_FILE,
         json.dumps(
@@ -166,7 +177,7 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
             default=float,
         ),
     )
-    test, per_listener = evaluate_split(model, ctx, "test", keep_curves=True, weights=weights)
+    test, per_listener = evaluate_split(model, ctx, "test", keep_curves=True, weights=weights, generic=generic)
     cond, metric = selection_metric(cfg)
     results = {
         "experiment": cfg.name,

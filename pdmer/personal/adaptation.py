@@ -111,14 +111,7 @@ def _safe_rule(
     from pdmer import response as R
     from pdmer.evaluation.inference import predict_steps
     from pdmer.meta.maml import adapt
-    from pdmer.personalize import (
-        CHECK_SHARE,
-        MIN_CHECK_STEPS,
-        Check,
-        Support,
-        describe,
-        gate,
-    )
+    from pdmer.personalize import Support, describe, gate, held_out_check
 
     ratings = np.concatenate([c.values for c in curves])
     stats = Support.fit(ratings, np.concatenate([generic[c.song_id] for c in curves]))
@@ -126,55 +119,36 @@ def _safe_rule(
     def design(c: Curve) -> np.ndarray:
         return R.span(basis.design(feats[c.song_id].local), c.start_step, c.end_step)
 
-    beta = None
-    if basis is not None:
-        beta = R.fit_songs([design(c) for c in curves], [c.values - generic[c.song_id] for c in curves])
-    held_n = [int(round(c.n_steps * CHECK_SHARE)) for c in curves]
+    designs = None if basis is None else [design(c) for c in curves]
+    beta = None if designs is None else R.fit_songs(designs, [c.values - generic[c.song_id] for c in curves])
     check = None
-    if any(weights.gate) and all(
-        n >= MIN_CHECK_STEPS and c.n_steps - n >= MIN_CHECK_STEPS for n, c in zip(held_n, curves)
-    ):
-        fit = [
-            Curve(c.song_id, c.annotator_id, c.start_step, c.values[: c.n_steps - n]) for c, n in zip(curves, held_n)
-        ]
+    if any(weights.gate):
         device = next(net.parameters()).device
-        p_fit, _ = adapt(net, _support_batches(fit, feats, seq_len, device), support_loss, steps, lr)
-        a_held = [
-            predict_steps(
-                net,
-                feats[c.song_id],
-                c.start_step,
-                c.end_step,
-                seq_len,
-                hop,
-                p_fit,
-                batch_windows=PREDICT_BATCH_WINDOWS,
-            )[f.n_steps :]
-            for c, f in zip(curves, fit)
-        ]
-        r_held = None
-        if basis is not None:
-            b_fit = R.fit_songs(
-                [design(f) for f in fit], [f.values - generic[c.song_id][: f.n_steps] for c, f in zip(curves, fit)]
-            )
-            r_held = np.concatenate([R.curve(design(c)[f.n_steps :], b_fit) for c, f in zip(curves, fit)])
-        check = Check(
-            np.concatenate([c.values[f.n_steps :] for c, f in zip(curves, fit)]),
-            np.concatenate([generic[c.song_id][f.n_steps :] for c, f in zip(curves, fit)]),
-            np.concatenate(a_held),
-            Support.fit(
-                np.concatenate([f.values for f in fit]),
-                np.concatenate([generic[c.song_id][: f.n_steps] for c, f in zip(curves, fit)]),
-            ),
-            r_held,
-        )
+
+        def adapted_on(fit: list[Curve]) -> list[np.ndarray]:
+            p_fit, _ = adapt(net, _support_batches(fit, feats, seq_len, device), support_loss, steps, lr)
+            return [
+                predict_steps(
+                    net,
+                    feats[c.song_id],
+                    c.start_step,
+                    c.end_step,
+                    seq_len,
+                    hop,
+                    p_fit,
+                    batch_windows=PREDICT_BATCH_WINDOWS,
+                )
+                for c in curves
+            ]
+
+        check = held_out_check(curves, [generic[c.song_id] for c in curves], adapted_on, designs)
     use = gate(check, weights)
     return {
         "weights": weights,
         "stats": stats,
         "basis": basis,
         "response": beta,  # (P, 2) or None
-        "response_curves": {c.song_id: R.curve(design(c), beta) for c in curves} if beta is not None else {},
+        "response_curves": {c.song_id: R.curve(x, beta) for c, x in zip(curves, designs)} if designs else {},
         "use": use,
         "held_out_steps": 0 if check is None else len(check.ratings),
         "summary": describe(weights, use),
