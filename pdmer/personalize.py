@@ -288,6 +288,43 @@ def _personal_rows(
     return out
 
 
+def _query_rows(
+    g: np.ndarray,
+    a: np.ndarray,
+    y: np.ndarray,
+    offset: float,
+    scale: float,
+    w: np.ndarray,
+    r: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_metrics_rows` of :func:`_personal_rows` against ``y`` (T,), without building the (G, T) curves.
+
+    The personal curve is ``k + B c`` with the per-step terms ``B`` = (g - m, a - g, shape, r) (T, 4)
+    and per-row coefficients ``c`` = (scale ** w_scale, w_maml, w_shape, w_response) and constant
+    ``k`` = m + w_offset * offset, so its mean, variance and covariance with ``y`` follow from the
+    (centred) second moments of ``B`` and ``y``: O(G) work per query instead of O(G T). Equal to
+    the direct computation up to rounding (``tests/test_personalize.py``).
+    """
+    g, a, y = (np.asarray(x, dtype=np.float64) for x in (g, a, y))
+    m, change = g.mean(), a - g
+    cols = [g - m, change, change - change.mean(), np.zeros_like(g) if r is None else np.asarray(r, np.float64)]
+    b = np.stack(cols, 1)  # (T, 4)
+    c = np.stack([scale ** w[:, 1], w[:, 2], w[:, 3], w[:, 4]], 1)  # (G, 4)
+    mean_p = m + w[:, 0] * offset + c @ b.mean(0)
+    bc, yc = b - b.mean(0), y - y.mean()
+    n = len(y)
+    var_p = np.maximum(np.einsum("gi,ij,gj->g", c, bc.T @ bc / n, c), 0.0)
+    cov = c @ (bc.T @ yc / n)
+    var_y = float(yc @ yc / n)
+    bias2 = (mean_p - y.mean()) ** 2
+    sp, st = np.sqrt(var_p), np.sqrt(var_y)
+    denom = var_p + var_y + bias2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pcc = np.where((sp > 0) & (st > 0), cov / (sp * st), np.nan)
+        ccc = np.where(denom > 0, 2 * cov / denom, np.nan)
+    return np.sqrt(np.maximum(var_p - 2 * cov + var_y + bias2, 0.0)), pcc, ccc
+
+
 def _gate_rows(check: Check, d: int, w: np.ndarray) -> np.ndarray:
     """The held-out check (:func:`gate`) of one dimension for each row of weights ``w`` (G, 4): (G,) bool."""
     g, y = check.generic[:, d].astype(np.float64), check.ratings[:, d].astype(np.float64)
@@ -318,9 +355,7 @@ def _grid_scores(parts: list[Parts], d: int, w: np.ndarray, use_gate: bool) -> n
             g1, y = g[:, d].astype(np.float64), ratings[:, d].astype(np.float64)
             rg, pg, cg = _metrics_1d(g1, y)
             resp_d = resp[0][:, d] if resp and resp[0] is not None else None
-            rp, pp, cp = _metrics_rows(
-                _personal_rows(g1, a[:, d], p.support.offset[d], p.support.scale[d], w, resp_d), y
-            )
+            rp, pp, cp = _query_rows(g1, a[:, d], y, p.support.offset[d], p.support.scale[d], w, resp_d)
             c.append(cp - cg)
             r.append(rp - rg)
             ok = np.isfinite(pp) & np.isfinite(pg)
