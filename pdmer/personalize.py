@@ -313,7 +313,7 @@ def _query_rows(
     mean_p = m + w[:, 0] * offset + c @ b.mean(0)
     bc, yc = b - b.mean(0), y - y.mean()
     n = len(y)
-    var_p = np.maximum(np.einsum("gi,ij,gj->g", c, bc.T @ bc / n, c), 0.0)
+    var_p = np.maximum(((c @ (bc.T @ bc / n)) * c).sum(1), 0.0)
     cov = c @ (bc.T @ yc / n)
     var_y = float(yc @ yc / n)
     bias2 = (mean_p - y.mean()) ** 2
