@@ -108,12 +108,21 @@ class RidgeProbe:
         )
 
     @staticmethod
-    def _fit(z: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-        ym = y.mean(0)
-        zm = z.mean(0)
+    def _moments(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """What every penalty's fit on these steps shares: the means and the centred cross-products."""
+        ym, zm = y.mean(0), z.mean(0)
         zc = z - zm
-        coef = np.linalg.solve(zc.T @ zc + alpha * np.eye(z.shape[1]), zc.T @ (y - ym))
+        return zm, ym, zc.T @ zc, zc.T @ (y - ym)
+
+    @staticmethod
+    def _solve(moments: tuple[np.ndarray, ...], alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        zm, ym, gram, cross = moments
+        coef = np.linalg.solve(gram + alpha * np.eye(len(gram)), cross)
         return coef, ym - zm @ coef
+
+    @classmethod
+    def _fit(cls, z: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        return cls._solve(cls._moments(z, y), alpha)
 
     def _choose_alpha(self, z: np.ndarray, y: np.ndarray, g: np.ndarray, seed: int) -> tuple[float, dict]:
         songs = np.unique(g)
@@ -122,13 +131,13 @@ class RidgeProbe:
         k = min(CV_FOLDS, len(songs))
         fold_of = {s: i % k for i, s in enumerate(np.random.default_rng(seed).permutation(songs))}
         f = np.array([fold_of[s] for s in g])
-        cv = {}
-        for a in ALPHAS:
-            err = []
-            for k in np.unique(f):
-                coef, bias = self._fit(z[f != k], y[f != k], a)
-                err.append(((z[f == k] @ coef + bias - y[f == k]) ** 2).mean())
-            cv[a] = float(np.sqrt(np.mean(err)))
+        err: dict[float, list[float]] = {a: [] for a in ALPHAS}
+        for k in np.unique(f):  # each fold's cross-products once, then one solve per penalty
+            moments = self._moments(z[f != k], y[f != k])
+            for a in ALPHAS:
+                coef, bias = self._solve(moments, a)
+                err[a].append(((z[f == k] @ coef + bias - y[f == k]) ** 2).mean())
+        cv = {a: float(np.sqrt(np.mean(e))) for a, e in err.items()}
         return min(cv, key=cv.get), cv
 
     def __call__(self, feats, q: Curve) -> np.ndarray:
