@@ -157,6 +157,14 @@ GOOD = rows("s1", "A", [15.0, 15.5, 16.0], [0.1, 0.2, 0.3], [0.0, 0.1, 0.2])
         ),
         (GOOD.replace("15.0", "-1.0"), [r"ratings\.csv line 2 \(song 's1', annotator 'A'\)", "negative"]),
         (
+            GOOD.replace("16.0", "inf"),
+            [r"ratings\.csv line 4 \(song 's1', annotator 'A'\)", "time_s='inf' is not finite"],
+        ),
+        (
+            GOOD.replace("15.5", "NaN"),
+            [r"ratings\.csv line 3 \(song 's1', annotator 'A'\)", "time_s='NaN' is not finite"],
+        ),
+        (
             rows("s1", "A", [15.0], [0.1], [0.1]),
             [r"ratings\.csv \(song 's1', annotator 'A'\), line 2", "only 1 rating"],
         ),
@@ -176,6 +184,8 @@ GOOD = rows("s1", "A", [15.0, 15.5, 16.0], [0.1, 0.2, 0.3], [0.0, 0.1, 0.2])
         "duplicate-time",
         "time-backwards",
         "negative-time",
+        "infinite-time",
+        "nan-time",
         "one-rating",
         "no-audio",
         "short-row",
@@ -263,3 +273,14 @@ def test_long_problem_lists_are_counted(tmp_path):
     msg = str(e.value)
     assert msg.startswith(f"{n} problem(s)")
     assert msg.rstrip().endswith("... and 50 more")
+
+
+def test_numbers_with_surrounding_spaces_read_as_without(tmp_path):
+    body = rows("s1", "A", [15.0, 15.5, 16.0], [0.1, 0.2, 0.3], [0.0, 0.1, 0.2])
+    spaced = "\n".join(
+        ",".join(f" {x} " if i >= 2 else x for i, x in enumerate(r.split(","))) for r in body.splitlines()
+    )
+    (a,) = load_generic(make_root(tmp_path / "plain", body)).curves
+    (b,) = load_generic(make_root(tmp_path / "spaced", spaced + "\n")).curves
+    assert a.start_step == b.start_step
+    np.testing.assert_array_equal(a.values, b.values)

@@ -144,6 +144,7 @@ def _read_rows(
     """The data rows, checked one by one: (valid rows per (song, annotator), the keys with a bad row, rows read)."""
     lo, hi = (-DEAM_RANGE, DEAM_RANGE) if scale == "deam" else UNIT_RANGE
     col = {c: header.index(c) for c in COLUMNS}
+    ct, ca, cv = col["time_s"], col["arousal"], col["valence"]
     width = len(header)
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     tainted: set[tuple[str, str]] = set()  # (song, annotator) with a bad row: already reported
@@ -157,12 +158,18 @@ def _read_rows(
             problems.add(f"{name} line {line}: {len(row)} fields, header has {width}")
             continue
         sid, aid = row[col["song_id"]].strip(), row[col["annotator_id"]].strip()
-        where = f"{name} line {line} (song {sid!r}, annotator {aid!r})"
         if not sid or not aid:
-            problems.add(f"{where}: empty song_id or annotator_id")
+            problems.add(f"{name} line {line} (song {sid!r}, annotator {aid!r}): empty song_id or annotator_id")
             continue
         seen.add(sid)
-        nums = _numbers(row, col, where, problems, lo, hi, scale)
+        try:  # the common case first: three finite numbers in range (float() ignores surrounding whitespace)
+            t, a, v = float(row[ct]), float(row[ca]), float(row[cv])
+            if 0 <= t < math.inf and lo <= a <= hi and lo <= v <= hi:  # NaN fails every comparison
+                groups[sid, aid].append((line, t, a, v))
+                continue
+        except ValueError:
+            pass
+        nums = _numbers(row, col, f"{name} line {line} (song {sid!r}, annotator {aid!r})", problems, lo, hi, scale)
         if nums is None:
             tainted.add((sid, aid))
         else:
