@@ -86,6 +86,7 @@ CHOICE_LEVEL = 0.95
 RMSE_MARGIN = 0.005
 RULE_DRAWS = 4  # support draws per validation listener for the choice (songs protocol; fewer if they rated fewer)
 TOL = 1e-9  # rounding allowed in "no worse"
+CV_FOLDS = 2  # the cross-fitted audit's folds: each is scored by the choice made on the others
 PAIR_CHUNK = 2048  # (point, sub-rule) pairs tested at once (memory: pairs x listeners x 3 floats)
 BAD_SIDE = np.array([-1.0, 1.0, -1.0])  # (CCC gain, RMSE change, PCC change) toward the bad side
 
@@ -575,8 +576,14 @@ def nested_choice(changes: np.ndarray, points: list[tuple[float, ...]]) -> tuple
 
 def halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Two disjoint halves of ``n`` listeners (a fixed random order, dealt alternately)."""
+    a, b = folds(n, 2, seed)
+    return a, b
+
+
+def folds(n: int, k: int = 2, seed: int = 0) -> list[np.ndarray]:
+    """``k`` disjoint folds of ``n`` listeners (a fixed random order, dealt in turn; fewer if n < k)."""
     order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[0::2]), np.sort(order[1::2])
+    return [np.sort(order[j::k]) for j in range(min(k, n))]
 
 
 def best_qualifying(changes: np.ndarray, points: list[tuple[float, ...]]) -> int | None:
@@ -624,20 +631,22 @@ def cross_fit_choice(changes: np.ndarray, points: list[tuple[float, ...]]) -> tu
     """
     zero = tuple(0.0 for _ in COMPONENTS)
     n = changes.shape[1]
-    a, b = halves(n)
-    folds, out_of_fold = [], np.zeros((n, changes.shape[2]))
-    for pick, check in ((a, b), (b, a)):
+    parts = folds(n, CV_FOLDS)
+    report_folds, out_of_fold = [], np.zeros((n, changes.shape[2]))
+    for j in range(len(parts)):  # each fold scored by the choice of the others (2 folds: the halves in turn)
+        check = parts[(j + 1) % len(parts)]
+        pick = np.setdiff1d(np.arange(n), check)
         k = best_qualifying(changes[:, pick], points) if len(pick) else None
         fold = {"chosen_on": len(pick), "scored_on": len(check), "weights": dict(zip(COMPONENTS, zero))}
         if k is not None:
             out_of_fold[check] = changes[k][check]
             s = _summary(changes[k][check])[0]
             fold.update(weights=dict(zip(COMPONENTS, points[k])), ccc_gain=s[0], rmse_change=s[1], pcc_change=s[2])
-        folds.append(fold)
+        report_folds.append(fold)
     scores, safe = _summary(out_of_fold)
     passed = bool(safe and objective(scores) > TOL)
     report = {
-        "folds": folds,
+        "folds": report_folds,
         "cross_fitted": {"ccc_gain": scores[0], "rmse_change": scores[1], "pcc_change": scores[2], "passed": passed},
     }
     k = best_qualifying(changes, points) if passed else None

@@ -91,3 +91,23 @@ def test_response_study_measures_the_default_response(tmp_path, capsys):
         assert key == ((R.K, R.TAU_STEPS, R.LAGS), R.LAMBDA)
         assert row["listeners"] >= 5 and np.isfinite(row["mean"]).all()
     assert "| 4 | 3 | 0,4 | 0.1 |" in capsys.readouterr().out
+
+
+def test_audit_folds_study_restores_the_rule_and_finds_no_gain_where_there_is_none(tmp_path):
+    """``benchmarks/audit_folds_study.py``: a table row per panel size and population; the null
+    population passes rarely, the real one more often; the module's fold count is left as it was."""
+    import importlib.util
+
+    from pdmer import personalize as P
+
+    spec = importlib.util.spec_from_file_location("audit_folds_study", REPO / "benchmarks" / "audit_folds_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    before = P.CV_FOLDS
+    text = study.main(["--trials", "20", "--out", str(tmp_path / "t.md")])
+    assert P.CV_FOLDS == before
+    rows = [r.split("|")[1:-1] for r in text.splitlines() if r.startswith("| ") and r.split("|")[1].strip().isdigit()]
+    assert len(rows) == len(study.LISTENERS) * len(study.SCENARIOS)
+    rate = {(int(r[0]), r[1].strip()): [float(x) for x in r[2:]] for r in rows}
+    assert max(rate[60, "null"]) <= 0.1 < max(rate[60, "real"])
+    assert (tmp_path / "t.md").read_text() == text
