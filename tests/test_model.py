@@ -90,3 +90,31 @@ def test_mlp_skip_path_fits_a_nonlinear_target_and_starts_the_model_there():
         probe = a.skip((g - a.global_mean) / a.global_std)
     torch.testing.assert_close(out, probe)
     assert float((out - y[:60]).pow(2).mean().sqrt()) < 0.6 * float(linear)
+
+
+def test_channels_last_cnn_predicts_the_same_and_leaves_training_unchanged():
+    """Evaluation's CPU layout (``channels_last_cnn``): the same curves up to float rounding, the same
+    parameter objects and values after it, and a training step after it equals one without it."""
+    import copy
+
+    from pdmer.models.dsaml import channels_last_cnn
+
+    torch.manual_seed(0)
+    m = DSAML(tiny(), 10)
+    twin = copy.deepcopy(m)
+    loc, glo = torch.randn(3, 12, 51, 128), torch.randn(3, 12, 10)
+    with torch.no_grad():
+        want = m.eval()(loc, glo).pred
+        params = [p for p in m.parameters()]
+        before = [p.detach().clone() for p in params]
+        with channels_last_cnn(m):
+            assert m.cnn.channels_last and m.cnn.net[4].weight.is_contiguous(memory_format=torch.channels_last)
+            got = m(loc, glo).pred
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not m.cnn.channels_last and all(p.is_contiguous() for p in m.parameters())
+    assert [p for p in m.parameters()] == params and all(torch.equal(p, b) for p, b in zip(params, before))
+    for model in (m, twin):
+        model.train()
+        model.zero_grad()
+        model(loc, glo).pred.square().mean().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(m.parameters(), twin.parameters()))

@@ -11,6 +11,7 @@ diagonal attention loss needs the maps anyway.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -156,10 +157,37 @@ class SpectrogramCNN(nn.Module):
         with torch.no_grad():
             self.out_dim = self.forward(torch.zeros(2, PATCH_FRAMES, PATCH_BANDS)).shape[1]
 
+    channels_last: bool = False  # set by :func:`channels_last_cnn`
+
     def forward(self, patches: Tensor) -> Tensor:
         """(N, 51, 128) -> (N, out_dim); out_dim = 476 (14 x 34) without pooling."""
-        x = self.net(self.pool(patches.unsqueeze(1)))  # (N, 1, 14, 34) without pooling
-        return x.flatten(1)  # (N, out_dim)
+        x = self.pool(patches.unsqueeze(1))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x).flatten(1)  # (N, out_dim), from (N, 1, 14, 34) without pooling
+
+
+@contextlib.contextmanager
+def channels_last_cnn(model: nn.Module):
+    """Run the local branch's CNN in the channels-last layout inside the block, on the CPU.
+
+    Evaluation on 2 CPU cores is about a fifth faster (its max-pooling and convolutions; the
+    sliding-window predictions of every listener). Weights keep their values and objects (the
+    optimiser's references hold) and return to the usual layout afterwards, so training is
+    unchanged; the predictions differ from the usual layout's in float rounding only. Elsewhere
+    (a GPU, a model without the CNN) it does nothing.
+    """
+    cnn = getattr(model, "cnn", None)
+    if not isinstance(cnn, SpectrogramCNN) or next(cnn.parameters()).device.type != "cpu" or cnn.channels_last:
+        yield model
+        return
+    cnn.to(memory_format=torch.channels_last)
+    cnn.channels_last = True
+    try:
+        yield model
+    finally:
+        cnn.channels_last = False
+        cnn.to(memory_format=torch.contiguous_format)
 
 
 def band_mask(T: int, window: int, device: torch.device | str | None = None) -> Tensor:
