@@ -764,7 +764,31 @@ def headline_section(tables: dict[str, dict], previous: str = "") -> str:
             + ", ".join(f"seed {s} {m:.1f} min" for s, m in times.items())
             + f" (`{' '.join(default['overrides']) or 'no overrides'}`; other jobs may have shared the machine).",
         ]
+    if (c1 := _command1_figure()) is not None:
+        lines += ["", c1]
     return "\n".join(lines)
+
+
+def _command1_figure() -> str | None:
+    """The latest timing of README command 1 in a fresh clone (``benchmarks/command1_time.py``), as a sentence."""
+    found = []
+    for f in sorted((REPO / "benchmarks" / "results" / "command1").glob("*.json")):
+        try:
+            d = json.loads(f.read_text())
+            found.append((d["date"], d["commit"], d))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not found:
+        return None
+    d = max(found, key=lambda x: x[0])[2]
+    lo, hi = d["gain_ci95"]
+    dirty = " with uncommitted changes" if d.get("uncommitted_changes") else ""
+    return (
+        f"README command 1 in a fresh clone (`python benchmarks/command1_time.py`: generation, features, training, "
+        f"evaluation; the install not included): {d['minutes']:.1f} min on {d['cores']} cores ({d['date']}, "
+        f"{d['commit'][:7]}{dirty}); it printed a gain of {d['gain_ccc_mean']:+.3f} mean CCC "
+        f"(95 % CI [{lo:+.3f}, {hi:+.3f}])."
+    )
 
 
 def _run_minutes(table: dict) -> dict[str, float]:

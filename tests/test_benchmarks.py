@@ -111,3 +111,40 @@ def test_audit_folds_study_restores_the_rule_and_finds_no_gain_where_there_is_no
     rate = {(int(r[0]), r[1].strip()): [float(x) for x in r[2:]] for r in rows}
     assert max(rate[60, "null"]) <= 0.1 < max(rate[60, "real"])
     assert (tmp_path / "t.md").read_text() == text
+
+
+def test_command1_timing_reads_the_phases_and_reaches_the_readme(tmp_path, monkeypatch):
+    """``benchmarks/command1_time.py``: the phases from a run's log; ``run.py tables`` quotes the latest timing."""
+    import importlib.util
+    import json
+    from datetime import datetime, timezone
+
+    from pdmer import reproduce
+
+    spec = importlib.util.spec_from_file_location("command1_time", REPO / "benchmarks" / "command1_time.py")
+    c1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(c1)
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-12-07 05:08:02,769 INFO pdmer.training.loop: run x: small model\n"
+        "2026-12-07 05:09:52,844 INFO pdmer.training.loop: iteration 50: val personalized ccc_mean = 0.04\n"
+        "2026-12-07 05:22:47,734 INFO pdmer.training.loop: iteration 400: val personalized ccc_mean = 0.04\n"
+        "2026-12-07 05:25:33,312 INFO pdmer.evaluation.split: safe personalization: weights {}\n"
+    )
+    start = datetime(2026, 12, 7, 5, 6, 2, tzinfo=timezone.utc).timestamp()
+    assert c1._phases(log, start) == {
+        "data_and_features": 2.0,
+        "first_checkpoint": 3.83,
+        "last_checkpoint": 16.75,
+        "rule_chosen": 19.52,
+    }
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    assert reproduce._command1_figure() is None
+    folder = tmp_path / "benchmarks" / "results" / "command1"
+    folder.mkdir(parents=True)
+    base = {"commit": "a" * 40, "cores": 2, "gain_ccc_mean": 0.043, "gain_ci95": [0.03, 0.056]}
+    (folder / "old.json").write_text(json.dumps({**base, "date": "2026-12-01", "minutes": 30.0}))
+    (folder / "new.json").write_text(json.dumps({**base, "date": "2026-12-07", "minutes": 16.25}))
+    (folder / "broken.json").write_text("{")
+    text = reproduce._command1_figure()
+    assert "16.2 min on 2 cores (2026-12-07, aaaaaaa)" in text and "[+0.030, +0.056]" in text
