@@ -563,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from pdmer.runs import code_info
+
+    code_info()  # the code this process starts with: what its results record (pdmer.runs.code_info)
     try:
         return args.func(args)
     except KeyboardInterrupt:

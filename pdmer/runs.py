@@ -40,6 +40,27 @@ def git_info(exclude: tuple[str, ...] = ()) -> dict:
     return {"commit": commit or None, "dirty": dirty}
 
 
+_STARTED_WITH: dict | None = None  # git_info() at this process's first code_info() call
+
+
+def code_info() -> dict:
+    """The code this process runs: :func:`git_info` as it was at the process's first call
+    (``pdmer.cli.main`` makes that call when it starts), not as the working tree is now.
+
+    A long run (training, then evaluation an hour later) loaded its modules when it started; the
+    tree may have moved on since. Where it has, ``tree_now`` holds :func:`git_info` now (modules
+    imported late may come from it).
+    """
+    global _STARTED_WITH
+    now = git_info()
+    if _STARTED_WITH is None:
+        _STARTED_WITH = now
+    out = dict(_STARTED_WITH)
+    if now != _STARTED_WITH:
+        out["tree_now"] = now
+    return out
+
+
 def resolve_device(spec: str, key: str = "runtime.device") -> torch.device:
     """The torch device for ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
 

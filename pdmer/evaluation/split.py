@@ -24,7 +24,7 @@ from pdmer.evaluation.protocol import Adaptation, ListenerResult, apply_weights,
 from pdmer.evaluation.report import format_table, paired_gains, plot_listener, summarize
 from pdmer.models.dsaml import channels_last_cnn
 from pdmer.personalize import COMPONENTS, RULE_DRAWS, Parts, Weights, choose_weights
-from pdmer.runs import git_info
+from pdmer.runs import code_info
 from pdmer.training.context import (
     Context,
     build_context,
@@ -224,7 +224,7 @@ def evaluate_and_report(model, ctx: Context, run: Path, writer=None, **extra) ->
             for r in per_listener
         },
         "eval_seconds": time.time() - t0,
-        "evaluated_at": git_info(),  # a finished run re-evaluated later (run.py evaluate) differs from run.json's
+        "evaluated_at": code_info(),  # a finished run re-evaluated later (run.py evaluate) differs from run.json's
         **extra,
     }
     if writer is not None:
