@@ -95,7 +95,7 @@ def test_response_study_measures_the_default_response(tmp_path, capsys):
 
 def test_audit_folds_study_restores_the_rule_and_finds_no_gain_where_there_is_none(tmp_path):
     """``benchmarks/audit_folds_study.py``: a table row per panel size and population; the null
-    population passes rarely, the real one more often; the module's fold count is left as it was."""
+    population passes rarely, the real one more often; the module's audit settings are left as they were."""
     import importlib.util
 
     from pdmer import personalize as P
@@ -103,9 +103,9 @@ def test_audit_folds_study_restores_the_rule_and_finds_no_gain_where_there_is_no
     spec = importlib.util.spec_from_file_location("audit_folds_study", REPO / "benchmarks" / "audit_folds_study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    before = P.CV_FOLDS
+    before = P.CV_FOLDS, P.CV_REPEATS, P.PICK_LEVEL
     text = study.main(["--trials", "20", "--out", str(tmp_path / "t.md")])
-    assert P.CV_FOLDS == before
+    assert (P.CV_FOLDS, P.CV_REPEATS, P.PICK_LEVEL) == before
     rows = [r.split("|")[1:-1] for r in text.splitlines() if r.startswith("| ") and r.split("|")[1].strip().isdigit()]
     assert len(rows) == len(study.LISTENERS) * len(study.SCENARIOS)
     rate = {(int(r[0]), r[1].strip()): [float(x) for x in r[2:]] for r in rows}

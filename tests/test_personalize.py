@@ -340,6 +340,32 @@ def test_cross_fitted_choice_is_not_fooled_by_the_best_of_many_candidates():
     assert _summary(real[points.index(w)])[1]
 
 
+def test_repeated_splits_score_each_listener_by_the_mean_over_splits(monkeypatch):
+    """``CV_REPEATS`` splits: every split scores every listener once, a listener's out-of-fold change
+    is the mean over the splits; one split is the plain halves (the report unchanged)."""
+    from pdmer import personalize as P
+
+    rng = np.random.default_rng(3)
+    points = [(0.0, 0.0, 0.0, 0.0, w) for w in (0.5, 1.0)]
+    real = rng.normal(0, 0.03, (len(points), 30, 3)) + [0.05, -0.03, 0.05]
+    _, one = P.cross_fit_choice(real, points)
+    assert len(one["folds"]) == 2 and all("split" not in f for f in one["folds"])
+    monkeypatch.setattr(P, "CV_REPEATS", 3)
+    w, rep = P.cross_fit_choice(real, points)
+    assert [f["split"] for f in rep["folds"]] == [0, 0, 1, 1, 2, 2]
+    assert rep["folds"][:2] == [dict(f, split=0) for f in one["folds"]]
+    expect = np.zeros((30, 3))
+    for r in range(3):
+        parts = P.folds(30, 2, seed=r)
+        for j in range(2):  # fold j is chosen on the others and scores the next one
+            check = parts[(j + 1) % 2]
+            chosen = tuple(rep["folds"][2 * r + j]["weights"].values())
+            if any(chosen):
+                expect[check] += real[points.index(chosen)][check] / 3
+    assert np.allclose(rep["cross_fitted"]["ccc_gain"], expect[:, 0].mean())
+    assert any(w) and rep["cross_fitted"]["passed"]
+
+
 def test_the_check_is_chosen_per_dimension_and_old_profiles_still_read():
     """Arousal levels carry over (the shift helps every listener: the check only turns some away),
     valence is noise around the generic curve: arousal goes without the check, recorded per dimension;
