@@ -31,15 +31,24 @@ def song_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
         raise ValueError(f"pred {pred.shape} and target {target.shape} must both be (T, 2)")
     out = {}
     for c, label in enumerate(LABELS):
-        p, t = pred[:, c], target[:, c]
-        out[f"rmse_{label}"] = float(np.sqrt(np.mean((p - t) ** 2)))
-        sp, st = p.std(), t.std()
-        cov = np.mean((p - p.mean()) * (t - t.mean()))
-        out[f"pcc_{label}"] = float(cov / (sp * st)) if sp > 0 and st > 0 else float("nan")
-        denom = sp**2 + st**2 + (p.mean() - t.mean()) ** 2
-        out[f"ccc_{label}"] = float(2 * cov / denom) if denom > 0 else float("nan")
+        rmse, pcc, ccc = row_metrics(pred[None, :, c], target[:, c])
+        out[f"rmse_{label}"], out[f"pcc_{label}"], out[f"ccc_{label}"] = float(rmse[0]), float(pcc[0]), float(ccc[0])
     out["ccc_mean"] = (out["ccc_arousal"] + out["ccc_valence"]) / 2
     return out
+
+
+def row_metrics(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(RMSE, PCC, CCC) of each row of ``p`` (G, T) against one target curve ``t`` (T,), each (G,).
+
+    Population moments (``ddof=0``); PCC is NaN where either curve is constant, CCC where both are
+    constant and equal (no spread and no bias: undefined)."""
+    sp, st = p.std(1), t.std()
+    cov = np.mean((p - p.mean(1, keepdims=True)) * (t - t.mean()), 1)
+    denom = sp**2 + st**2 + (p.mean(1) - t.mean()) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pcc = np.where((sp > 0) & (st > 0), cov / (sp * st), np.nan)
+        ccc = np.where(denom > 0, 2 * cov / denom, np.nan)
+    return np.sqrt(np.mean((p - t) ** 2, 1)), pcc, ccc
 
 
 def average(per_song: list[dict[str, float]]) -> dict[str, float]:

@@ -63,6 +63,7 @@ from typing import Callable
 import numpy as np
 
 from pdmer.data.types import LABELS, Curve
+from pdmer.metrics import row_metrics
 
 COMPONENTS = ("offset", "scale", "maml", "shape", "response")
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -239,7 +240,7 @@ def held_out_check(
 
 def _metrics_1d(p: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
     """(RMSE, PCC, CCC) of one dimension, as :func:`pdmer.metrics.song_metrics` computes them."""
-    rmse, pcc, ccc = _metrics_rows(np.asarray(p)[None], t)
+    rmse, pcc, ccc = row_metrics(np.asarray(p)[None], t)
     return float(rmse[0]), float(pcc[0]), float(ccc[0])
 
 
@@ -270,18 +271,6 @@ class Parts:
     listener: str = ""  # whose: the choice's test averages a listener's parts first ("" = a listener of its own)
 
 
-def _metrics_rows(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(RMSE, PCC, CCC) of each row of ``p`` (G, T) against ``t`` (T,), each (G,), as
-    :func:`pdmer.metrics.song_metrics` computes them (PCC NaN for a constant curve)."""
-    sp, st = p.std(1), t.std()
-    cov = np.mean((p - p.mean(1, keepdims=True)) * (t - t.mean()), 1)
-    denom = sp**2 + st**2 + (p.mean(1) - t.mean()) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pcc = np.where((sp > 0) & (st > 0), cov / (sp * st), np.nan)
-        ccc = np.where(denom > 0, 2 * cov / denom, np.nan)
-    return np.sqrt(np.mean((p - t) ** 2, 1)), pcc, ccc
-
-
 def _personal_rows(
     g: np.ndarray, a: np.ndarray, offset: float, scale: float, w: np.ndarray, r: np.ndarray | None = None
 ) -> np.ndarray:
@@ -305,7 +294,7 @@ def _query_rows(
     w: np.ndarray,
     r: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_metrics_rows` of :func:`_personal_rows` against ``y`` (T,), without building the (G, T) curves.
+    """:func:`row_metrics` of :func:`_personal_rows` against ``y`` (T,), without building the (G, T) curves.
 
     The personal curve is ``k + B c`` with the per-step terms ``B`` = (g - m, a - g, shape, r) (T, 4)
     and per-row coefficients ``c`` = (scale ** w_scale, w_maml, w_shape, w_response) and constant
@@ -343,7 +332,7 @@ def _gate_rows(check: Check, d: int, w: np.ndarray) -> np.ndarray:
         return ~w.any(1)
     diff = (p - y) ** 2 - (g - y) ** 2
     beats = diff.mean(1) + GATE_Z * diff.std(1, ddof=1) / np.sqrt(h) < 0
-    ccc_p, ccc_g = _metrics_rows(p, y)[2], _metrics_1d(g, y)[2]
+    ccc_p, ccc_g = row_metrics(p, y)[2], _metrics_1d(g, y)[2]
     kept = beats & np.isfinite(ccc_p) & (ccc_p >= ccc_g if np.isfinite(ccc_g) else True)
     return kept | ~w.any(1)  # all-zero weights: the generic curve, nothing to check
 
