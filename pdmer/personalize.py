@@ -92,7 +92,7 @@ CV_FOLDS = 2  # the cross-fitted audit's folds: each is scored by the choice mad
 # more folds, repeated splits (a listener's out-of-fold change the mean over CV_REPEATS random splits)
 # and a laxer test for each fold's own choice (PICK_LEVEL below CHOICE_LEVEL) all find a real gain
 # more often, and all pass a point whose true RMSE cost sits at RMSE_MARGIN more often than the
-# test's nominal 5 % (9-11 % with 22 listeners); two folds, one split, the audit's level keep it at 3 %.
+# test's nominal 5 % (6-11 % with 22 listeners); two folds, one split, the audit's level keep it at 3 %.
 PICK_LEVEL = CHOICE_LEVEL  # the level of the test that a point must pass to be chosen by a fold
 CV_REPEATS = 1  # the audit's splits into CV_FOLDS folds, each a fresh random order
 PAIR_CHUNK = 2048  # (point, sub-rule) pairs tested at once (memory: pairs x listeners x 3 floats)
