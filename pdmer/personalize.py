@@ -197,7 +197,6 @@ def held_out_check(
     generic: list[np.ndarray],
     adapted_on: Callable[[list[Curve]], list[np.ndarray]],
     designs: list[np.ndarray] | None = None,
-    mask: np.ndarray | None = None,
 ) -> Check | None:
     """One listener's held-out check (:func:`gate`): the rule fitted on the first part of each support curve.
 
@@ -212,7 +211,6 @@ def held_out_check(
             the whole curve, as the generic one is).
         designs: the response design matrix on each curve's steps (:mod:`pdmer.response`); None: no
             response component.
-        mask: which design columns each dimension's response is fitted on (``ResponseBasis.mask``).
 
     Returns:
         the check, or None where a curve leaves fewer than ``MIN_CHECK_STEPS`` on either side.
@@ -228,7 +226,7 @@ def held_out_check(
         from pdmer import response as R
 
         beta = R.fit_songs(
-            [x[:k] for x, k in zip(designs, cut)], [f.values - g[:k] for f, g, k in zip(fit, generic, cut)], mask=mask
+            [x[:k] for x, k in zip(designs, cut)], [f.values - g[:k] for f, g, k in zip(fit, generic, cut)]
         )
         response = np.concatenate([R.curve(x[k:], beta) for x, k in zip(designs, cut)])
     return Check(

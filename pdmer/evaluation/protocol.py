@@ -163,11 +163,7 @@ def _support_parts(
     generic = [generic_curve(model, features, c, how) for c in seqs]
     stats = Support.fit(np.concatenate([c.values for c in seqs]), np.concatenate(generic))
     designs = None if how.response is None else [_design(features, how, c) for c in seqs]
-    beta = (
-        None
-        if designs is None
-        else fit_response(designs, [c.values - g for c, g in zip(seqs, generic)], mask=how.response.mask)
-    )
+    beta = None if designs is None else fit_response(designs, [c.values - g for c, g in zip(seqs, generic)])
 
     def adapted_on(fit: list[Curve]) -> list[np.ndarray]:
         p_fit, _ = adapt(
@@ -179,11 +175,7 @@ def _support_parts(
         )
         return [predict_curve(model, features[c.song_id], c, how.seq_len, how.hop, p_fit) for c in seqs]
 
-    check = (
-        held_out_check(seqs, generic, adapted_on, designs, None if how.response is None else how.response.mask)
-        if how.check
-        else None
-    )
+    check = held_out_check(seqs, generic, adapted_on, designs) if how.check else None
     return params, stats, check, beta
 
 

@@ -120,11 +120,7 @@ def _safe_rule(
         return R.span(basis.design(feats[c.song_id].local), c.start_step, c.end_step)
 
     designs = None if basis is None else [design(c) for c in curves]
-    beta = (
-        None
-        if designs is None
-        else R.fit_songs(designs, [c.values - generic[c.song_id] for c in curves], mask=basis.mask)
-    )
+    beta = None if designs is None else R.fit_songs(designs, [c.values - generic[c.song_id] for c in curves])
     check = None
     if any(weights.gate):
         device = next(net.parameters()).device
@@ -145,9 +141,7 @@ def _safe_rule(
                 for c in curves
             ]
 
-        check = held_out_check(
-            curves, [generic[c.song_id] for c in curves], adapted_on, designs, None if basis is None else basis.mask
-        )
+        check = held_out_check(curves, [generic[c.song_id] for c in curves], adapted_on, designs)
     use = gate(check, weights)
     return {
         "weights": weights,

@@ -173,12 +173,10 @@ def references(ctx: Context) -> References:
 
 def response_basis(ctx: Context) -> ResponseBasis:
     """The basis of the safe rule's ``response`` component (:mod:`pdmer.response`), fitted once on the
-    training songs' step spectra and the training listeners' curves, for the run's protocol
-    (deterministic: the same data and split give the same basis)."""
+    training songs' step spectra (deterministic: the same data and split give the same basis)."""
     if ctx.response is None:
-        curves = [c for cs in ctx.train_curves().values() for c in cs if c.song_id in ctx.features]
-        spectra = {s: step_spectra(ctx.features[s].local) for s in sorted({c.song_id for c in curves})}
-        ctx.response = ResponseBasis.fit_personal(spectra, curves, ctx.cfg.eval.protocol)
+        songs = sorted({c.song_id for cs in ctx.train_curves().values() for c in cs if c.song_id in ctx.features})
+        ctx.response = ResponseBasis.fit([step_spectra(ctx.features[s].local) for s in songs])
     return ctx.response
 
 
