@@ -221,12 +221,17 @@ def section_predict(args) -> dict:
 
     Taking the descriptors in turns puts them under the same machine load, so their ratio holds
     even when the machine's speed drifts during the run. Returns the first descriptor's figures,
-    and the others' under ``"other"`` (descriptor -> figures).
+    and the others' under ``"other"`` (descriptor -> figures). Each round also times the local
+    scale's log-Mel alone on the decoded song (``log_mel_median``): with the model's windows, the
+    least any prediction with this feature definition takes here, whatever the descriptor.
     """
     import dataclasses
 
+    import soundfile as sf
+
     from pdmer.evaluation.inference import predict_steps
     from pdmer.features import FeatureExtractor
+    from pdmer.features.local import log_mel
     from pdmer.personal import song_features
 
     cfg, device, model = _setup(args)
@@ -237,6 +242,13 @@ def section_predict(args) -> dict:
         wav = _write_song(Path(tmp) / "song.wav", seconds)
         fxs = {k: FeatureExtractor(dataclasses.replace(cfg.features, cqt=k), use_cache=False) for k in kinds}
         split = {k: {"total": [], "features": [], "model": []} for k in kinds}
+        wave = sf.read(str(wav), dtype="float32")[0]  # (n,) mono, at the model's sample rate
+        mel_times = []
+
+        def mel_only() -> None:
+            t0 = time.perf_counter()
+            log_mel(wave, cfg.features)
+            mel_times.append(time.perf_counter() - t0)
 
         def run(kind: str) -> None:
             t0 = time.perf_counter()
@@ -251,6 +263,7 @@ def section_predict(args) -> dict:
         for _ in range(args.repeats + 1):  # the first round is the warm-up
             for kind in kinds:
                 run(kind)
+            mel_only()
     out = {}
     for kind, parts in split.items():
         total = _stats(parts["total"][1:])  # [0] is the warm-up
@@ -261,6 +274,9 @@ def section_predict(args) -> dict:
             "rtf": seconds / total["median"],
             **total,
             **{f"{k}_median": statistics.median(v[1:]) for k, v in parts.items() if k != "total"},
+            "log_mel_median": statistics.median(mel_times[1:] or mel_times),
+            "n_fft": cfg.features.n_fft,
+            "sample_rate": cfg.features.sample_rate,
         }
     first, *others = kinds
     peaks = _peaks(device)  # of the process: both descriptors' runs together
@@ -492,6 +508,11 @@ def table(res: dict) -> str:
         )
 
     prediction(p, " (WAV -> curve)")
+    if "log_mel_median" in p:
+        rows.append(
+            f"| of the features: the local scale's log-Mel alone (decoded audio -> log-Mel; {p['sample_rate']} Hz, "
+            f"n_fft {p['n_fft']}) | {p['log_mel_median']:.3f} s | |"
+        )
     if "predict_multirate" in res:
         n = res["predict_multirate"]
         vs = f" ({n['rtf'] / p['rtf']:.2f}x the exact one's)"
@@ -513,6 +534,12 @@ def table(res: dict) -> str:
                 f"- target {key} {'<=' if how == 'max' else '>='} {bound:g} {unit}: measured {v:.3g} -> "
                 f"**{'met' if ok else 'NOT met'}**"
             )
+    if "log_mel_median" in p:
+        floor = p["song_s"] / (p["log_mel_median"] + p["model_median"])
+        checks.append(
+            f"- the local log-Mel and the model's windows alone, with nothing else (no decoding, no descriptor): "
+            f"{floor:.0f}x real time, the most any prediction with this feature definition reaches here"
+        )
     key = "peak_gpu_gib" if gpu else "peak_rss_gib"
     growth = q[key] / p[key]
     checks.append(
