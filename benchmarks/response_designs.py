@@ -164,7 +164,8 @@ def designs(ctx, model, protocol: str) -> dict[str, tuple[dict, dict]]:
     if ctx.cfg.data.source == "synthetic":
         from pdmer.data.synthetic import default_root
 
-        factors = np.load(default_root(ctx.cfg.data.synthetic) / "factors.npz")
+        root = Path(ctx.cfg.data.root) if ctx.cfg.data.root else default_root(ctx.cfg.data.synthetic)
+        factors = np.load(root / "factors.npz")
         true = {s: factors[s].astype(np.float64)[: len(spectra[s])] for s in songs}
         out["true factors"] = shared(true, true[songs[0]].shape[1])
     return out

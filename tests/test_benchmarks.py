@@ -148,3 +148,91 @@ def test_command1_timing_reads_the_phases_and_reaches_the_readme(tmp_path, monke
     (folder / "broken.json").write_text("{")
     text = reproduce._command1_figure()
     assert "16.2 min on 2 cores (2026-12-07, aaaaaaa)" in text and "[+0.030, +0.056]" in text
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_response_designs_learns_the_axis_along_which_responses_carry_over():
+    """A planted personal response (each listener's own coefficient on one fixed direction of the
+    features, the same on every song) is found as the top learned axis; the per-song noise and the
+    other directions are not."""
+    from pdmer.data.types import Curve
+
+    study = _load_script("response_designs")
+    rng = np.random.default_rng(0)
+    n_feat, n_songs, steps = 8, 12, 80
+    planted = np.zeros(n_feat)
+    planted[[2, 5]] = [0.6, -0.8]
+    z = {f"s{i}": rng.standard_normal((steps, n_feat)) for i in range(n_songs)}
+    curves = []
+    for a in range(30):
+        coef = rng.standard_normal(2)  # the listener's response, per dimension, carried over
+        for i in rng.choice(n_songs, 4, replace=False):
+            x = z[f"s{i}"] @ planted  # (steps,)
+            fresh = rng.standard_normal((n_feat, 2)) * 0.3  # a response of this song only
+            y = x[:, None] * coef[None] + z[f"s{i}"] @ fresh + 0.5 * rng.standard_normal((steps, 2))
+            curves.append(Curve(f"s{i}", f"l{a}", 0, y.astype(np.float32)))
+    axes = study._carried_axes(z, curves, "across")
+    for d in range(2):
+        top = axes[d][:, 0]
+        assert abs(top @ planted) > 0.95  # unit vectors: cosine
+    # with no carried-over part, the top axis is not the planted one
+    no_carry = [Curve(c.song_id, c.annotator_id, 0, rng.permutation(c.values)) for c in curves]
+    assert abs(study._carried_axes(z, no_carry, "across")[0][:, 0] @ planted) < 0.9
+
+
+def test_variants_table_reads_paired_changes_weights_and_provenance(tmp_path):
+    """benchmarks/variants_table.py: one row per results.json, the recorded means and intervals, the
+    chosen weights, the commit; a pattern that matches nothing is an error."""
+    study = _load_script("variants_table")
+    for seed, gain in ((0, 0.04), (1, 0.02)):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"train": {"seed": seed}}))
+        cell = lambda m: {"mean": m, "ci95": [m - 0.01, m + 0.01]}  # noqa: E731
+        res = {
+            "paired": {
+                "personalized": {"ccc_mean": cell(gain), "rmse_arousal": cell(-0.002), "rmse_valence": cell(0.001)}
+            },
+            "personalization": {"weights": {"response": [0.75, 1.0], "maml": [0.0, 0.0]}},
+            "evaluated_at": {"commit": "abcdef0123", "dirty": seed == 1},
+            "best": {"iteration": 50 * (seed + 1)},
+        }
+        (run / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "t.md"
+    study.main([f"mine={tmp_path}/run*/results.json", "--out", str(out)])
+    text = out.read_text()
+    assert "| mine | 0 | +0.040 [+0.030, +0.050] | -0.002 [-0.012, +0.008] | +0.001 [-0.009, +0.011] |" in text
+    assert "| response 0.75/1 | 50 | abcdef0 |" in text
+    assert "| mine | 1 | +0.020 [+0.010, +0.030]" in text and "| 100 | abcdef0 (uncommitted changes) |" in text
+    with pytest.raises(SystemExit):
+        study.main([f"none={tmp_path}/nothing*/results.json"])
+
+
+def test_response_designs_scores_every_design_on_a_trained_run(tmp_path):
+    """``benchmarks/response_designs.py`` on a tiny trained run, so the script cannot rot (its figures
+    are not these): every design at both weights, ``true factors`` on the embedded benchmark, and
+    ``spectra`` itself is 0 against ``spectra``."""
+    from conftest import tiny_overrides
+
+    from pdmer.config import load_config
+    from pdmer.training import train
+
+    study = _load_script("response_designs")
+    run = train(load_config("pdmer.synthetic.dsaml", tiny_overrides(tmp_path, "designs")))
+    out = tmp_path / "designs.md"
+    text = study.main([str(run), "--out", str(out)])
+    assert out.read_text().strip() == text.strip()
+    names = ("spectra", "spectra + flux", "learned personal axes", "network embedding", "true factors")
+    for name in names:
+        for w in study.WEIGHTS:
+            (row,) = [line for line in text.splitlines() if line.startswith(f"| {name} | {w:g} |")]
+            assert "nan" not in row
+    assert all(line.endswith("|  |") for line in text.splitlines() if line.startswith("| spectra |"))
