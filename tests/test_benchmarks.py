@@ -36,6 +36,7 @@ def test_benchmark_quick_mode_reports_every_figure(tmp_path):
         "predict_long_peak_rss_gib",
         "listeners_per_s",
         "listeners_batched_per_s",
+        "log_mel_model_rtf",
     ):
         assert math.isfinite(s[key]) and s[key] > 0, key
     assert res["precisions"]["fp32"]["meta_batched"]["shape"]["tasks"] == 2  # quick shapes
@@ -43,6 +44,8 @@ def test_benchmark_quick_mode_reports_every_figure(tmp_path):
     assert res["listeners"]["listeners"] == 2
     assert (res["predict"]["cqt"], res["predict_multirate"]["cqt"]) == ("exact", "multirate")  # both descriptors
     assert "features.cqt=multirate" in p.stdout
+    # the log-Mel alone is part of the features, so the floor it gives is faster than the whole prediction
+    assert s["log_mel_model_rtf"] > s["predict_rtf"] and "log-Mel alone" in p.stdout
 
 
 def test_fit_study_scores_model_probe_and_ceiling(tmp_path):
