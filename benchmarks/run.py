@@ -15,6 +15,9 @@ Measured, each in its own subprocess (so the peak memory of one does not hide an
   sliding windows): real-time factor, split into features and model, with the default (exact)
   CQT descriptor and with the multirate one (``features.cqt=multirate``); and the peak memory
   against a song three times as long.
+- ``log_mel``: the local scale's log-Mel alone on the same song, decoded beforehand (on the CPU,
+  where the features are computed). With the model's windows it gives the speed this feature
+  definition cannot pass, whatever the descriptor (``log_mel_model_rtf`` in the summary).
 
 Every time is the median over ``--repeats`` runs after one warm-up, with the min and max. Peak
 memory: the subprocess's maximum resident set (CPU) and ``torch.cuda.max_memory_allocated``
