@@ -142,8 +142,10 @@ ACCURACY_EXPERIMENTS = ("pdmer.synthetic.dsaml", "pdmer.vgmidi.dsaml")
 ACCURACY_METRICS = ("ccc_mean", "pcc_arousal", "pcc_valence", "rmse_arousal", "rmse_valence")
 
 
-def accuracy_table(runs_dir: Path = REPO / "runs") -> str:
-    """Test metrics of each experiment trained with either descriptor, from ``run.py reproduce``'s tables.
+def accuracy_table(runs_dir: Path = REPO / "runs", results_dir: Path | None = None) -> str:
+    """Test metrics of each experiment trained with either descriptor, from ``run.py reproduce``'s tables
+    (under ``runs_dir/reproduce/``, or their copies that ``run.py tables`` publishes in ``results_dir``,
+    default ``experiments/results/``).
 
     The exact descriptor's row is the experiment's own reproduction (``python run.py reproduce EXP``);
     the multirate one's is ``python run.py reproduce EXP features.cqt=multirate`` (runtime overrides
@@ -151,9 +153,9 @@ def accuracy_table(runs_dir: Path = REPO / "runs") -> str:
     "within the seed spread" means it is no larger than the larger of the two stds.
     """
     from pdmer.config import load_config
-    from pdmer.reproduce import base_hash, find_tables
+    from pdmer.reproduce import RESULTS_DIR, base_hash, find_tables
 
-    tables = find_tables(runs_dir)
+    tables = find_tables(runs_dir, RESULTS_DIR if results_dir is None else results_dir)
     rows = []
     for name in ACCURACY_EXPERIMENTS:
         by = {}
@@ -183,8 +185,8 @@ def accuracy_table(runs_dir: Path = REPO / "runs") -> str:
             rows.append(f"| `{name}` {cond} (seeds {seeds}) | " + " | ".join(cells) + " |")
     head = (
         "**Accuracy, exact / multirate descriptor**: test metrics, mean ± std over training seeds, from the "
-        'reproductions in `runs/reproduce/` (multirate minus exact in brackets; "within the seed spread": no '
-        "larger than the larger std)"
+        "reproductions (`runs/reproduce/`, published in `experiments/results/`; multirate minus exact in "
+        'brackets; "within the seed spread": no larger than the larger std)'
     )
     cols = " | ".join(m.replace("_", " ") for m in ACCURACY_METRICS)
     return "\n".join(
