@@ -54,19 +54,10 @@ WEIGHTS = (1.0, 1.5)
 
 
 def _pca(feats: dict[str, np.ndarray], songs: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, axes (k, d)) of the training steps, each axis scaled to unit variance."""
-    s = np.concatenate([feats[t] for t in songs])
-    mean = s.mean(0)
-    _, sv, vt = np.linalg.svd(s - mean, full_matrices=False)
-    k = min(k, len(sv))
-    sd = np.where(sv[:k] > 1e-9, sv[:k] / np.sqrt(len(s)), 1.0)
-    return mean, vt[:k] / sd[:, None]
-
-
-def _design(z: np.ndarray) -> np.ndarray:
-    """Per-step features (T, k) -> smoothed, lagged design (T, k * len(LAGS))."""
-    z = R._smooth(z, R.TAU_STEPS)
-    return np.concatenate([R._lag(z, lag) for lag in R.LAGS], 1)
+    """(mean, axes (k, d)) of the training steps, each axis scaled to unit variance: pdmer's response
+    basis (:meth:`pdmer.response.ResponseBasis.fit`), fitted on any per-step features."""
+    basis = R.ResponseBasis.fit([feats[t] for t in songs], k=k)
+    return basis.mean, basis.axes
 
 
 def _flux(local) -> np.ndarray:
@@ -76,34 +67,29 @@ def _flux(local) -> np.ndarray:
 
 
 def _carried_axes(z: dict[str, np.ndarray], curves: list, protocol: str) -> list[np.ndarray]:
-    """Per dimension, the ``K_DIRS`` directions of ``z``'s columns along which responses carry over."""
-    by_song: dict[str, list] = {}
-    for c in curves:
-        if c.song_id in z:
-            by_song.setdefault(c.song_id, []).append(c)
+    """Per dimension, the ``K_DIRS`` directions of ``z``'s columns along which responses carry over.
+
+    A curve's residual is its ratings minus the other (training) listeners' mean on its steps
+    (:class:`pdmer.references.OthersAverage`; a curve with a step no other listener rated is left out).
+    """
+    curves = [c for c in curves if c.song_id in z]
+    others = OthersAverage(curves)
     groups: dict[str, list[np.ndarray]] = {}
-    for sid, cs in by_song.items():
-        end = max(c.end_step for c in cs)
-        total, count = np.zeros((end, 2)), np.zeros(end)
-        for c in cs:
-            total[c.start_step : c.end_step] += c.values
-            count[c.start_step : c.end_step] += 1
-        for c in cs:
-            stop = min(c.end_step, len(z[sid]))
-            vals, n_other = c.values[: stop - c.start_step], count[c.start_step : stop] - 1
-            keep = n_other > 0
-            if keep.sum() < 4 * R.MIN_SUPPORT_STEPS:
-                continue
-            resid = (vals - (total[c.start_step : stop] - vals) / np.maximum(n_other, 1)[:, None])[keep]
-            x = z[sid][c.start_step : stop][keep]
-            if protocol == "within":
-                h = len(x) // 2
-                groups[f"{c.annotator_id}/{sid}"] = [
-                    R.fit(x[:h], resid[:h], DIR_LAMBDA),
-                    R.fit(x[h:], resid[h:], DIR_LAMBDA),
-                ]
-            else:
-                groups.setdefault(c.annotator_id, []).append(R.fit(x, resid, DIR_LAMBDA))
+    for c in curves:
+        base = others(c.annotator_id, c)
+        steps = min(c.n_steps, len(z[c.song_id]) - c.start_step)  # steps with features
+        if base is None or steps < 4 * R.MIN_SUPPORT_STEPS:
+            continue
+        resid = (c.values - base)[:steps].astype(np.float64)
+        x = z[c.song_id][c.start_step : c.start_step + steps]
+        if protocol == "within":
+            h = steps // 2
+            groups[f"{c.annotator_id}/{c.song_id}"] = [
+                R.fit(x[:h], resid[:h], DIR_LAMBDA),
+                R.fit(x[h:], resid[h:], DIR_LAMBDA),
+            ]
+        else:
+            groups.setdefault(c.annotator_id, []).append(R.fit(x, resid, DIR_LAMBDA))
     n = next(iter(z.values())).shape[1]
     moment, pairs = np.zeros((2, n, n)), 0
     for bs in groups.values():
@@ -135,7 +121,7 @@ def designs(ctx, model, protocol: str) -> dict[str, tuple[dict, dict]]:
 
     def shared(feats: dict[str, np.ndarray], k: int) -> tuple[dict, dict]:
         mean, axes = _pca(feats, train, k)
-        d = {s: _design((feats[s] - mean) @ axes.T) for s in songs}
+        d = {s: R.lagged((feats[s] - mean) @ axes.T) for s in songs}
         return d, d
 
     out["spectra"] = shared(spectra, R.K)

@@ -63,18 +63,27 @@ TARGETS = {  # (measurement, device, size) -> (bound, unit, direction)
 # --- measurements (run in a subprocess: ``--section NAME``) --------------------------------------
 
 
-def _setup(args):
+def _config(args):
+    """The benchmark's config and device, the thread count set."""
     import torch
 
     from pdmer.config import load_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config("pdmer.synthetic.dsaml", [f"size={args.size}", f"train.precision={args.precision}"])
+    return cfg, torch.device(args.device)
+
+
+def _setup(args):
+    """:func:`_config` and a model with random weights (seed 0), in training mode, on the device."""
+    import torch
+
     from pdmer.features import descriptor_dim
     from pdmer.models.dsaml import DSAML
 
     torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_config("pdmer.synthetic.dsaml", [f"size={args.size}", f"train.precision={args.precision}"])
-    device = torch.device(args.device)
+    cfg, device = _config(args)
     model = DSAML(cfg.model, descriptor_dim(cfg.features)).to(device).train()
     return cfg, device, model
 
@@ -279,7 +288,7 @@ def section_log_mel(args) -> dict:
 
     from pdmer.features.local import log_mel
 
-    cfg, device, _ = _setup(args)
+    cfg, device = _config(args)  # no model: only the features are timed
     with tempfile.TemporaryDirectory() as tmp:
         wav = _write_song(Path(tmp) / "song.wav", args.song_s)
         wave, sr = sf.read(str(wav), dtype="float32", always_2d=True)  # (n, channels)

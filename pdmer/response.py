@@ -101,9 +101,14 @@ class ResponseBasis:
     ) -> np.ndarray:
         """:meth:`design` with other settings, not cached: the first ``k`` axes (None: all), smoothing
         ``tau`` steps, ``lags`` (for studies of the design, ``benchmarks/response_study.py``)."""
-        z = (step_spectra(local) - self.mean) @ self.axes[:k].T  # (T, k)
-        z = _smooth(z, tau)
-        return np.concatenate([_lag(z, lag) for lag in lags], 1)
+        return lagged((step_spectra(local) - self.mean) @ self.axes[:k].T, tau, lags)
+
+
+def lagged(z: np.ndarray, tau: float = TAU_STEPS, lags=LAGS) -> np.ndarray:
+    """Per-step features (T, k) -> a design matrix (T, k * len(lags)): smoothed causally (``tau``
+    steps), then taken at each of ``lags``."""
+    z = _smooth(z, tau)
+    return np.concatenate([_lag(z, lag) for lag in lags], 1)
 
 
 def _smooth(x: np.ndarray, tau: float) -> np.ndarray:
