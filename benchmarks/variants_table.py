@@ -75,10 +75,11 @@ def table(variants: list[tuple[str, list[Path]]]) -> str:
             paired = res["paired"]["personalized"]
             ev = res.get("evaluated_at", {})
             commit = (ev.get("commit") or "?")[:7] + (" (uncommitted changes)" if ev.get("dirty") else "")
+            seed = _seed(p, res)
             rows.append(
                 (
-                    _seed(p, res),
-                    f"| {label} | {_seed(p, res)} | "
+                    seed,
+                    f"| {label} | {seed} | "
                     + " | ".join(_cell(paired[m]) for m in METRICS)
                     + f" | {_weights(res)} | {_iteration(p, res)} | {commit} |",
                 )

@@ -1,5 +1,6 @@
 """The benchmark script runs (quick mode, CPU) and reports every figure the README shows."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -10,6 +11,14 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    """A script of ``benchmarks/`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -50,13 +59,9 @@ def test_benchmark_quick_mode_reports_every_figure(tmp_path):
 
 def test_fit_study_scores_model_probe_and_ceiling(tmp_path):
     """``benchmarks/fit_study.py`` on the tiny benchmark, so the script cannot rot (its figures are not these)."""
-    import importlib.util
-
     from conftest import tiny_overrides
 
-    spec = importlib.util.spec_from_file_location("fit_study", REPO / "benchmarks" / "fit_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = _load_script("fit_study")
     overrides = [o for o in tiny_overrides(tmp_path, "fit") if not o.startswith("train.iterations")]
     args = ["dmer.synthetic.dsaml", *overrides, "model.linear_skip=true", "--iterations", "2", "--every", "1"]
     assert study.main([*args, "--out", str(tmp_path)]) == 0
@@ -77,15 +82,11 @@ def test_fit_study_scores_model_probe_and_ceiling(tmp_path):
 def test_response_study_measures_the_default_response(tmp_path, capsys):
     """``benchmarks/response_study.py --quick`` on the tiny benchmark: one row, the module's constants,
     finite changes over the listeners (its figures are not these)."""
-    import importlib.util
-
     from conftest import tiny_overrides
 
     from pdmer import response as R
 
-    spec = importlib.util.spec_from_file_location("response_study", REPO / "benchmarks" / "response_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = _load_script("response_study")
     for protocol in ("across", "within"):
         table = study.main(
             ["pdmer.synthetic.dsaml", *tiny_overrides(tmp_path, "resp"), "--quick", "--protocol", protocol]
@@ -99,13 +100,9 @@ def test_response_study_measures_the_default_response(tmp_path, capsys):
 def test_audit_folds_study_restores_the_rule_and_finds_no_gain_where_there_is_none(tmp_path):
     """``benchmarks/audit_folds_study.py``: a table row per panel size and population; the null
     population passes rarely, the real one more often; the module's audit settings are left as they were."""
-    import importlib.util
-
     from pdmer import personalize as P
 
-    spec = importlib.util.spec_from_file_location("audit_folds_study", REPO / "benchmarks" / "audit_folds_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = _load_script("audit_folds_study")
     before = P.CV_FOLDS, P.CV_REPEATS, P.PICK_LEVEL
     text = study.main(["--trials", "20", "--out", str(tmp_path / "t.md")])
     assert (P.CV_FOLDS, P.CV_REPEATS, P.PICK_LEVEL) == before
@@ -118,15 +115,12 @@ def test_audit_folds_study_restores_the_rule_and_finds_no_gain_where_there_is_no
 
 def test_command1_timing_reads_the_phases_and_reaches_the_readme(tmp_path, monkeypatch):
     """``benchmarks/command1_time.py``: the phases from a run's log; ``run.py tables`` quotes the latest timing."""
-    import importlib.util
     import json
     from datetime import datetime, timezone
 
     from pdmer import reproduce
 
-    spec = importlib.util.spec_from_file_location("command1_time", REPO / "benchmarks" / "command1_time.py")
-    c1 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(c1)
+    c1 = _load_script("command1_time")
     log = tmp_path / "train.log"
     log.write_text(
         "2026-12-07 05:08:02,769 INFO pdmer.training.loop: run x: small model\n"
@@ -151,15 +145,6 @@ def test_command1_timing_reads_the_phases_and_reaches_the_readme(tmp_path, monke
     (folder / "broken.json").write_text("{")
     text = reproduce._command1_figure()
     assert "16.2 min on 2 cores (2026-12-07, aaaaaaa)" in text and "[+0.030, +0.056]" in text
-
-
-def _load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_response_designs_learns_the_axis_along_which_responses_carry_over():
