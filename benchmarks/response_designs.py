@@ -14,6 +14,10 @@ other songs, or the rest of that song under ``--protocol within``):
 - ``learned personal axes``: per dimension, the 2 directions (among the spectra's first 32
   principal axes) along which the training listeners' own responses carry over between two of
   their songs (the top eigenvectors of the cross-song moment of their per-song ridge responses);
+- ``musical descriptors``: three classic cues of music emotion per step, from the step's mean Mel
+  power: loudness (ln of the total power), brightness (ln of the share of power in the bands above
+  3 kHz) and pitch height (the power-weighted mean of log2 of the band centres from 60 Hz to
+  1.1 kHz, where the fundamentals of melody and bass lie), whitened over the training songs;
 - ``network embedding``: the run's local branch (CNN and projection, the checkpoint's weights) per
   step, on its first 4 principal axes;
 - ``true factors`` (the embedded benchmark only): the six factor curves the songs were rendered
@@ -44,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from response_study import SUPPORT, Z95, tasks  # noqa: E402
 
 from pdmer import response as R  # noqa: E402
+from pdmer.features.descriptor import mel_centres  # noqa: E402
 from pdmer.metrics import song_metrics  # noqa: E402
 from pdmer.references import OthersAverage  # noqa: E402
 
@@ -51,6 +56,8 @@ N_PCA = 32  # principal axes the learned personal axes are sought among
 K_DIRS = 2  # learned personal axes per dimension
 DIR_LAMBDA = 0.3  # ridge of the per-song responses the axes are estimated from
 WEIGHTS = (1.0, 1.5)
+BRIGHT_HZ = 3000.0  # brightness: the share of power above this
+PITCH_HZ = (60.0, 1100.0)  # pitch height: the bands between these
 
 
 def _pca(feats: dict[str, np.ndarray], songs: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +71,17 @@ def _flux(local) -> np.ndarray:
     """(T, frames, mels) log-Mel patches -> (T, 1) mean positive change between consecutive frames."""
     x = local.float().numpy()
     return np.maximum(np.diff(x, axis=1), 0.0).mean((1, 2))[:, None].astype(np.float64)
+
+
+def _descriptors(local, centres: np.ndarray) -> np.ndarray:
+    """(T, frames, mels) log-Mel patches -> (T, 3) loudness, brightness and pitch height per step."""
+    p = np.exp(local.float().numpy().astype(np.float64)).mean(1)  # (T, mels) mean power
+    total = p.sum(1) + 1e-12
+    high = centres > BRIGHT_HZ
+    low = (centres > PITCH_HZ[0]) & (centres < PITCH_HZ[1])
+    pl = p[:, low]
+    pitch = (pl * np.log2(centres[low])).sum(1) / (pl.sum(1) + 1e-12)
+    return np.stack([np.log(total), np.log(p[:, high].sum(1) + 1e-12) - np.log(total), pitch], 1)
 
 
 def _carried_axes(z: dict[str, np.ndarray], curves: list, protocol: str) -> list[np.ndarray]:
@@ -139,6 +157,9 @@ def designs(ctx, model, protocol: str) -> dict[str, tuple[dict, dict]]:
         sd = np.where(zs.std(0) > 1e-9, zs.std(0), 1.0)
         per_dim.append({s: np.concatenate([R._lag(z[s] @ u / sd, lag) for lag in R.LAGS], 1) for s in songs})
     out["learned personal axes"] = tuple(per_dim)
+
+    centres = mel_centres(ctx.cfg.features)
+    out["musical descriptors"] = shared({s: _descriptors(ctx.features[s].local, centres) for s in songs}, 3)
 
     emb = {}
     with torch.no_grad():

@@ -176,6 +176,33 @@ def test_response_designs_learns_the_axis_along_which_responses_carry_over():
     assert abs(study._carried_axes(z, no_carry, "across")[0][:, 0] @ planted) < 0.9
 
 
+def test_musical_descriptors_follow_loudness_brightness_and_pitch():
+    """The ``musical descriptors`` design's three cues, each moved alone on a rendered tone: louder
+    raises loudness only, more upper harmonics raise brightness, an octave up raises pitch height
+    by about one (log2 of the frequency)."""
+    import torch
+
+    from pdmer.config import FeatureConfig
+    from pdmer.features.descriptor import mel_centres
+    from pdmer.features.local import log_mel
+
+    study = _load_script("response_designs")
+    cfg = FeatureConfig()
+    t = np.arange(cfg.sample_rate) / cfg.sample_rate
+
+    def cues(f0: float, amp: float, harmonics: int) -> np.ndarray:
+        wave = sum(amp / h * np.sin(2 * np.pi * f0 * h * t) for h in range(1, harmonics + 1)).astype(np.float32)
+        patch = log_mel(wave, cfg)[:50].reshape(1, 50, -1)  # one step's frames
+        return study._descriptors(torch.as_tensor(patch), mel_centres(cfg))[0]  # (loudness, brightness, pitch)
+
+    base = cues(220.0, 0.1, 8)
+    louder, brighter, higher = cues(220.0, 0.4, 8), cues(220.0, 0.1, 30), cues(440.0, 0.1, 8)
+    assert louder[0] - base[0] == pytest.approx(2 * np.log(4.0), abs=0.05)  # power: amplitude squared
+    assert abs(louder[1] - base[1]) < 0.05 and abs(louder[2] - base[2]) < 0.05
+    assert brighter[1] > base[1] + 1.0
+    assert 0.7 < higher[2] - base[2] < 1.3
+
+
 def test_variants_table_reads_paired_changes_weights_and_provenance(tmp_path):
     """benchmarks/variants_table.py: one row per results.json, the recorded means and intervals, the
     chosen weights, the commit; a pattern that matches nothing is an error."""
@@ -218,7 +245,14 @@ def test_response_designs_scores_every_design_on_a_trained_run(tmp_path):
     out = tmp_path / "designs.md"
     text = study.main([str(run), "--out", str(out)])
     assert out.read_text().strip() == text.strip()
-    names = ("spectra", "spectra + flux", "learned personal axes", "network embedding", "true factors")
+    names = (
+        "spectra",
+        "spectra + flux",
+        "learned personal axes",
+        "musical descriptors",
+        "network embedding",
+        "true factors",
+    )
     for name in names:
         for w in study.WEIGHTS:
             (row,) = [line for line in text.splitlines() if line.startswith(f"| {name} | {w:g} |")]

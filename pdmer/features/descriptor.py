@@ -376,7 +376,7 @@ def multirate_cqt_magnitude(wave: np.ndarray, sample_rate: int, n_frames: int, h
         return cqt(x, n_frames).T.numpy()  # (84, frames) -> (frames, 84)
 
 
-def _mel_centres(cfg: FeatureConfig) -> np.ndarray:
+def mel_centres(cfg: FeatureConfig) -> np.ndarray:
     """Centre frequencies (Hz) of torchaudio's HTK Mel bands (f_min 0, f_max sr / 2)."""
     m_max = 2595.0 * np.log10(1.0 + (cfg.sample_rate / 2) / 700.0)
     m = np.linspace(0.0, m_max, cfg.n_mels + 2)[1:-1]
@@ -432,7 +432,7 @@ def frame_features(
     onset[lag:] = np.maximum(L[lag:] - L[:-lag], 0.0).mean(axis=1)
 
     power = np.maximum(np.exp(L) - cfg.log_eps, 0.0)  # (F, n_mels) Mel power
-    fc = _mel_centres(cfg)
+    fc = mel_centres(cfg)
     tot = power.sum(axis=1)
     centroid = (power @ fc + EPS * fc.mean()) / (tot + EPS)
     centroid = np.log2(centroid / 1000.0)
