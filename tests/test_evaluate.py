@@ -55,6 +55,31 @@ def test_sliding_windows_average_overlaps():
     np.testing.assert_allclose(got[60:], b[30:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch_windows", [1, 2, 32])
+def test_per_step_part_once_per_step_equals_whole_windows_with_adapted_weights(batch_windows):
+    """predict_steps runs the per-step part (CNN, projections) once per step and only the sequence
+    part per window: the same curve as the whole model on each window, with the model's weights and
+    with adapted ones swapped in, however the steps are chunked."""
+    from pdmer.meta.maml import call, split_state
+
+    m, f = model(), Feats(200)
+    params, buffers = split_state(m)
+    params = {k: v.detach() + 0.05 * torch.randn_like(v) for k, v in params.items()}  # "adapted" weights
+    w = blend_weights(60).double()[:, None]
+    for p in (None, params):
+        total, weight = torch.zeros(200, 2, dtype=torch.float64), torch.zeros(200, 1, dtype=torch.float64)
+        with torch.no_grad():
+            for s in window_starts(200, 60, 30):
+                args = (f.local[None, s : s + 60], f.global_[None, s : s + 60])
+                out = m(*args) if p is None else call(m, p, buffers, *args)
+                total[s : s + 60] += w * out.pred[0].double()
+                weight[s : s + 60] += w
+        got = predict_steps(m, f, 0, 200, seq_len=60, hop=30, params=p, batch_windows=batch_windows)
+        np.testing.assert_allclose(got, (total / weight).float().numpy(), rtol=1e-5, atol=1e-6)
+    # the adapted weights do change the curve (the comparison above is not of two generic curves)
+    assert np.abs(predict_steps(m, f, 0, 200, 60, 30, params) - predict_steps(m, f, 0, 200, 60, 30)).max() > 1e-3
+
+
 class EdgyModel(torch.nn.Module):
     """Predicts the step's first global feature, plus a bias at the edges of its window (as a
     model with little context there does): the seams of a naive overlap average."""
@@ -64,13 +89,19 @@ class EdgyModel(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.ones(()))
         self.edge, self.bias = edge, bias
 
-    def forward(self, local, glob):
+    def steps(self, local, glob):
+        return glob, glob
+
+    def sequence(self, z, glob):
         from types import SimpleNamespace
 
-        pred = self.w * glob[..., :1].repeat(1, 1, 2)  # (W, L, 2)
-        art = torch.zeros(glob.shape[1], 1)
+        pred = self.w * z[..., :1].repeat(1, 1, 2)  # (W, L, 2)
+        art = torch.zeros(z.shape[1], 1)
         art[: self.edge] = art[-self.edge :] = self.bias
         return SimpleNamespace(pred=pred + art)
+
+    def forward(self, local, glob):
+        return self.sequence(*self.steps(local, glob))
 
 
 @pytest.mark.parametrize("hop", [30, 15])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pdmer.data.types import Curve
-from pdmer.meta.maml import Params, call, split_state
+from pdmer.meta.maml import Params, call_method, split_state
 
 
 def window_starts(n: int, length: int, hop: int) -> list[int]:
@@ -48,13 +48,17 @@ def predict_steps(
     steps (the last window aligned to the end); each step's prediction is the weighted mean over
     the windows that contain it, the weights a taper that favours the window where the step is
     most central (:func:`blend_weights`), for arousal and valence alike. A span that fits in one
-    window is predicted in one pass. Memory depends on ``seq_len`` and ``batch_windows``, not on
-    the song's length.
+    window is predicted in one pass. The per-step part of the model (the CNN on each patch and the
+    projections, :meth:`DSAML.steps`) runs once per step, not once per window that holds it: only
+    the attention, the LSTM and the head see each window. Memory depends on ``seq_len`` and
+    ``batch_windows``, not on the song's length (the per-step embeddings, a few hundred bytes a
+    step, are kept for the span).
 
     Args:
         model: a DSAML model (put in eval mode by the caller).
         feats: SongFeatures of the song.
         params: adapted parameters to swap in (None = the model's own).
+        batch_windows: windows per pass; the per-step part runs ``batch_windows * seq_len`` steps at a time.
 
     Returns:
         (stop - start, 2) float32 array, columns (arousal, valence).
@@ -63,16 +67,25 @@ def predict_steps(
     length = min(seq_len, n)
     device = next(model.parameters()).device
     _, buffers = split_state(model)
+    chunk_steps = batch_windows * length
+    z, g = [], []
+    for i in range(start, stop, chunk_steps):
+        j = min(i + chunk_steps, stop)
+        zi, gi = call_method(
+            model, "steps", params, buffers, feats.local[i:j][None].to(device), feats.global_[i:j][None].to(device)
+        )
+        z.append(zi[0])
+        g.append(gi[0])
+    z, g = torch.cat(z), torch.cat(g)  # (n, H), (n, G)
     total = torch.zeros(n, 2, dtype=torch.float64)
     weight = torch.zeros(n, 1, dtype=torch.float64)
     taper = blend_weights(length)[:, None]  # (L, 1)
     starts = window_starts(n, length, hop)
     for i in range(0, len(starts), batch_windows):
         chunk = starts[i : i + batch_windows]
-        local = torch.stack([feats.local[start + s : start + s + length] for s in chunk]).to(device)  # (W, L, 51, 128)
-        glob = torch.stack([feats.global_[start + s : start + s + length] for s in chunk]).to(device)  # (W, L, G)
-        out = model(local, glob) if params is None else call(model, params, buffers, local, glob)
-        pred = out.pred.double().cpu()  # (W, L, 2)
+        zw = torch.stack([z[s : s + length] for s in chunk])  # (W, L, H)
+        gw = torch.stack([g[s : s + length] for s in chunk])  # (W, L, G)
+        pred = call_method(model, "sequence", params, buffers, zw, gw).pred.double().cpu()  # (W, L, 2)
         for j, s in enumerate(chunk):
             total[s : s + length] += taper * pred[j]
             weight[s : s + length] += taper

@@ -74,6 +74,26 @@ def call(model: nn.Module, params: Params, buffers: Params, *args, **kwargs):
     return functional_call(model, (params, buffers), args, kwargs)
 
 
+class _Method(nn.Module):
+    """``module.<name>`` as a module's forward, so ``functional_call`` can swap weights in for it."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        super().__init__()
+        self.module = module
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.module, self.name)(*args, **kwargs)
+
+
+def call_method(model: nn.Module, name: str, params: Params | None, buffers: Params, *args, **kwargs):
+    """``model.<name>(*args)`` with ``params`` and ``buffers`` swapped in (None: the model's own weights)."""
+    if params is None:
+        return getattr(model, name)(*args, **kwargs)
+    state = {f"module.{k}": v for d in (params, buffers) for k, v in d.items()}
+    return functional_call(_Method(model, name), state, args, kwargs)
+
+
 def inner_loop(
     model: nn.Module,
     params: Params,

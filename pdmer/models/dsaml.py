@@ -392,6 +392,13 @@ class DSAML(nn.Module):
             return float(F.mse_loss(self.skip(x), y).sqrt())
 
     def forward(self, local: Tensor, global_: Tensor) -> Output:
+        return self.sequence(*self.steps(local, global_))
+
+    def steps(self, local: Tensor, global_: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-step part of the forward: each step's fused embedding (B, T, H) and its standardised
+        global input (B, T, G), each from that step's inputs alone (in eval mode; in training the batch
+        norm's statistics mix the steps of a batch). Sliding windows that overlap compute it once per
+        step (:func:`pdmer.evaluation.inference.predict_steps`) and run only :meth:`sequence` per window."""
         B, T = global_.shape[:2]
         g = (global_.to(self.global_mean.dtype) - self.global_mean) / self.global_std
         z = self.global_proj(g)  # (B, T, H)
@@ -399,7 +406,10 @@ class DSAML(nn.Module):
             x = (local.to(self.local_mean.dtype) - self.local_mean) / self.local_std
             x = self.cnn(x.reshape(B * T, PATCH_FRAMES, PATCH_BANDS))  # (B*T, cnn.out_dim)
             z = z + self.local_proj(x).view(B, T, -1)  # (B, T, H)
-        z = self.fusion(torch.sigmoid(z))  # (B, T, H)
+        return self.fusion(torch.sigmoid(z)), g  # (B, T, H), (B, T, G)
+
+    def sequence(self, z: Tensor, g: Tensor) -> Output:
+        """The rest of the forward, over a sequence of :meth:`steps` outputs: attention, LSTM, head."""
         h, attn_local, attn_global = self.encoder(z)
         with torch.autocast(h.device.type, enabled=False):  # the recurrence and the output layer stay fp32
             h, _ = self.lstm(h.to(self.head[0].weight.dtype))  # (B, T, 2 * lstm_hidden)
