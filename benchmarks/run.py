@@ -12,9 +12,9 @@ Measured, each in its own subprocess (so the peak memory of one does not hide an
 - ``calibrate``: one-shot calibration of one 30 s song from its WAV file: decoding, features,
   the inner loop (``meta.inner_steps`` of the experiment's config).
 - ``predict``: a 10-minute WAV file to its emotion curve (decoding, features in segments,
-  sliding windows): real-time factor, split into features and model, with the default (exact)
-  CQT descriptor and with the multirate one (``features.cqt=multirate``); and the peak memory
-  against a song three times as long.
+  sliding windows, the per-step part of the model once per step): real-time factor, split into
+  features and model, with the default (exact) CQT descriptor and with the multirate one
+  (``features.cqt=multirate``); and the peak memory against a song three times as long.
 - ``log_mel``: the local scale's log-Mel alone on the same song, decoded beforehand (on the CPU,
   where the features are computed). With the model's windows it gives the speed this feature
   definition cannot pass, whatever the descriptor (``log_mel_model_rtf`` in the summary).
