@@ -55,8 +55,8 @@ def test_sliding_windows_average_overlaps():
     np.testing.assert_allclose(got[60:], b[30:], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch_windows", [1, 2, 32])
-def test_per_step_part_once_per_step_equals_whole_windows_with_adapted_weights(batch_windows):
+@pytest.mark.parametrize("batch_windows,batch_steps", [(1, 1024), (2, 1024), (32, 1024), (32, 7)])
+def test_per_step_part_once_per_step_equals_whole_windows_with_adapted_weights(batch_windows, batch_steps):
     """predict_steps runs the per-step part (CNN, projections) once per step and only the sequence
     part per window: the same curve as the whole model on each window, with the model's weights and
     with adapted ones swapped in, however the steps are chunked."""
@@ -74,7 +74,7 @@ def test_per_step_part_once_per_step_equals_whole_windows_with_adapted_weights(b
                 out = m(*args) if p is None else call(m, p, buffers, *args)
                 total[s : s + 60] += w * out.pred[0].double()
                 weight[s : s + 60] += w
-        got = predict_steps(m, f, 0, 200, seq_len=60, hop=30, params=p, batch_windows=batch_windows)
+        got = predict_steps(m, f, 0, 200, 60, 30, p, batch_windows=batch_windows, batch_steps=batch_steps)
         np.testing.assert_allclose(got, (total / weight).float().numpy(), rtol=1e-5, atol=1e-6)
     # the adapted weights do change the curve (the comparison above is not of two generic curves)
     assert np.abs(predict_steps(m, f, 0, 200, 60, 30, params) - predict_steps(m, f, 0, 200, 60, 30)).max() > 1e-3

@@ -9,6 +9,8 @@ from torch import nn
 from pdmer.data.types import Curve
 from pdmer.meta.maml import Params, call_method, split_state
 
+BATCH_STEPS = 1024  # steps per pass of the model's per-step part (its CNN): bounds memory
+
 
 def window_starts(n: int, length: int, hop: int) -> list[int]:
     """Starts of windows of ``length`` covering ``range(n)``; the last one ends at n."""
@@ -41,6 +43,7 @@ def predict_steps(
     hop: int,
     params: Params | None = None,
     batch_windows: int = 32,
+    batch_steps: int = BATCH_STEPS,
 ) -> np.ndarray:
     """Predict steps ``[start, stop)`` of one song.
 
@@ -50,15 +53,16 @@ def predict_steps(
     most central (:func:`blend_weights`), for arousal and valence alike. A span that fits in one
     window is predicted in one pass. The per-step part of the model (the CNN on each patch and the
     projections, :meth:`DSAML.steps`) runs once per step, not once per window that holds it: only
-    the attention, the LSTM and the head see each window. Memory depends on ``seq_len`` and
-    ``batch_windows``, not on the song's length (the per-step embeddings, a few hundred bytes a
-    step, are kept for the span).
+    the attention, the LSTM and the head see each window. Memory depends on ``seq_len``,
+    ``batch_windows`` and ``batch_steps``, not on the song's length (the per-step embeddings, a
+    few hundred bytes a step, are kept for the span).
 
     Args:
         model: a DSAML model (put in eval mode by the caller).
         feats: SongFeatures of the song.
         params: adapted parameters to swap in (None = the model's own).
-        batch_windows: windows per pass; the per-step part runs ``batch_windows * seq_len`` steps at a time.
+        batch_windows: windows per pass of the sequence part.
+        batch_steps: steps per pass of the per-step part (at most ``batch_windows * seq_len``).
 
     Returns:
         (stop - start, 2) float32 array, columns (arousal, valence).
@@ -67,7 +71,7 @@ def predict_steps(
     length = min(seq_len, n)
     device = next(model.parameters()).device
     _, buffers = split_state(model)
-    chunk_steps = batch_windows * length
+    chunk_steps = max(1, min(batch_steps, batch_windows * length))
     z, g = [], []
     for i in range(start, stop, chunk_steps):
         j = min(i + chunk_steps, stop)
