@@ -12,9 +12,10 @@ Measured, each in its own subprocess (so the peak memory of one does not hide an
 - ``calibrate``: one-shot calibration of one 30 s song from its WAV file: decoding, features,
   the inner loop (``meta.inner_steps`` of the experiment's config).
 - ``predict``: a 10-minute WAV file to its emotion curve (decoding, features in segments,
-  sliding windows, the per-step part of the model once per step): real-time factor, split into
-  features and model, with the default (exact) CQT descriptor and with the multirate one
-  (``features.cqt=multirate``); and the peak memory against a song three times as long.
+  sliding windows as the ``predict`` command runs them, the per-step part of the model once per
+  step): real-time factor, split into features and model, with the default (exact) CQT descriptor
+  and with the multirate one (``features.cqt=multirate``); and the peak memory against a song
+  three times as long.
 - ``log_mel``: the local scale's log-Mel alone on the same song, decoded beforehand (on the CPU,
   where the features are computed). With the model's windows it gives the speed this feature
   definition cannot pass, whatever the descriptor (``log_mel_model_rtf`` in the summary).
@@ -239,7 +240,7 @@ def section_predict(args) -> dict:
 
     from pdmer.evaluation.inference import predict_steps
     from pdmer.features import FeatureExtractor
-    from pdmer.personal import song_features
+    from pdmer.personal import PREDICT_BATCH_WINDOWS, song_features
 
     cfg, device, model = _setup(args)
     model.eval()
@@ -254,7 +255,10 @@ def section_predict(args) -> dict:
             t0 = time.perf_counter()
             feats = song_features(wav, fxs[kind])
             t1 = time.perf_counter()
-            predict_steps(model, feats, 0, feats.n_steps, cfg.train.seq_len, cfg.eval.hop)
+            # the windows per pass of `calibrate` / `predict` (the command-line path, whose memory it bounds)
+            predict_steps(
+                model, feats, 0, feats.n_steps, cfg.train.seq_len, cfg.eval.hop, batch_windows=PREDICT_BATCH_WINDOWS
+            )
             _sync(device)
             t2 = time.perf_counter()
             for part, v in (("total", t2 - t0), ("features", t1 - t0), ("model", t2 - t1)):
