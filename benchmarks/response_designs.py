@@ -155,7 +155,7 @@ def designs(ctx, model, protocol: str) -> dict[str, tuple[dict, dict]]:
     for u in _carried_axes(z, train_curves, protocol):
         zs = np.concatenate([z[s] @ u for s in train])
         sd = np.where(zs.std(0) > 1e-9, zs.std(0), 1.0)
-        per_dim.append({s: np.concatenate([R._lag(z[s] @ u / sd, lag) for lag in R.LAGS], 1) for s in songs})
+        per_dim.append({s: R.lagged(z[s] @ u / sd, tau=0) for s in songs})  # z is smoothed already
     out["learned personal axes"] = tuple(per_dim)
 
     centres = mel_centres(ctx.cfg.features)
