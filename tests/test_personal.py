@@ -891,15 +891,37 @@ def _concat_clips(tiny, path: Path, n: int) -> Path:
     return path
 
 
-def test_segment_features_equal_whole_song_features(tiny, tmp_path):
+@pytest.mark.parametrize("cqt", ["exact", "multirate"])
+def test_segment_features_equal_whole_song_features(tiny, tmp_path, cqt):
+    """Segments of 30 s with the default context: the patches and the descriptors (each a 30 s window's,
+    straddling segments) equal the whole song's; with too little context the descriptors differ (the
+    comparison can fail)."""
     from pdmer.features import FeatureExtractor
+    from pdmer.features.streaming import STREAM_MARGIN_S
 
     path = _concat_clips(tiny, tmp_path / "medley.wav", 3)  # 135 s of benchmark music
-    fx = FeatureExtractor(tiny.cfg.features, use_cache=False)
+    fx = FeatureExtractor(dataclasses.replace(tiny.cfg.features, cqt=cqt), use_cache=False)
     whole = fx(path)
-    seg = personal.song_features(path, fx, stream_min_s=0.0, core_s=30.0, margin_s=20.0)  # 5 segments
+    seg = personal.song_features(path, fx, stream_min_s=0.0, core_s=30.0, margin_s=STREAM_MARGIN_S)  # 5 segments
     assert seg.n_steps == whole.n_steps == 270
     torch.testing.assert_close(seg.local.float(), whole.local.float(), atol=1e-2, rtol=0)  # float16 patches
+    torch.testing.assert_close(seg.global_, whole.global_, atol=1e-4, rtol=1e-4)
+    short = personal.song_features(path, fx, stream_min_s=0.0, core_s=30.0, margin_s=0.5)
+    assert (short.global_ - whole.global_).abs().max() > 1e-3  # the onset filters and tempo lags need the margin
+
+
+def test_segment_features_of_a_48_khz_song(tiny, tmp_path):
+    """A song at another rate is resampled segment by segment: still the whole song's features."""
+    from pdmer.features import FeatureExtractor, resample
+
+    x = sf.read(str(_concat_clips(tiny, tmp_path / "medley.wav", 2)), dtype="float32")[0]
+    path = tmp_path / "medley48.wav"
+    sf.write(str(path), resample(x, 44100, 48000), 48000, subtype="FLOAT")
+    fx = FeatureExtractor(tiny.cfg.features, use_cache=False)
+    whole = fx(path)
+    seg = personal.song_features(path, fx, stream_min_s=0.0, core_s=25.0)
+    assert seg.n_steps == whole.n_steps == 180
+    torch.testing.assert_close(seg.local.float(), whole.local.float(), atol=1e-2, rtol=0)
     torch.testing.assert_close(seg.global_, whole.global_, atol=1e-4, rtol=1e-4)
 
 

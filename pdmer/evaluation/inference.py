@@ -8,6 +8,7 @@ from torch import nn
 
 from pdmer.data.types import Curve
 from pdmer.meta.maml import Params, call_method, split_state
+from pdmer.models.dsaml import channels_last_cnn
 
 BATCH_STEPS = 1024  # steps per pass of the model's per-step part (its CNN): bounds memory
 
@@ -73,13 +74,18 @@ def predict_steps(
     _, buffers = split_state(model)
     chunk_steps = max(1, min(batch_steps, batch_windows * length))
     z, g = [], []
-    for i in range(start, stop, chunk_steps):
-        j = min(i + chunk_steps, stop)
-        zi, gi = call_method(
-            model, "steps", params, buffers, feats.local[i:j][None].to(device), feats.global_[i:j][None].to(device)
-        )
-        z.append(zi[0])
-        g.append(gi[0])
+    with channels_last_cnn(model):  # on the CPU the CNN runs channels-last: about a third faster
+        if params is not None and device.type == "cpu":  # adapted kernels in the same layout
+            params = {
+                k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in params.items()
+            }
+        for i in range(start, stop, chunk_steps):
+            j = min(i + chunk_steps, stop)
+            zi, gi = call_method(
+                model, "steps", params, buffers, feats.local[i:j][None].to(device), feats.global_[i:j][None].to(device)
+            )
+            z.append(zi[0])
+            g.append(gi[0])
     z, g = torch.cat(z), torch.cat(g)  # (n, H), (n, G)
     total = torch.zeros(n, 2, dtype=torch.float64)
     weight = torch.zeros(n, 1, dtype=torch.float64)

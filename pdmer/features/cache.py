@@ -124,12 +124,34 @@ def compute_features(wave: np.ndarray, cfg: FeatureConfig) -> tuple[torch.Tensor
     Returns:
         (local, descriptor): (n_steps, 51, 128) float16 and (n_steps, G) float32 tensors.
     """
+    local, summaries = local_and_summaries(wave, cfg)
+    return local, torch.from_numpy(_desc.step_descriptors(summaries, cfg))
+
+
+def local_and_summaries(
+    wave: np.ndarray, cfg: FeatureConfig, summaries: bool = True
+) -> tuple[torch.Tensor, _desc.StepSummaries | None]:
+    """Local patches and the descriptor's per-step summaries of a waveform (one log-Mel for both).
+
+    The summaries need only a few seconds of audio around each step, where the descriptor
+    needs the step's whole 30 s window: a long song is featurised segment by segment to
+    this point, and its descriptors are taken once from the joined summaries
+    (:mod:`pdmer.features.streaming`).
+
+    Args:
+        wave: (n,) float32 mono at ``cfg.sample_rate``, at least one step long.
+        cfg: feature settings.
+        summaries: False skips the descriptor's work (returns None for it).
+
+    Returns:
+        (local, summaries): (n_steps, 51, 128) float16 patches and the song's
+        :class:`~pdmer.features.descriptor.StepSummaries` (n_steps rows), or None.
+    """
     n_steps = n_steps_for(len(wave), cfg)
     stride = frames_per_step(cfg)
     logmel = log_mel(wave, cfg, n_frames=max((n_steps - 1) * stride + cfg.patch_frames, n_steps * stride))
     local = patches_from_log_mel(logmel, n_steps, cfg)
-    glob = _desc.global_descriptor(wave, cfg, logmel)
-    return local, torch.from_numpy(glob)
+    return local, (_desc.step_summaries(wave, cfg, logmel) if summaries else None)
 
 
 def _check_long_enough(wave: np.ndarray, cfg: FeatureConfig, name: str) -> int:
@@ -345,6 +367,7 @@ __all__ = [
     "SongFeatures",
     "FeatureExtractor",
     "compute_features",
+    "local_and_summaries",
     "extract_many",
     "extract_waveform",
     "file_hash",

@@ -1,7 +1,8 @@
 """Local scale: one log-Mel patch per 0.5 s step (dsaml.md, 'Inputs, per 0.5 s step').
 
-Mel spectrogram from torchaudio (n_fft = win = 2646, hop 441, 128 HTK Mel bands without
-area normalisation, power 2, Hann window, centred frames with reflect padding), then
+Mel spectrogram as torchaudio's ``MelSpectrogram`` computes it (n_fft = win = 2646, hop 441,
+128 HTK Mel bands without area normalisation, power 2, Hann window, centred frames with reflect
+padding; torch's STFT and torchaudio's filterbank, the power taken as re^2 + im^2), then
 ``ln(x + 1e-6)``. It is computed once over the whole song: frame ``f`` is centred on sample
 ``f * hop`` (time ``f * 10 ms``). Step ``k`` covers audio ``[k * 0.5 s, (k + 1) * 0.5 s)``
 and its patch is frames ``[k * 50, k * 50 + 51)``: the 51 frames whose centres lie in
@@ -50,19 +51,25 @@ def n_steps_for(n_samples: int, cfg: FeatureConfig) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _mel_transform(sample_rate: int, n_fft: int, hop_length: int, n_mels: int) -> torchaudio.transforms.MelSpectrogram:
-    # center=False: the caller pads the whole song once (reflect), so chunks join exactly.
-    return torchaudio.transforms.MelSpectrogram(
-        sample_rate=sample_rate,
-        n_fft=n_fft,
-        win_length=n_fft,
-        hop_length=hop_length,
-        n_mels=n_mels,
-        power=2.0,
-        center=False,
-        norm=None,
-        mel_scale="htk",
+def _mel_parts(sample_rate: int, n_fft: int, n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Hann window (n_fft,) and torchaudio's HTK Mel filterbank (n_fft // 2 + 1, n_mels), no norm."""
+    fb = torchaudio.functional.melscale_fbanks(
+        n_fft // 2 + 1, 0.0, sample_rate / 2.0, n_mels, sample_rate, norm=None, mel_scale="htk"
     )
+    return torch.hann_window(n_fft), fb
+
+
+def _mel_power(seg: torch.Tensor, n_fft: int, hop_length: int, window: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """(frames, n_mels) Mel power of the uncentred frames of ``seg``: torchaudio's ``MelSpectrogram``
+    (power 2, ``center=False``) with the power taken as re^2 + im^2 (about three times cheaper than
+    ``abs().pow(2)``, the same up to float rounding; checked against torchaudio by the tests)."""
+    spec = torch.view_as_real(
+        torch.stft(seg, n_fft, hop_length, window=window, center=False, return_complex=True)
+    )  # (n_freq, frames, 2)
+    re, im = spec[..., 0], spec[..., 1]
+    power = re * re
+    power.addcmul_(im, im)  # (n_freq, frames)
+    return power.T @ fb  # (frames, n_mels)
 
 
 def log_mel(wave: np.ndarray, cfg: FeatureConfig, n_frames: int | None = None) -> torch.Tensor:
@@ -83,14 +90,14 @@ def log_mel(wave: np.ndarray, cfg: FeatureConfig, n_frames: int | None = None) -
     if x.shape[0] <= pad:
         raise ValueError(f"waveform of {x.shape[0]} samples is too short for n_fft={cfg.n_fft}")
     xp = torch.nn.functional.pad(x[None, None], (pad, pad), mode="reflect")[0, 0]  # (n + 2 * pad,)
-    mel = _mel_transform(cfg.sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels)
+    window, fb = _mel_parts(cfg.sample_rate, cfg.n_fft, cfg.n_mels)
     out = torch.empty(n_frames, cfg.n_mels, dtype=torch.float32)
     with torch.no_grad():
         for a in range(0, n_frames, CHUNK_FRAMES):
             b = min(a + CHUNK_FRAMES, n_frames)
             seg = xp[a * cfg.hop_length : (b - 1) * cfg.hop_length + cfg.n_fft]
-            out[a:b] = mel(seg).T  # (n_mels, b - a) -> (b - a, n_mels)
-    return torch.log(out + cfg.log_eps)
+            out[a:b] = _mel_power(seg, cfg.n_fft, cfg.hop_length, window, fb)  # (b - a, n_mels)
+        return out.add_(cfg.log_eps).log_()
 
 
 def patches_from_log_mel(logmel: torch.Tensor, n_steps: int, cfg: FeatureConfig) -> torch.Tensor:

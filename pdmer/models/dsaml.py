@@ -143,15 +143,17 @@ class SpectrogramCNN(nn.Module):
     def __init__(self, pool: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
         self.pool = nn.AvgPool2d(pool) if pool != (1, 1) else nn.Identity()
+        # conv, norm, ReLU, max-pool as in the paper, with the pooling before the ReLU: the same
+        # function (both are monotone; max-pooling pads with -inf), the ReLU on a quarter of the values
         self.net = nn.Sequential(
             nn.Conv2d(1, 8, kernel_size=(3, 1), padding=(2, 1)),
             TaskBatchNorm2d(8),
-            nn.ReLU(),
             nn.MaxPool2d(2, padding=1),
+            nn.ReLU(),
             nn.Conv2d(8, 16, kernel_size=3, padding=1),
             TaskBatchNorm2d(16),
-            nn.ReLU(),
             nn.MaxPool2d(2, padding=1),
+            nn.ReLU(),
             nn.Conv2d(16, 1, kernel_size=1),
         )
         with torch.no_grad():
