@@ -240,7 +240,7 @@ def section_predict(args) -> dict:
 
     from pdmer.evaluation.inference import predict_steps
     from pdmer.features import FeatureExtractor
-    from pdmer.personal import PREDICT_BATCH_WINDOWS, song_features
+    from pdmer.personal import PREDICT_BATCH_STEPS, PREDICT_BATCH_WINDOWS, song_features
 
     cfg, device, model = _setup(args)
     model.eval()
@@ -255,9 +255,16 @@ def section_predict(args) -> dict:
             t0 = time.perf_counter()
             feats = song_features(wav, fxs[kind])
             t1 = time.perf_counter()
-            # the windows per pass of `calibrate` / `predict` (the command-line path, whose memory it bounds)
+            # the windows and steps per pass of `calibrate` / `predict` (the command-line path, whose memory they bound)
             predict_steps(
-                model, feats, 0, feats.n_steps, cfg.train.seq_len, cfg.eval.hop, batch_windows=PREDICT_BATCH_WINDOWS
+                model,
+                feats,
+                0,
+                feats.n_steps,
+                cfg.train.seq_len,
+                cfg.eval.hop,
+                batch_windows=PREDICT_BATCH_WINDOWS,
+                batch_steps=PREDICT_BATCH_STEPS,
             )
             _sync(device)
             t2 = time.perf_counter()

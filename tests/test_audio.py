@@ -80,10 +80,23 @@ def test_chunked_resampling_equals_one_call(monkeypatch, orig, new):
 
     x = np.random.default_rng(1).standard_normal(250_001).astype(np.float32)
     ref = torchaudio.functional.resample(torch.from_numpy(x), orig, new).numpy()
-    monkeypatch.setattr(audio_mod, "RESAMPLE_CHUNK", 30_011)
+    monkeypatch.setattr(audio_mod, "RESAMPLE_ROW", 30_011)  # many rows, ragged last one, zero-padded
+    monkeypatch.setattr(audio_mod, "RESAMPLE_CHUNK", 70_000)  # two rows per call, a lone row in the last
     got = resample(x, orig, new)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_downmix_is_the_channel_mean(channels):
+    from pdmer.features.audio import downmix
+
+    x = np.random.default_rng(channels).standard_normal((10_001, channels)).astype(np.float32)
+    got = downmix(x)
+    assert got.shape == (10_001,) and got.dtype == np.float32
+    if channels <= 2:
+        np.testing.assert_array_equal(got, x.mean(axis=1))  # bit for bit
+    np.testing.assert_allclose(got, x.astype(np.float64).mean(axis=1), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

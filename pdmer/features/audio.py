@@ -42,15 +42,41 @@ def audio_duration(path: str | Path) -> float:
         raise DataError(f"{path}: cannot read audio header ({e})") from None
 
 
-RESAMPLE_CHUNK = 1 << 21  # input samples per resampling chunk (about 48 s at 44.1 kHz)
+# resampling: input samples per call (about 24 s at 44.1 kHz; bounds its buffers) and per row of a
+# call (about 6 s): on 2 cores 44.1 -> 22.05 kHz runs about four times as fast as in 48 s chunks
+RESAMPLE_CHUNK = 1 << 20
+RESAMPLE_ROW = 1 << 18
 READ_BLOCK = 1 << 20  # frames per decoding block
+
+
+def downmix(block: np.ndarray) -> np.ndarray:
+    """Mono mix of decoded audio: the channels' mean, as ``block.mean(axis=1)`` computes it.
+
+    The channels are added one at a time: the same float32 numbers as numpy's mean over the short
+    last axis (bit for bit for stereo), about eight times faster on a long song.
+
+    Shapes:
+        block: (n, channels) -> (n,) float32
+    """
+    block = np.asarray(block, dtype=np.float32)
+    if block.shape[1] == 1:
+        return block[:, 0]
+    mono = block[:, 0].copy()
+    for c in range(1, block.shape[1]):
+        mono += block[:, c]
+    mono /= np.float32(block.shape[1])
+    return mono
 
 
 def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     """Resample a mono float32 waveform with torchaudio's windowed-sinc resampler.
 
-    Long inputs are processed in chunks that overlap by far more than the filter's support,
-    which gives the numbers of one call without its large intermediate buffers.
+    The input is cut into rows of :data:`RESAMPLE_ROW` samples, each with context on both sides
+    far wider than the filter's support (zeros beyond the song's ends, as torchaudio pads), and
+    the rows go through torchaudio as one batch, :data:`RESAMPLE_CHUNK` input samples per call.
+    That gives the numbers of one call over the whole song (each output sample is the same dot
+    product) without its large intermediate buffers, and runs several times as fast: torch's
+    one-channel strided convolution is slow on one long row.
 
     Shapes:
         wave: (n,) -> (ceil(n * new_sr / orig_sr),)
@@ -62,23 +88,24 @@ def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     g = math.gcd(orig_sr, new_sr)
     o, m = orig_sr // g, new_sr // g  # output block of m samples per o input samples
     n = len(x)
-    if n <= RESAMPLE_CHUNK:
+    step = o * max(1, RESAMPLE_ROW // o)  # input samples per row, a multiple of o: output grids align
+    if n <= step:
         with torch.no_grad():
             return torchaudio.functional.resample(torch.from_numpy(x), orig_sr, new_sr).numpy()
     target = -(-n * m // o)  # ceil
     margin = o * -(-1024 // o)  # input samples, a multiple of o, >> the filter half-width (~6 / cutoff)
-    step = o * max(1, RESAMPLE_CHUNK // o)
-    out = np.empty(target, dtype=np.float32)
+    rows = -(-n // step)
+    padded = np.zeros(rows * step + 2 * margin, dtype=np.float32)
+    padded[margin : margin + n] = x
+    framed = torch.from_numpy(padded).unfold(0, step + 2 * margin, step)  # (rows, step + 2 * margin) view
+    k, off = step // o * m, margin // o * m  # outputs per row; outputs of the left context
+    per_call = max(1, RESAMPLE_CHUNK // step)
+    out = np.empty(rows * k, dtype=np.float32)
     with torch.no_grad():
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            a, b = max(0, s - margin), min(n, e + margin)  # a is a multiple of o: output grids align
-            y = torchaudio.functional.resample(torch.from_numpy(x[a:b]), orig_sr, new_sr).numpy()
-            j0 = s // o * m
-            j1 = target if e == n else e // o * m
-            off = (s - a) // o * m
-            out[j0:j1] = y[off : off + (j1 - j0)]
-    return out
+        for r in range(0, rows, per_call):
+            y = torchaudio.functional.resample(framed[r : r + per_call], orig_sr, new_sr)  # (rows', outputs)
+            out[r * k : r * k + y.shape[0] * k] = y[:, off : off + k].reshape(-1).numpy()
+    return out[:target]
 
 
 def check_waveform(wave: np.ndarray, name: str) -> np.ndarray:
@@ -100,7 +127,7 @@ def check_waveform(wave: np.ndarray, name: str) -> np.ndarray:
             raise DataError(f"{name}: audio is empty (0 samples)")
         if not np.isfinite(wave).all():
             raise DataError(f"{name}: audio contains NaN or infinite samples")
-        wave = wave.astype(np.float32, copy=False).mean(axis=1)  # (n, ch) -> (n,)
+        wave = downmix(wave)  # (n, ch) -> (n,)
     elif wave.ndim == 1:
         if wave.size == 0:
             raise DataError(f"{name}: audio is empty (0 samples)")
@@ -141,7 +168,7 @@ def load_audio(path: str | Path, sample_rate: int = 44100) -> np.ndarray:
             for block in f.blocks(blocksize=READ_BLOCK, dtype="float32", always_2d=True):  # (b, channels)
                 if not np.isfinite(block).all():
                     raise DataError(f"{path}: audio contains NaN or infinite samples")
-                mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+                mono = downmix(block)
                 k = min(len(mono), len(buf) - pos)
                 buf[pos : pos + k] = mono[:k]
                 pos += k

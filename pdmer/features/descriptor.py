@@ -431,12 +431,13 @@ def frame_features(
     onset = np.zeros(F)
     onset[lag:] = np.maximum(L[lag:] - L[:-lag], 0.0).mean(axis=1)
 
-    power = np.maximum(np.exp(L) - cfg.log_eps, 0.0)  # (F, n_mels) Mel power
+    expL = np.exp(L)  # (F, n_mels) Mel power + eps
+    power = np.maximum(expL - cfg.log_eps, 0.0)  # (F, n_mels) Mel power
     fc = mel_centres(cfg)
     tot = power.sum(axis=1)
     centroid = (power @ fc + EPS * fc.mean()) / (tot + EPS)
     centroid = np.log2(centroid / 1000.0)
-    flatness = L.mean(axis=1) - np.log(np.exp(L).mean(axis=1))  # ln(geo mean / arith mean) of P + eps
+    flatness = L.mean(axis=1) - np.log(expL.mean(axis=1))  # ln(geo mean / arith mean) of P + eps
 
     blocks = np.asarray(wave[: n_steps * step_samples(cfg)]).reshape(F, cfg.hop_length)  # (F, hop) view
     ms = np.empty(F)

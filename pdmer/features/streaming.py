@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pdmer.data.types import DataError
-from pdmer.features.audio import check_audio_file
+from pdmer.features.audio import check_audio_file, downmix
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _in_segments(path: Path, extractor, sr: int, frames: int, in_step: int, core
                 block = f.read(frames - s0 * in_step if last else want, dtype="float32", always_2d=True)  # (n, ch)
                 if not np.isfinite(block).all():
                     raise DataError(f"{path}: audio contains NaN or infinite samples")
-                x = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]  # (n,)
+                x = downmix(block)  # (n,)
                 del block
                 peak = max(peak, float(np.max(np.abs(x))) if x.size else 0.0)
                 if sr != cfg.sample_rate:

@@ -62,6 +62,7 @@ from pdmer.features.streaming import (
 from pdmer.personal.adaptation import (
     DIVERGE_FACTOR,
     PRED_LIMIT,
+    PREDICT_BATCH_STEPS,
     PREDICT_BATCH_WINDOWS,
     AdaptationError,
     adaptation_problem,

@@ -18,6 +18,7 @@ from pdmer.config import check_setting
 from pdmer.data.types import STEP_S, Curve, DataError
 from pdmer.features.audio import audio_by_song
 from pdmer.personal.adaptation import (
+    PREDICT_BATCH_STEPS,
     PREDICT_BATCH_WINDOWS,
     AdaptationError,
     _safe_rule,
@@ -314,10 +315,25 @@ def _support_curves(
     for c in curves:
         f = feats[c.song_id]
         generic[c.song_id] = predict_steps(
-            net, f, c.start_step, c.end_step, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS
+            net,
+            f,
+            c.start_step,
+            c.end_step,
+            seq_len,
+            hop,
+            batch_windows=PREDICT_BATCH_WINDOWS,
+            batch_steps=PREDICT_BATCH_STEPS,
         )
         adapted[c.song_id] = predict_steps(
-            net, f, c.start_step, c.end_step, seq_len, hop, ad.params, batch_windows=PREDICT_BATCH_WINDOWS
+            net,
+            f,
+            c.start_step,
+            c.end_step,
+            seq_len,
+            hop,
+            ad.params,
+            batch_windows=PREDICT_BATCH_WINDOWS,
+            batch_steps=PREDICT_BATCH_STEPS,
         )
     check_finite_adaptation(curves=adapted, what=what, advice=advice)
     safe = _safe_rule(
@@ -343,7 +359,14 @@ def _generic_fallback(
     net, seq_len, hop = base.model, base.cfg.train.seq_len, base.cfg.eval.hop
     generic = {
         c.song_id: predict_steps(
-            net, feats[c.song_id], c.start_step, c.end_step, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS
+            net,
+            feats[c.song_id],
+            c.start_step,
+            c.end_step,
+            seq_len,
+            hop,
+            batch_windows=PREDICT_BATCH_WINDOWS,
+            batch_steps=PREDICT_BATCH_STEPS,
         )
         for c in curves
     }

@@ -15,6 +15,7 @@ from pdmer import paths
 from pdmer.data.types import STEP_S, DataError
 from pdmer.features.audio import audio_by_song
 from pdmer.personal.adaptation import (
+    PREDICT_BATCH_STEPS,
     PREDICT_BATCH_WINDOWS,
     _apply_profile_rule,
     check_finite_adaptation,
@@ -167,10 +168,22 @@ def _predict_song(
     seq_len, hop = base.cfg.train.seq_len, base.cfg.eval.hop
     f = base.features(path)
     t0 = time.perf_counter()
-    generic = predict_steps(net, f, 0, f.n_steps, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS)
+    generic = predict_steps(
+        net, f, 0, f.n_steps, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS, batch_steps=PREDICT_BATCH_STEPS
+    )
     personal = None
     if params is not None:
-        personal = predict_steps(net, f, 0, f.n_steps, seq_len, hop, params, batch_windows=PREDICT_BATCH_WINDOWS)
+        personal = predict_steps(
+            net,
+            f,
+            0,
+            f.n_steps,
+            seq_len,
+            hop,
+            params,
+            batch_windows=PREDICT_BATCH_WINDOWS,
+            batch_steps=PREDICT_BATCH_STEPS,
+        )
     if not np.isfinite(generic).all():
         raise ProfileError(f"{path}: the base model {_display(base.run)} predicts NaN or infinite values for this song")
     if personal is not None:  # the adapted model must be sane before the safe rule uses it
