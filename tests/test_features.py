@@ -155,6 +155,14 @@ def test_chunked_stft_equals_one_call(monkeypatch):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
+def test_log_mel_is_torchaudios_bit_for_bit():
+    """The log-Mel calls torch's STFT and torchaudio's filterbank itself: the numbers of torchaudio's
+    transform exactly (so cached features and trained runs stay valid), over several chunks."""
+    x = _noise(70.0, 0.1)  # 7001 frames: three chunks of CHUNK_FRAMES, the last ragged
+    mel = torchaudio.transforms.MelSpectrogram(SR, n_fft=2646, hop_length=441, n_mels=128, power=2.0, center=True)
+    assert torch.equal(log_mel(x, CFG), torch.log(mel(torch.from_numpy(x)).T + 1e-6))
+
+
 def test_chunked_cqt_equals_one_centred_call(monkeypatch):
     from nnAudio.features import CQT
 

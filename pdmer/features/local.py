@@ -2,7 +2,7 @@
 
 Mel spectrogram as torchaudio's ``MelSpectrogram`` computes it (n_fft = win = 2646, hop 441,
 128 HTK Mel bands without area normalisation, power 2, Hann window, centred frames with reflect
-padding; torch's STFT and torchaudio's filterbank, the power taken as re^2 + im^2), then
+padding; torch's STFT and torchaudio's filterbank, called directly), then
 ``ln(x + 1e-6)``. It is computed once over the whole song: frame ``f`` is centred on sample
 ``f * hop`` (time ``f * 10 ms``). Step ``k`` covers audio ``[k * 0.5 s, (k + 1) * 0.5 s)``
 and its patch is frames ``[k * 50, k * 50 + 51)``: the 51 frames whose centres lie in
@@ -60,16 +60,13 @@ def _mel_parts(sample_rate: int, n_fft: int, n_mels: int) -> tuple[torch.Tensor,
 
 
 def _mel_power(seg: torch.Tensor, n_fft: int, hop_length: int, window: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
-    """(frames, n_mels) Mel power of the uncentred frames of ``seg``: torchaudio's ``MelSpectrogram``
-    (power 2, ``center=False``) with the power taken as re^2 + im^2 (about three times cheaper than
-    ``abs().pow(2)``, the same up to float rounding; checked against torchaudio by the tests)."""
-    spec = torch.view_as_real(
-        torch.stft(seg, n_fft, hop_length, window=window, center=False, return_complex=True)
-    )  # (n_freq, frames, 2)
-    re, im = spec[..., 0], spec[..., 1]
-    power = re * re
-    power.addcmul_(im, im)  # (n_freq, frames)
-    return power.T @ fb  # (frames, n_mels)
+    """(frames, n_mels) Mel power of the uncentred frames of ``seg``: the operations of torchaudio's
+    ``MelSpectrogram`` (power 2, ``center=False``) called directly, so the same numbers bit for bit
+    (``tests/test_features.py``) without the transforms' per-call overhead. (re^2 + im^2 instead of
+    ``abs().pow(2)`` would save a little more, but changes the rounding of every feature, and with it
+    every cached feature and every trained run's trajectory.)"""
+    spec = torch.stft(seg, n_fft, hop_length, window=window, center=False, return_complex=True)  # (n_freq, frames)
+    return spec.abs().pow_(2).T @ fb  # (frames, n_mels)
 
 
 def log_mel(wave: np.ndarray, cfg: FeatureConfig, n_frames: int | None = None) -> torch.Tensor:
