@@ -24,6 +24,27 @@ PRED_LIMIT = 5.0  # |curve| beyond this, on a [-1, 1] scale, is absurd
 DIVERGE_FACTOR = 2.0  # a support loss that ends above this times its start has diverged
 
 
+def span_prediction(net, feats, curve: Curve, seq_len: int, hop: int, params=None) -> np.ndarray:
+    """A model's curve over a rated span (``curve``'s steps of its song), batched as calibrate / predict do.
+
+    Returns:
+        (curve.end_step - curve.start_step, 2) float32, columns (arousal, valence).
+    """
+    from pdmer.evaluation.inference import predict_steps
+
+    return predict_steps(
+        net,
+        feats[curve.song_id],
+        curve.start_step,
+        curve.end_step,
+        seq_len,
+        hop,
+        params,
+        batch_windows=PREDICT_BATCH_WINDOWS,
+        batch_steps=PREDICT_BATCH_STEPS,
+    )
+
+
 class AdaptationError(ProfileError):
     """An adaptation diverged or gave non-finite weights, losses or curves; nothing was saved."""
 
@@ -112,7 +133,6 @@ def _safe_rule(
     The check adapts again on the first 2/3 of each rated span and scores the rule on the last third.
     """
     from pdmer import response as R
-    from pdmer.evaluation.inference import predict_steps
     from pdmer.meta.maml import adapt
     from pdmer.personalize import Support, describe, gate, held_out_check
 
@@ -130,20 +150,7 @@ def _safe_rule(
 
         def adapted_on(fit: list[Curve]) -> list[np.ndarray]:
             p_fit, _ = adapt(net, _support_batches(fit, feats, seq_len, device), support_loss, steps, lr)
-            return [
-                predict_steps(
-                    net,
-                    feats[c.song_id],
-                    c.start_step,
-                    c.end_step,
-                    seq_len,
-                    hop,
-                    p_fit,
-                    batch_windows=PREDICT_BATCH_WINDOWS,
-                    batch_steps=PREDICT_BATCH_STEPS,
-                )
-                for c in curves
-            ]
+            return [span_prediction(net, feats, c, seq_len, hop, p_fit) for c in curves]
 
         check = held_out_check(curves, [generic[c.song_id] for c in curves], adapted_on, designs)
     use = gate(check, weights)

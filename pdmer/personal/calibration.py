@@ -18,12 +18,11 @@ from pdmer.config import check_setting
 from pdmer.data.types import STEP_S, Curve, DataError
 from pdmer.features.audio import audio_by_song
 from pdmer.personal.adaptation import (
-    PREDICT_BATCH_STEPS,
-    PREDICT_BATCH_WINDOWS,
     AdaptationError,
     _safe_rule,
     _support_batches,
     check_finite_adaptation,
+    span_prediction,
 )
 from pdmer.personal.base import BaseModel, load_base_model
 from pdmer.personal.names import (
@@ -307,34 +306,13 @@ def _support_curves(
     base: BaseModel, curves: list[Curve], feats: dict, ad: _Adaptation, steps: int, lr: float, what: str, advice: str
 ) -> _SupportCurves:
     """Generic and adapted curves of the rated spans, the adapted ones checked, then the safe rule applied."""
-    from pdmer.evaluation.inference import predict_steps
 
     net = base.model
     seq_len, hop = base.cfg.train.seq_len, base.cfg.eval.hop
     generic, adapted = {}, {}
     for c in curves:
-        f = feats[c.song_id]
-        generic[c.song_id] = predict_steps(
-            net,
-            f,
-            c.start_step,
-            c.end_step,
-            seq_len,
-            hop,
-            batch_windows=PREDICT_BATCH_WINDOWS,
-            batch_steps=PREDICT_BATCH_STEPS,
-        )
-        adapted[c.song_id] = predict_steps(
-            net,
-            f,
-            c.start_step,
-            c.end_step,
-            seq_len,
-            hop,
-            ad.params,
-            batch_windows=PREDICT_BATCH_WINDOWS,
-            batch_steps=PREDICT_BATCH_STEPS,
-        )
+        generic[c.song_id] = span_prediction(net, feats, c, seq_len, hop)
+        adapted[c.song_id] = span_prediction(net, feats, c, seq_len, hop, ad.params)
     check_finite_adaptation(curves=adapted, what=what, advice=advice)
     safe = _safe_rule(
         net, feats, curves, generic, base.rule, ad.support_loss, steps, lr, seq_len, hop, base.response_basis
@@ -352,24 +330,11 @@ def _generic_fallback(
     base: BaseModel, curves: list[Curve], feats: dict, ad: _Adaptation, why: str
 ) -> tuple[_Adaptation, _SupportCurves]:
     """A diverged adaptation replaced by none: no adapted weights, the generic curve, the reason recorded."""
-    from pdmer.evaluation.inference import predict_steps
     from pdmer.meta.maml import split_state
     from pdmer.personalize import Support, Weights
 
     net, seq_len, hop = base.model, base.cfg.train.seq_len, base.cfg.eval.hop
-    generic = {
-        c.song_id: predict_steps(
-            net,
-            feats[c.song_id],
-            c.start_step,
-            c.end_step,
-            seq_len,
-            hop,
-            batch_windows=PREDICT_BATCH_WINDOWS,
-            batch_steps=PREDICT_BATCH_STEPS,
-        )
-        for c in curves
-    }
+    generic = {c.song_id: span_prediction(net, feats, c, seq_len, hop) for c in curves}
     ratings = np.concatenate([c.values for c in curves])
     safe = {
         "weights": Weights(chosen_on=f"fallback: {why}"),
