@@ -166,27 +166,6 @@ def _safe_rule(
     }
 
 
-def profile_uses_adapted(profile: "Profile") -> bool:
-    """Whether a profile's personal curve depends on its adapted model's curve.
-
-    Only the rule's MAML and shape components read it (:func:`pdmer.personalize.combine`); a rule that
-    uses neither in the dimensions it personalizes (offset, scale, response, or generic) gives the
-    same curve whatever the adapted model predicts, so ``predict`` need not run it. A profile with
-    no rule record answers True (reading it then raises the usual error).
-    """
-    from pdmer.personalize import Weights
-
-    rule = profile.info.get("personalization")
-    if rule is None:
-        return True
-    try:
-        weights = Weights.from_json(rule["weights"])
-        use = [bool(rule["use"]["arousal"]), bool(rule["use"]["valence"])]
-    except (KeyError, TypeError, ValueError):
-        return True
-    return any(use[d] and (weights.maml[d] != 0.0 or weights.shape[d] != 0.0) for d in range(2))
-
-
 def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.ndarray, local=None) -> np.ndarray:
     """A profile's personal curve: the safe rule with the weights, support statistics, response and checks
     it recorded. ``local``: the song's log-Mel patches (T, frames, mels), for the response component."""

@@ -19,7 +19,6 @@ from pdmer.personal.adaptation import (
     PREDICT_BATCH_WINDOWS,
     _apply_profile_rule,
     check_finite_adaptation,
-    profile_uses_adapted,
 )
 from pdmer.personal.base import BaseModel, load_base_model
 from pdmer.personal.names import REPO, ProfileError, _display
@@ -172,30 +171,28 @@ def _predict_song(
     generic = predict_steps(
         net, f, 0, f.n_steps, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS, batch_steps=PREDICT_BATCH_STEPS
     )
-    if not np.isfinite(generic).all():
-        raise ProfileError(f"{path}: the base model {_display(base.run)} predicts NaN or infinite values for this song")
     personal = None
     if params is not None:
-        if profile_uses_adapted(profile):
-            adapted = predict_steps(
-                net,
-                f,
-                0,
-                f.n_steps,
-                seq_len,
-                hop,
-                params,
-                batch_windows=PREDICT_BATCH_WINDOWS,
-                batch_steps=PREDICT_BATCH_STEPS,
-            )
-            check_finite_adaptation(  # the adapted model must be sane before the safe rule uses it
-                curves={sid: adapted},
-                what=f"profile {name!r}",
-                advice=f"Nothing was written; calibrate {name!r} again, with a lower --inner-lr.",
-            )
-        else:  # the rule reads no adapted curve (no MAML or shape component): the adapted model is not run
-            adapted = generic
-        personal = _apply_profile_rule(profile, generic, adapted, f.local)  # as calibrate chose it (pdmer.personalize)
+        personal = predict_steps(
+            net,
+            f,
+            0,
+            f.n_steps,
+            seq_len,
+            hop,
+            params,
+            batch_windows=PREDICT_BATCH_WINDOWS,
+            batch_steps=PREDICT_BATCH_STEPS,
+        )
+    if not np.isfinite(generic).all():
+        raise ProfileError(f"{path}: the base model {_display(base.run)} predicts NaN or infinite values for this song")
+    if personal is not None:  # the adapted model must be sane before the safe rule uses it
+        check_finite_adaptation(
+            curves={sid: personal},
+            what=f"profile {name!r}",
+            advice=f"Nothing was written; calibrate {name!r} again, with a lower --inner-lr.",
+        )
+        personal = _apply_profile_rule(profile, generic, personal, f.local)  # as calibrate chose it (pdmer.personalize)
     pred = SongPrediction(sid, path, np.arange(f.n_steps) * STEP_S, generic, personal, name, base.run, base.how)
     log.debug("%s: %d steps predicted in %.1f s", sid, len(generic), time.perf_counter() - t0)
     return pred
