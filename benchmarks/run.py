@@ -238,9 +238,9 @@ def section_predict(args) -> dict:
     """
     import dataclasses
 
-    from pdmer.evaluation.inference import predict_steps
     from pdmer.features import FeatureExtractor
-    from pdmer.personal import PREDICT_BATCH_STEPS, PREDICT_BATCH_WINDOWS, song_features
+    from pdmer.personal import song_features
+    from pdmer.personal.adaptation import predict_span
 
     cfg, device, model = _setup(args)
     model.eval()
@@ -255,17 +255,7 @@ def section_predict(args) -> dict:
             t0 = time.perf_counter()
             feats = song_features(wav, fxs[kind])
             t1 = time.perf_counter()
-            # the windows and steps per pass of `calibrate` / `predict` (the command-line path, whose memory they bound)
-            predict_steps(
-                model,
-                feats,
-                0,
-                feats.n_steps,
-                cfg.train.seq_len,
-                cfg.eval.hop,
-                batch_windows=PREDICT_BATCH_WINDOWS,
-                batch_steps=PREDICT_BATCH_STEPS,
-            )
+            predict_span(model, feats, 0, feats.n_steps, cfg.train.seq_len, cfg.eval.hop)  # as `predict` runs it
             _sync(device)
             t2 = time.perf_counter()
             for part, v in (("total", t2 - t0), ("features", t1 - t0), ("model", t2 - t1)):

@@ -24,19 +24,20 @@ PRED_LIMIT = 5.0  # |curve| beyond this, on a [-1, 1] scale, is absurd
 DIVERGE_FACTOR = 2.0  # a support loss that ends above this times its start has diverged
 
 
-def span_prediction(net, feats, curve: Curve, seq_len: int, hop: int, params=None) -> np.ndarray:
-    """A model's curve over a rated span (``curve``'s steps of its song), batched as calibrate / predict do.
+def predict_span(net, feats, start: int, stop: int, seq_len: int, hop: int, params=None) -> np.ndarray:
+    """:func:`~pdmer.evaluation.inference.predict_steps` of steps ``[start, stop)`` of one song's features,
+    with the windows and steps per pass of calibrate / predict (which bound their memory).
 
     Returns:
-        (curve.end_step - curve.start_step, 2) float32, columns (arousal, valence).
+        (stop - start, 2) float32, columns (arousal, valence).
     """
     from pdmer.evaluation.inference import predict_steps
 
     return predict_steps(
         net,
-        feats[curve.song_id],
-        curve.start_step,
-        curve.end_step,
+        feats,
+        start,
+        stop,
         seq_len,
         hop,
         params,
@@ -150,7 +151,7 @@ def _safe_rule(
 
         def adapted_on(fit: list[Curve]) -> list[np.ndarray]:
             p_fit, _ = adapt(net, _support_batches(fit, feats, seq_len, device), support_loss, steps, lr)
-            return [span_prediction(net, feats, c, seq_len, hop, p_fit) for c in curves]
+            return [predict_span(net, feats[c.song_id], c.start_step, c.end_step, seq_len, hop, p_fit) for c in curves]
 
         check = held_out_check(curves, [generic[c.song_id] for c in curves], adapted_on, designs)
     use = gate(check, weights)

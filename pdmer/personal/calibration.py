@@ -22,7 +22,7 @@ from pdmer.personal.adaptation import (
     _safe_rule,
     _support_batches,
     check_finite_adaptation,
-    span_prediction,
+    predict_span,
 )
 from pdmer.personal.base import BaseModel, load_base_model
 from pdmer.personal.names import (
@@ -311,8 +311,9 @@ def _support_curves(
     seq_len, hop = base.cfg.train.seq_len, base.cfg.eval.hop
     generic, adapted = {}, {}
     for c in curves:
-        generic[c.song_id] = span_prediction(net, feats, c, seq_len, hop)
-        adapted[c.song_id] = span_prediction(net, feats, c, seq_len, hop, ad.params)
+        f = feats[c.song_id]
+        generic[c.song_id] = predict_span(net, f, c.start_step, c.end_step, seq_len, hop)
+        adapted[c.song_id] = predict_span(net, f, c.start_step, c.end_step, seq_len, hop, ad.params)
     check_finite_adaptation(curves=adapted, what=what, advice=advice)
     safe = _safe_rule(
         net, feats, curves, generic, base.rule, ad.support_loss, steps, lr, seq_len, hop, base.response_basis
@@ -334,7 +335,7 @@ def _generic_fallback(
     from pdmer.personalize import Support, Weights
 
     net, seq_len, hop = base.model, base.cfg.train.seq_len, base.cfg.eval.hop
-    generic = {c.song_id: span_prediction(net, feats, c, seq_len, hop) for c in curves}
+    generic = {c.song_id: predict_span(net, feats[c.song_id], c.start_step, c.end_step, seq_len, hop) for c in curves}
     ratings = np.concatenate([c.values for c in curves])
     safe = {
         "weights": Weights(chosen_on=f"fallback: {why}"),

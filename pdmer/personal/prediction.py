@@ -15,10 +15,9 @@ from pdmer import paths
 from pdmer.data.types import STEP_S, DataError
 from pdmer.features.audio import audio_by_song
 from pdmer.personal.adaptation import (
-    PREDICT_BATCH_STEPS,
-    PREDICT_BATCH_WINDOWS,
     _apply_profile_rule,
     check_finite_adaptation,
+    predict_span,
 )
 from pdmer.personal.base import BaseModel, load_base_model
 from pdmer.personal.names import REPO, ProfileError, _display
@@ -162,28 +161,15 @@ def _predict_song(
     base: BaseModel, sid: str, path: Path, profile: Profile | None, params, name: str | None
 ) -> SongPrediction:
     """One song's whole-song curves: generic, and personal (the safe rule on the adapted curve) with a profile."""
-    from pdmer.evaluation.inference import predict_steps
 
     net = base.model.eval()
     seq_len, hop = base.cfg.train.seq_len, base.cfg.eval.hop
     f = base.features(path)
     t0 = time.perf_counter()
-    generic = predict_steps(
-        net, f, 0, f.n_steps, seq_len, hop, batch_windows=PREDICT_BATCH_WINDOWS, batch_steps=PREDICT_BATCH_STEPS
-    )
+    generic = predict_span(net, f, 0, f.n_steps, seq_len, hop)
     personal = None
     if params is not None:
-        personal = predict_steps(
-            net,
-            f,
-            0,
-            f.n_steps,
-            seq_len,
-            hop,
-            params,
-            batch_windows=PREDICT_BATCH_WINDOWS,
-            batch_steps=PREDICT_BATCH_STEPS,
-        )
+        personal = predict_span(net, f, 0, f.n_steps, seq_len, hop, params)
     if not np.isfinite(generic).all():
         raise ProfileError(f"{path}: the base model {_display(base.run)} predicts NaN or infinite values for this song")
     if personal is not None:  # the adapted model must be sane before the safe rule uses it
