@@ -8,7 +8,13 @@ several designs on the same listeners and support draws (the protocol of
 listeners, which needs no model; support = the first 30 s of one song; queries = the listener's
 other songs, or the rest of that song under ``--protocol within``):
 
-- ``spectra``: the step's mean log-Mel spectrum on its first 4 principal axes (pdmer's design);
+- ``spectra``: the step's mean log-Mel spectrum on its first 4 principal axes (pdmer's design
+  before session 22);
+- ``learned directions``: pdmer's design now (:meth:`pdmer.response.ResponseBasis.learn`): per
+  dimension, 8 directions among the first 32 principal axes of two views of the step's spectrum
+  (the mean log-Mel and the log of the mean Mel power), meta-trained on the training listeners so
+  that a ridge response fitted on one song predicts another song (zero where held-out training
+  listeners say nothing carries over);
 - ``spectra + flux``: the same and the step's spectral flux (mean positive change between frames,
   a note-density cue);
 - ``learned personal axes``: per dimension, the 2 directions (among the spectra's first 32
@@ -143,6 +149,14 @@ def designs(ctx, model, protocol: str) -> dict[str, tuple[dict, dict]]:
         return d, d
 
     out["spectra"] = shared(spectra, R.K)
+    basis = R.ResponseBasis.learn(
+        {c.song_id: ctx.features[c.song_id].local for c in train_curves},
+        train_curves,
+        "within_song" if protocol == "within" else "songs",
+        ctx.cfg.train.seed,
+    )
+    learned = {s: basis.design(ctx.features[s].local) for s in songs}  # (T, 2, P)
+    out["learned directions"] = tuple({s: learned[s][:, d] for s in songs} for d in range(2))
     mean, axes = _pca(spectra, train, R.K)
     flux = {s: _flux(ctx.features[s].local) for s in songs}
     fm, fs = np.concatenate([flux[s] for s in train]).mean(0), np.concatenate([flux[s] for s in train]).std(0)

@@ -16,9 +16,9 @@ checks every listener's personal curve on a held-out later part of the support s
   span: how the adapted model bends the curve, without the support song's level that MAML
   learns along with it (the level is the offset's to carry, or not);
 - ``response``: the listener's linear response to the music, ``r`` (:mod:`pdmer.response`): a
-  ridge regression, on the support, of their residual from the generic curve on the step spectra
-  (a few principal axes, smoothed and lagged), applied to the other song's spectra with no level
-  of its own: how their curve follows the sound (brighter, louder, higher) where the population's
+  ridge regression, on the support, of their residual from the generic curve on directions of the
+  music's spectra that the training listeners' responses carry from song to song (learned once per
+  run, smoothed and lagged), applied to the other song's with no level of its own: how their curve follows the sound (brighter, louder, higher) where the population's
   does not.
 
 With the weights ``w`` (per dimension, each in [0, 1]) and ``m`` = the generic curve's mean

@@ -105,7 +105,7 @@ class Adaptation:
         min_query_steps: the within-song protocol skips curves that leave fewer query steps.
         check: run the safe rule's held-out check (a second adaptation on the support's first part).
         draw: which support draw of the listener (:func:`choose_support`; 0 = the protocol's).
-        response: the run's basis of the step spectra for the safe rule's ``response`` component
+        response: the run's learned response basis for the safe rule's ``response`` component
             (:mod:`pdmer.response`); None: that component is zero.
         generic: the generic curves already predicted, ``(song, start step, stop step) -> (T, 2)``
             (read-only arrays): the listeners and support draws of one evaluation with the same

@@ -192,10 +192,10 @@ def _apply_profile_rule(profile: "Profile", generic: np.ndarray, adapted: np.nda
         if local is None:
             raise ProfileError(f"profile {profile.name!r}: its response component needs the song's features")
         design = basis.design(local)
-        if beta.shape != (design.shape[1], 2) or not np.isfinite(beta).all():
+        if beta.shape != (design.shape[-1], 2) or not np.isfinite(beta).all():
             raise ProfileError(
                 f"profile {profile.name!r} ({profile.path}): response beta of shape {beta.shape} does not fit "
-                f"its basis ({design.shape[1]} features x 2)"
+                f"its basis ({design.shape[-1]} features x 2)"
             )
         resp = R.curve(design[: len(generic)], beta)
     return combine(generic, adapted, stats, weights, use, resp).astype(np.float32)

@@ -21,7 +21,7 @@ from pdmer.meta.maml import attach_inner_lrs, call
 from pdmer.metrics import attention_loss, emotion_loss
 from pdmer.models.dsaml import DSAML
 from pdmer.references import References
-from pdmer.response import ResponseBasis, step_spectra
+from pdmer.response import ResponseBasis
 from pdmer.runs import REPO, resolve_device
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,13 @@ def references(ctx: Context) -> References:
 
 
 def response_basis(ctx: Context) -> ResponseBasis:
-    """The basis of the safe rule's ``response`` component (:mod:`pdmer.response`), fitted once on the
-    training songs' step spectra (deterministic: the same data and split give the same basis)."""
+    """The basis of the safe rule's ``response`` component (:mod:`pdmer.response`), learned once from the
+    training listeners' curves under the test protocol (deterministic: the same data, split and
+    ``train.seed`` give the same basis)."""
     if ctx.response is None:
-        songs = sorted({c.song_id for cs in ctx.train_curves().values() for c in cs if c.song_id in ctx.features})
-        ctx.response = ResponseBasis.fit([step_spectra(ctx.features[s].local) for s in songs])
+        curves = [c for cs in ctx.train_curves().values() for c in cs if c.song_id in ctx.features]
+        local = {c.song_id: ctx.features[c.song_id].local for c in curves}
+        ctx.response = ResponseBasis.learn(local, curves, ctx.cfg.eval.protocol, ctx.cfg.train.seed)
     return ctx.response
 
 
