@@ -222,9 +222,10 @@ class ResponseBasis:
     ) -> np.ndarray:
         """:meth:`design` with other settings, not cached: the first ``k`` axes (None: all), smoothing
         ``tau`` steps, ``lags`` (for studies of the design, ``benchmarks/response_study.py``)."""
-        x = (step_views(local) if self.views == "views" else step_spectra(local)) - self.mean
+        x = step_views(local) if self.views == "views" else step_spectra(local)
         if x.shape[1] != len(self.mean):
             raise ValueError(f"the song has {x.shape[1]} features per step, the response basis {len(self.mean)}")
+        x = x - self.mean
         if self.axes.ndim == 2:
             return lagged(x @ self.axes[:k].T, tau, lags)
         return np.stack([lagged(x @ a[:k].T, tau, lags) for a in self.axes], 1)

@@ -160,6 +160,8 @@ def test_too_few_listeners_keep_the_unlearned_axes_and_records_round_trip(monkey
         old.pop(key)
     design = R.ResponseBasis.from_json(old).design(local["s0"])
     assert design.shape == (90, R.K * len(R.LAGS))
+    with pytest.raises(ValueError, match="features per step"):  # a song of another Mel resolution
+        basis.design(local["s0"][:, :, :64])
     bad = basis.to_json()
     bad["views"] = "chroma"
     with pytest.raises(ValueError, match="views"):
