@@ -132,7 +132,7 @@ class ResponseBasis:
             raise ValueError("the response basis needs at least one training song")
         views = {s: step_views(local[s]) for s in songs}
         mean, axes = _principal_axes([views[s] for s in songs], N_IN, seed)
-        z = {s: _smooth((views[s] - mean) @ axes.T, TAU_STEPS) for s in songs}
+        z = {s: lagged((views[s] - mean) @ axes.T) for s in songs}  # smoothed and lagged, once per song
         n_in = axes.shape[0]
         k = min(K_LEARN, n_in)
         others = OthersAverage([c for c in curves if c.song_id in z])
@@ -144,7 +144,7 @@ class ResponseBasis:
             steps = min(c.n_steps, len(z[c.song_id]) - c.start_step)
             if base is None or steps < SUPPORT_STEPS + (MIN_SUPPORT_STEPS if protocol == "within_song" else 0):
                 continue
-            x = lagged(z[c.song_id], 0.0)[c.start_step : c.start_step + steps]
+            x = z[c.song_id][c.start_step : c.start_step + steps]
             r = (c.values - base)[:steps].astype(np.float64)
             if np.isfinite(x).all() and np.isfinite(r).all():
                 tasks.setdefault(c.annotator_id, []).append((x, r))
