@@ -21,7 +21,7 @@ checks every listener's personal curve on a held-out later part of the support s
   run, smoothed and lagged), applied to the other song's with no level of its own: how their curve follows the sound (brighter, louder, higher) where the population's
   does not.
 
-With the weights ``w`` (per dimension, each in [0, 1]) and ``m`` = the generic curve's mean
+With the weights ``w`` (per dimension, each in [0, 1], the response's up to 1.5) and ``m`` = the generic curve's mean
 over the predicted span, the personal curve is::
 
     p = m + s ** w_scale * (g - m) + w_maml * (a - g) + w_shape * ((a - g) - mean(a - g)) + w_offset * o
@@ -67,6 +67,10 @@ from pdmer.metrics import row_metrics
 
 COMPONENTS = ("offset", "scale", "maml", "shape", "response")
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The response is a ridge prediction of its own, not a share of a move the adapted model made: past 1
+# its weight undoes some of the ridge's shrinkage (the amplitude CCC asks for), at an RMSE cost the
+# choice's test weighs (``benchmarks/response_designs.py`` scores weights 1 and 1.5).
+RESPONSE_GRID = GRID + (1.25, 1.5)
 SCALE_CLIP = (0.25, 4.0)
 CHECK_SHARE = 1 / 3  # the held-out later part of the support sequence
 MIN_CHECK_STEPS = 4
@@ -435,7 +439,10 @@ def objective(scores):
 
 
 def choose_weights(
-    parts: list[Parts], chosen_on: str = "", grid: tuple[float, ...] = GRID, use_gate: bool = True
+    parts: list[Parts],
+    chosen_on: str = "",
+    grid: tuple[float, ...] | None = None,
+    use_gate: bool = True,
 ) -> tuple[Weights, dict]:
     """The population weights, per dimension: the best CCC gain plus RMSE reduction, nothing worse.
 
@@ -458,7 +465,7 @@ def choose_weights(
 
     Args:
         parts: validation listeners' predictions (:class:`Parts`).
-        grid: the values tried for each component.
+        grid: the values tried for each component; None: ``GRID``, and ``RESPONSE_GRID`` for the response.
 
     Returns:
         (weights, report): the report lists, per dimension, the chosen point and its scores on all
@@ -467,8 +474,9 @@ def choose_weights(
         listener's level carries over the check turns away listeners the shift would help, and it may
         do so in one dimension more than in the other).
     """
+    grids = component_grids(grid)
     report: dict = {
-        "grid": list(grid),
+        "grid": {c: list(g) for c, g in zip(COMPONENTS, grids)},
         "listeners": len({p.listener or f"#{i}" for i, p in enumerate(parts)}),
         "parts": len(parts),
         "objective": "ccc_gain - rmse_change",
@@ -482,7 +490,7 @@ def choose_weights(
         return Weights(chosen_on=chosen_on, gate=use_gate), report
     options = {}
     for gated in (True, False) if use_gate else (False,):
-        options[gated] = _choose(parts, grid, gated)
+        options[gated] = _choose(parts, grids, gated)
     weights = Weights(chosen_on=chosen_on, gate=False)
     for d, label in enumerate(LABELS):  # per dimension: with or without the check, whichever scores better
         gated = max(options, key=lambda g: (_out_of_sample(options[g][label]), g))  # the check wins ties
@@ -510,11 +518,19 @@ def _scores(dim: dict) -> tuple[float, float, float]:
     return dim["ccc_gain"], dim["rmse_change"], dim["pcc_change"]
 
 
-def _choose(parts: list[Parts], grid: tuple[float, ...], use_gate: bool) -> dict:
+def component_grids(grid: tuple[float, ...] | None = None) -> tuple[tuple[float, ...], ...]:
+    """The values tried for each of ``COMPONENTS``: ``grid`` for every one, or by default ``GRID``
+    and ``RESPONSE_GRID`` for the response."""
+    if grid is not None:
+        return tuple(tuple(grid) for _ in COMPONENTS)
+    return tuple(RESPONSE_GRID if c == "response" else GRID for c in COMPONENTS)
+
+
+def _choose(parts: list[Parts], grids: tuple[tuple[float, ...], ...], use_gate: bool) -> dict:
     """Per dimension: the cross-fitted choice (:func:`cross_fit_choice`) with or without the check, and its report."""
     dims: dict = {}
     who = [p.listener for p in parts]
-    points = sorted((w for w in itertools.product(grid, repeat=len(COMPONENTS)) if any(w)), key=_components_used)
+    points = sorted((w for w in itertools.product(*grids) if any(w)), key=_components_used)
     for d, label in enumerate(LABELS):
         changes = np.stack([by_listener(c, who) for c in _grid_scores(parts, d, np.array(points), use_gate)])
         w, audit_report = nested_choice(changes, points)

@@ -465,3 +465,32 @@ def test_a_simpler_family_is_used_where_the_full_choice_fails_its_audit():
     w, report = nested_choice(changes, points)
     assert w == points[0] and report["components_at_most"] == 1 and report["cross_fitted"]["passed"]
     assert report["families"]["2"]["passed"] is False
+
+
+def test_the_response_weight_may_undo_the_ridges_shrinkage_and_no_more():
+    """The response is a prediction of its own, shrunk by its ridge: where it follows the listener at
+    half their amplitude, the rule takes it past 1 (up to ``RESPONSE_GRID``'s end); where it has
+    their amplitude, it takes it at 1; the other components never go past ``GRID``'s 1."""
+    from pdmer.personalize import GRID, RESPONSE_GRID
+
+    def population(amplitude: float, seed: int) -> list[Parts]:
+        rng = np.random.default_rng(seed)
+        parts = []
+        for i in range(60):
+            g_s, g_q = generic_curve(60, i), generic_curve(80, i + 100)
+            t = np.arange(80)
+            own = rng.normal(0, 1, 2) * np.stack([0.15 * np.sin(t / 4 + i), 0.15 * np.cos(t / 6 + i)], 1)
+            y_s = g_s + rng.normal(0, 0.05, g_s.shape)
+            y_q = g_q + own + rng.normal(0, 0.05, g_q.shape)
+            parts.append(Parts(Support.fit(y_s, g_s), None, {"q": (y_q, g_q, g_q, amplitude * own)}, listener=str(i)))
+        return parts
+
+    shrunk, report = choose_weights(population(0.5, 0), use_gate=False)
+    assert shrunk.response == [max(RESPONSE_GRID)] * 2, report
+    assert report["grid"]["response"] == list(RESPONSE_GRID) and report["grid"]["offset"] == list(GRID)
+    full, report = choose_weights(population(1.0, 1), use_gate=False)
+    assert full.response == [1.0, 1.0], report
+    for w in (shrunk, full):
+        assert max(w.offset + w.scale + w.maml + w.shape) <= max(GRID)
+    same, report = choose_weights(population(0.5, 0), use_gate=False, grid=GRID)  # one grid for all: as before
+    assert same.response == [1.0, 1.0] and report["grid"]["response"] == list(GRID)
