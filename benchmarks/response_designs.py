@@ -33,7 +33,8 @@ Every design is smoothed and lagged as pdmer's (``TAU_STEPS``, ``LAGS``), unit v
 training songs, ridge ``LAMBDA``; axes and embeddings are fitted on the training listeners and
 songs; the listeners scored are the run's validation and test listeners. Each row gives the mean
 change of mean CCC and RMSE from the base (95 % intervals over listeners), at the response's
-weight 1 and 1.5 (the safe rule's grid stops at 1), and the paired CCC difference from ``spectra``
+weight 1 and 1.5 (the ends of the safe rule's grid without and with the shrinkage undone,
+``pdmer.personalize.RESPONSE_GRID``), and the paired CCC difference from ``spectra``
 at the same weight.
 
     python benchmarks/response_designs.py runs/pdmer.synthetic.dsaml-4e1ccfde \\
