@@ -442,7 +442,7 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
   model; in `dmer.*` rows it is the plain-DMER model (the *no-adaptation baseline*).
 - **personalized**: the safe personalization rule (`pdmer/personalize.py`): the listener's
   offset, movement scale, MAML adaptation, its shape (the adaptation without its level) and their linear response to the
-  music (a ridge fit, on the support song, of their residual on directions of the music learned from the training listeners as those their responses carry over; no level of its own), each weighted by a population weight (0 to 1; the response's up to 1.5, which undoes some of its ridge's shrinkage) chosen on
+  music (a ridge fit, on the support song, of their residual on directions of the music learned from the training listeners as those their responses carry over; no level of its own), each weighted by a population weight (0 to 1; the response's up to {response_max}, which undoes some of its ridge's shrinkage) chosen on
   validation listeners under the test protocol, per dimension (each listener scored with up to
   {draws} support songs in turn; only weights that make none of CCC, RMSE, PCC worse on average
   and raise the CCC gain plus RMSE reduction, with an RMSE change below {rmse_margin}, at one-sided
@@ -464,12 +464,13 @@ Columns: test-set mean CCC (mean of arousal and valence), mean ± std over train
 
 
 def _readme_head() -> str:
-    from pdmer.personalize import CHOICE_LEVEL, RMSE_MARGIN, RULE_DRAWS
+    from pdmer.personalize import CHOICE_LEVEL, RESPONSE_GRID, RMSE_MARGIN, RULE_DRAWS
 
     return (
         README_HEAD.replace("{draws}", str(RULE_DRAWS))
         .replace("{level}", f"{100 * CHOICE_LEVEL:g}")
         .replace("{rmse_margin}", f"{RMSE_MARGIN:g}")
+        .replace("{response_max}", f"{max(RESPONSE_GRID):g}")
     )
 
 
